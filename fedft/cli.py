@@ -1,0 +1,86 @@
+"""The ``fedft`` command's flwr-free subcommands and shared argument handling.
+
+``simulations/cli.py`` adds ``simulate`` (which needs Flower) and is the installed entry
+point; everything registered here works without Flower: ``fedft demo data`` writes the
+demo's institutions' JSONL, ``fedft demo build-base`` rebuilds the embedded base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedft.config import ConfigError, load_config
+from fedft.data import DataError
+from fedft.partition import PartitionError
+
+USER_ERRORS = (ConfigError, DataError, PartitionError, FileNotFoundError)
+
+DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "simulations" / "data" / "demo"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="a fedft TOML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace):
+    return load_config(args.config, args.overrides)
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
+
+    out = Path(args.out)
+    write_jsonl(make_demo_rows(args.institutions, args.rows, args.own_share, seed=args.seed),
+                out / "train.jsonl")
+    write_jsonl(make_eval_rows(args.eval_rows, seed=args.seed + 1), out / "eval.jsonl")
+    print(f"wrote {out / 'train.jsonl'} and {out / 'eval.jsonl'}")
+    return 0
+
+
+def _demo_build_base(args: argparse.Namespace) -> int:
+    from fedft.demo import build_base_model
+
+    build_base_model(Path(args.out), steps=args.steps, seed=args.seed)
+    print(f"wrote the demo base model to {args.out}")
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    parser = argparse.ArgumentParser(prog="fedft", description="Federated QLoRA fine-tuning.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="rebuild the embedded demo data or base model")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True)
+    data = demo_commands.add_parser("data", help="write the demo institutions' JSONL files")
+    data.add_argument("--out", default=str(DEMO_DATA_DIR))
+    data.add_argument("--institutions", type=int, default=4)
+    data.add_argument("--rows", type=int, default=400, help="training rows per institution")
+    data.add_argument("--own-share", type=float, default=0.9,
+                      help="share of an institution's rows drawn from its own task")
+    data.add_argument("--eval-rows", type=int, default=100, help="held-out rows per task")
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(handler=_demo_data)
+    base = demo_commands.add_parser("build-base", help="pretrain the tiny demo Llama")
+    base.add_argument("--out", required=True)
+    base.add_argument("--steps", type=int, default=1200)
+    base.add_argument("--seed", type=int, default=0)
+    base.set_defaults(handler=_demo_build_base)
+    return parser, commands
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse and dispatch; user errors print one clear line and exit 2."""
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except USER_ERRORS as err:
+        print(f"fedft: error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, _ = build_parser()
+    return run(parser, argv)

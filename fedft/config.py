@@ -1,0 +1,345 @@
+"""Typed, frozen configuration for every fedft run, loaded from TOML with ``--set`` overrides.
+
+One ``FedftConfig`` drives simulation, baselines and deployment alike. A wrong value fails
+at load time with the file and line, the field, the bad value and what is allowed. Paths in
+a config file are resolved relative to that file. This module does no I/O beyond reading
+the TOML file and imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEMO_MODEL = "demo"
+DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-base"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load and how."""
+
+    path: str = DEMO_MODEL  # "demo" (the embedded tiny Llama), a local directory, or a hub id
+    quantization: str = "nf4"  # nf4 | int8 | none
+    compute_dtype: str = "float32"  # float32 | bfloat16 | float16
+    double_quant: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The LoRA adapter every client trains."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("all-linear",)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training and held-out data live and how simulated institutions split it."""
+
+    train_files: tuple[str, ...] = ()
+    eval_file: str = ""
+    partition: str = "natural"  # iid | dirichlet | natural
+    partition_by: str = "institution"  # column for natural, label column for dirichlet
+    dirichlet_alpha: float = 0.5
+    task_column: str = "task"  # held-out rows are scored per value of this column, if present
+    max_length: int = 256
+    eval_max_examples: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The local training loop run by each client every round."""
+
+    local_steps: int = 20
+    batch_size: int = 16
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"  # constant | linear | cosine, across all rounds
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    num_threads: int = 0  # torch threads per client process; 0 keeps torch's default
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """How the server combines clients (or which baseline replaces federation)."""
+
+    name: str = "fedavg"  # fedavg | fedprox | local | centralized
+    proximal_mu: float = 0.0
+    num_rounds: int = 10
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    eval_every: int = 1
+    round_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Flower Simulation Engine resources."""
+
+    num_supernodes: int = 4
+    num_cpus: float = 1.0  # per client
+    num_gpus: float = 0.0  # per client
+
+
+@dataclass(frozen=True)
+class FedftConfig:
+    """The whole run."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    @property
+    def model_path(self) -> str:
+        """The path or hub id actually handed to ``from_pretrained``."""
+        return str(DEMO_MODEL_DIR) if self.model.path == DEMO_MODEL else self.model.path
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "strategy": StrategyConfig,
+    "simulation": SimulationConfig,
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.quantization": ("nf4", "int8", "none"),
+    "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "data.partition": ("iid", "dirichlet", "natural"),
+    "train.lr_schedule": ("constant", "linear", "cosine"),
+    "strategy.name": ("fedavg", "fedprox", "local", "centralized"),
+}
+# (field, predicate, what is allowed)
+RANGES: list[tuple[str, Any, str]] = [
+    ("lora.r", lambda v: v >= 1, "an integer >= 1"),
+    ("lora.alpha", lambda v: v > 0, "a number > 0"),
+    ("lora.dropout", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("lora.target_modules", lambda v: len(v) >= 1, "a non-empty list of module names or 'all-linear'"),
+    ("data.dirichlet_alpha", lambda v: v > 0, "a number > 0"),
+    ("data.max_length", lambda v: v >= 8, "an integer >= 8"),
+    ("data.eval_max_examples", lambda v: v >= 1, "an integer >= 1"),
+    ("train.local_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("train.grad_accum", lambda v: v >= 1, "an integer >= 1"),
+    ("train.learning_rate", lambda v: v > 0, "a number > 0"),
+    ("train.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("train.weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("train.max_grad_norm", lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
+    ("train.num_threads", lambda v: v >= 0, "an integer >= 0"),
+    ("strategy.proximal_mu", lambda v: v >= 0, "a number >= 0"),
+    ("strategy.num_rounds", lambda v: v >= 1, "an integer >= 1"),
+    ("strategy.fraction_train", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    ("strategy.min_train_nodes", lambda v: v >= 1, "an integer >= 1"),
+    ("strategy.eval_every", lambda v: v >= 0, "an integer >= 0 (0 evaluates only the last round)"),
+    ("strategy.round_timeout_s", lambda v: v > 0, "a number > 0"),
+    ("simulation.num_supernodes", lambda v: v >= 1, "an integer >= 1"),
+    ("simulation.num_cpus", lambda v: v > 0, "a number > 0"),
+    ("simulation.num_gpus", lambda v: v >= 0, "a number >= 0"),
+]
+PATH_FIELDS = ("data.train_files", "data.eval_file")
+
+
+def _where(source: str | None, lines: list[str], section: str | None, key: str) -> str:
+    """'file:line' of ``key`` inside ``[section]`` when it can be found, else the file."""
+    if not source:
+        return "config"
+    current = None
+    for number, line in enumerate(lines, start=1):
+        header = re.match(r"\s*\[([^\]]+)\]", line)
+        if header:
+            current = header.group(1).strip()
+        elif current == section and re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return f"{source}:{number}"
+    return source
+
+
+def _coerce(value: Any, annotation: str, name: str, where: str) -> Any:
+    """Check a raw TOML value against a dataclass field's type; ints widen to floats."""
+    ok: bool
+    if annotation == "bool":
+        ok = isinstance(value, bool)
+    elif annotation == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif annotation == "str":
+        ok = isinstance(value, str)
+    elif annotation.startswith("tuple[str"):
+        if isinstance(value, str):
+            value = [value]
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    else:  # pragma: no cover - every field type is listed above
+        raise TypeError(f"unsupported field type {annotation}")
+    if not ok:
+        raise ConfigError(f"{where}: {name} = {value!r} has the wrong type: expected {annotation}")
+    return value
+
+
+def _build_section(cls: type, raw: dict, section: str, source: str | None, lines: list[str]):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        where = _where(source, lines, section, key)
+        if key not in fields:
+            raise ConfigError(
+                f"{where}: unknown field {section}.{key}; allowed: {', '.join(sorted(fields))}"
+            )
+        values[key] = _coerce(value, str(fields[key].type), f"{section}.{key}", where)
+    return cls(**values)
+
+
+def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
+    def get(name: str) -> Any:
+        section, key = name.split(".")
+        return getattr(getattr(cfg, section), key)
+
+    def fail(name: str, allowed: str) -> None:
+        section, key = name.split(".")
+        where = _where(source, lines, section, key)
+        raise ConfigError(f"{where}: {name} = {get(name)!r} is not allowed; expected {allowed}")
+
+    for name, choices in CHOICES.items():
+        if get(name) not in choices:
+            fail(name, "one of " + ", ".join(repr(c) for c in choices))
+    for name, predicate, allowed in RANGES:
+        if not predicate(get(name)):
+            fail(name, allowed)
+    if not cfg.data.train_files:
+        fail("data.train_files", "at least one JSONL file")
+    if not cfg.data.eval_file:
+        fail("data.eval_file", "a held-out JSONL file")
+    device = cfg.model.device
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        fail("model.device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if cfg.strategy.min_train_nodes > cfg.simulation.num_supernodes and cfg.strategy.name in (
+        "fedavg", "fedprox"
+    ):
+        fail("strategy.min_train_nodes", f"at most simulation.num_supernodes = {cfg.simulation.num_supernodes}")
+
+
+def config_from_dict(raw: dict, *, source: str | None = None, text: str = "") -> FedftConfig:
+    """Build and validate a config from a nested dict (parsed TOML or the wire form)."""
+    lines = text.splitlines()
+    raw = dict(raw)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        part = raw.pop(name, {})
+        if not isinstance(part, dict):
+            raise ConfigError(f"{source or 'config'}: [{name}] must be a table, got {part!r}")
+        sections[name] = _build_section(cls, part, name, source, lines)
+    seed = raw.pop("seed", 0)
+    if raw:
+        unknown = ", ".join(sorted(raw))
+        raise ConfigError(
+            f"{source or 'config'}: unknown top-level key(s) {unknown}; allowed: seed, "
+            + ", ".join(f"[{s}]" for s in SECTIONS)
+        )
+    seed = _coerce(seed, "int", "seed", _where(source, lines, None, "seed"))
+    cfg = FedftConfig(seed=seed, **sections)
+    _validate(cfg, source, lines)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value``; the value is read as TOML, else taken as a plain string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return keys, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``raw`` with each ``section.key=value`` applied."""
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        keys, value = parse_override(item)
+        if len(keys) == 1:
+            merged[keys[0]] = value
+        elif len(keys) == 2:
+            if keys[0] not in SECTIONS:
+                raise ConfigError(
+                    f"--set {item!r}: unknown section {keys[0]!r}; allowed: {', '.join(SECTIONS)}"
+                )
+            merged.setdefault(keys[0], {})[keys[1]] = value
+        else:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+    return merged
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return raw
+    data = dict(data)
+    if isinstance(data.get("train_files"), str):
+        data["train_files"] = [data["train_files"]]
+    if isinstance(data.get("train_files"), list):
+        data["train_files"] = [str((base / p).resolve()) if isinstance(p, str) else p
+                               for p in data["train_files"]]
+    if isinstance(data.get("eval_file"), str) and data["eval_file"]:
+        data["eval_file"] = str((base / data["eval_file"]).resolve())
+    return {**raw, "data": data}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> FedftConfig:
+    """Load a TOML config file, apply ``--set`` overrides, resolve paths, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    # Paths in the file are relative to the file; paths given with --set to the shell's cwd.
+    raw = _resolve_paths(raw, path.parent)
+    given = _resolve_paths(apply_overrides({}, overrides or []), Path.cwd())
+    for section, value in given.items():
+        if isinstance(value, dict) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **value}
+        else:
+            raw[section] = value
+    return config_from_dict(raw, source=str(path), text=text)
+
+
+def config_to_dict(cfg: FedftConfig) -> dict:
+    """A plain, JSON-serialisable dict (tuples become lists) that round-trips."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return list(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))

@@ -1,0 +1,170 @@
+"""Institution data: JSONL loading with line-exact errors, prompt formatting, completion-only labels.
+
+Two row formats are accepted, one object per line:
+``{"instruction": ..., "input": ... (optional), "output": ...}`` and
+``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` whose last
+message is the assistant's answer. Any other scalar keys (``task``, ``institution``, ...)
+are kept as columns for partitioning and per-task scoring. Prompts go through the
+tokenizer's chat template when it has one; the loss sees only the answer's tokens
+(prompt tokens are labelled -100). Nothing here trains or talks to a server.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+FALLBACK_PROMPT = "### Instruction:\n{content}\n\n### Response:\n"
+
+
+class DataError(ValueError):
+    """A data file or row cannot be used; the message names the file and line."""
+
+
+def _row_to_messages(row: dict, where: str) -> list[dict]:
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(
+                m.get("content"), str
+            ):
+                raise DataError(
+                    f"{where}: messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}, "
+                    f"got {m!r}"
+                )
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's answer")
+        if not any(m["role"] == "user" for m in messages):
+            raise DataError(f"{where}: 'messages' has no user message")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if "instruction" in row and "output" in row:
+        for key in ("instruction", "input", "output"):
+            if key in row and not isinstance(row[key], str):
+                raise DataError(f"{where}: {key!r} must be a string, got {row[key]!r}")
+        user = row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    raise DataError(
+        f"{where}: expected keys 'instruction' and 'output' (optionally 'input') or 'messages'; "
+        f"found {sorted(row)}"
+    )
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read and normalise a JSONL file: rows of ``messages`` + metadata + ``source`` (file:line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
+            if not isinstance(raw, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+            row = {"messages": _row_to_messages(raw, where), "source": where}
+            for key, value in raw.items():
+                if key not in ("messages", "instruction", "input", "output"):
+                    if not isinstance(value, (str, int, float, bool)) and value is not None:
+                        raise DataError(f"{where}: extra column {key!r} must be a scalar")
+                    row[key] = value
+            rows.append(row)
+    if not rows:
+        raise DataError(f"data file {path} has no rows")
+    return rows
+
+
+def load_dataset_files(paths: list[str] | tuple[str, ...]):
+    """Load one or more JSONL files into a ``datasets.Dataset`` (metadata columns kept)."""
+    from datasets import Dataset
+
+    rows = [row for path in paths for row in read_jsonl(path)]
+    columns = set().union(*(row.keys() for row in rows))
+    for row in rows:
+        for column in columns:
+            row.setdefault(column, None)
+    return Dataset.from_list(rows)
+
+
+def prompt_and_completion(messages: list[dict], tokenizer) -> tuple[str, str]:
+    """Split a conversation into the prompt text and the final answer text (with EOS)."""
+    answer = messages[-1]["content"]
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if full.startswith(prompt):
+            completion = full[len(prompt):]
+            eos = tokenizer.eos_token or ""
+            if eos and eos in completion:  # drop the template's whitespace after EOS
+                completion = completion[: completion.rindex(eos) + len(eos)]
+            return prompt, completion
+        return prompt, answer + (tokenizer.eos_token or "")
+    context = "\n\n".join(m["content"] for m in messages[:-1])
+    return FALLBACK_PROMPT.format(content=context), answer + (tokenizer.eos_token or "")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example: the training sequence, its labels, and what exact match needs."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_ids: list[int]
+    reference: str
+    task: str
+    source: str
+
+
+def tokenize_row(row: dict, tokenizer, max_length: int, task_column: str = "task") -> Example:
+    """Tokenize one normalised row; prompt tokens get label -100, the answer keeps its ids."""
+    prompt, completion = prompt_and_completion(row["messages"], tokenizer)
+    uses_template = bool(getattr(tokenizer, "chat_template", None))
+    prompt_ids = tokenizer(prompt, add_special_tokens=not uses_template)["input_ids"]
+    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not answer_ids or answer_ids[-1] != tokenizer.eos_token_id):
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    if len(prompt_ids) >= max_length:
+        raise DataError(
+            f"{row.get('source', 'row')}: the prompt is {len(prompt_ids)} tokens, not shorter "
+            f"than data.max_length = {max_length}; raise data.max_length or shorten the row"
+        )
+    input_ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+    task = row.get(task_column)
+    return Example(
+        input_ids=input_ids, labels=labels, prompt_ids=prompt_ids,
+        reference=row["messages"][-1]["content"], task="all" if task is None else str(task),
+        source=str(row.get("source", "")),
+    )
+
+
+def tokenize_dataset(dataset, tokenizer, max_length: int, task_column: str = "task") -> list[Example]:
+    """Tokenize every row of a ``datasets.Dataset`` (or list of rows) once."""
+    return [tokenize_row(row, tokenizer, max_length, task_column) for row in dataset]
+
+
+def collate(examples: list[Example], pad_id: int):
+    """Right-pad a batch into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

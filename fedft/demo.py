@@ -1,0 +1,261 @@
+"""The embedded default: a small character-level Llama and synthetic institutions' data.
+
+Everything here is deterministic from a seed and needs no network. ``build_base_model``
+pretrains a tiny Llama on generic text "of the right shape" (dates, quantities, records,
+names) that never pairs a question with its answer, so the base model knows the
+characters but cannot solve the institutions' tasks; ``make_demo_rows`` writes the tasks.
+The committed artifact under ``fedft/assets/demo-base`` is what ``build_base_model``
+produces; ``fedft demo build-base`` rebuilds it. This module does no federated work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import string
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+FIRST_NAMES = [
+    "Ada", "Alan", "Alice", "Amir", "Ana", "Ben", "Chen", "Clara", "Dev", "Eva", "Farah",
+    "Gus", "Hana", "Ivan", "Jana", "Jon", "Kai", "Lea", "Liam", "Mia", "Nia", "Omar",
+    "Pia", "Raj", "Rosa", "Sam", "Sara", "Tom", "Uma", "Vik", "Yara", "Zoe",
+]
+CITIES = [
+    "Paris", "Lyon", "Oslo", "Rome", "Lima", "Kyiv", "Pune", "Cairo", "Quito", "Riga",
+    "Bern", "Nice", "Turin", "Porto", "Delhi", "Seoul", "Accra", "Hanoi", "Perth", "Tunis",
+]
+WORDS = [
+    "account", "patient", "record", "order", "claim", "loan", "visit", "rate", "total",
+    "status", "owner", "branch", "ledger", "dose", "ward", "limit", "score", "date", "code",
+    "batch", "item", "price", "unit", "note", "case", "file", "risk", "fee", "plan", "term",
+]
+UNITS = [("km", "m", 3), ("m", "cm", 2), ("kg", "g", 3), ("cm", "mm", 1), ("l", "ml", 3)]
+
+# Each task: an instruction, a generator of (input, output), the checkable answer.
+TASK_INSTRUCTIONS = {
+    "date": "Write the date in ISO format.",
+    "units": "Convert the quantity.",
+    "json": "Write the record as JSON.",
+    "snake": "Write the name in snake_case.",
+}
+
+
+def _date(rng: random.Random) -> tuple[int, int, int]:
+    year, month = rng.randint(1950, 2049), rng.randint(1, 12)
+    return year, month, rng.randint(1, 28)
+
+
+def _task_date(rng: random.Random) -> tuple[str, str]:
+    year, month, day = _date(rng)
+    return f"{MONTHS[month - 1]} {day} {year}", f"{year:04d}-{month:02d}-{day:02d}"
+
+
+def _task_units(rng: random.Random) -> tuple[str, str]:
+    big, small, zeros = rng.choice(UNITS)
+    value = rng.randint(1, 999)
+    return f"{value} {big} in {small}", f"{value}{'0' * zeros}"
+
+
+def _task_json(rng: random.Random) -> tuple[str, str]:
+    name, age, city = rng.choice(FIRST_NAMES), rng.randint(18, 99), rng.choice(CITIES)
+    return f"name {name} age {age} city {city}", json.dumps(
+        {"name": name, "age": age, "city": city}
+    )
+
+
+def _task_snake(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(WORDS, rng.randint(2, 3))
+    return " ".join(w.capitalize() for w in words), "_".join(words)
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "date": _task_date,
+    "units": _task_units,
+    "json": _task_json,
+    "snake": _task_snake,
+}
+
+
+def make_demo_rows(
+    num_institutions: int,
+    rows_per_institution: int,
+    own_task_share: float,
+    seed: int,
+) -> list[dict]:
+    """Rows of ``{"instruction","input","output","task","institution"}``, non-IID by design.
+
+    Institution ``i`` draws its own task (``TASKS`` in order, cycling) with probability
+    ``own_task_share`` and any other task otherwise, so each mostly sees one task.
+    """
+    rng = random.Random(seed)
+    names = list(TASKS)
+    rows = []
+    for inst in range(num_institutions):
+        own = names[inst % len(names)]
+        for _ in range(rows_per_institution):
+            task = own if rng.random() < own_task_share else rng.choice(names)
+            source, answer = TASKS[task](rng)
+            rows.append(
+                {
+                    "instruction": TASK_INSTRUCTIONS[task],
+                    "input": source,
+                    "output": answer,
+                    "task": task,
+                    "institution": f"inst{inst}",
+                }
+            )
+    return rows
+
+
+def make_eval_rows(rows_per_task: int, seed: int) -> list[dict]:
+    """A balanced held-out set over every task (the pooled evaluation set)."""
+    rng = random.Random(seed)
+    rows = []
+    for task, make in TASKS.items():
+        for _ in range(rows_per_task):
+            source, answer = make(rng)
+            rows.append(
+                {"instruction": TASK_INSTRUCTIONS[task], "input": source, "output": answer,
+                 "task": task}
+            )
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    """Write rows as JSON lines (one object per line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# --------------------------------------------------------------------------------------
+# The base model: generic text of the right shape, never a question with its answer.
+# --------------------------------------------------------------------------------------
+
+def _generic_line(rng: random.Random) -> str:
+    """One line of pretraining text mentioning dates, quantities, records or names."""
+    year, month, day = _date(rng)
+    name, city = rng.choice(FIRST_NAMES), rng.choice(CITIES)
+    w1, w2 = rng.sample(WORDS, 2)
+    big, small, _ = rng.choice(UNITS)
+    value = rng.randint(1, 99999)
+    age = rng.randint(18, 99)
+    choices = [
+        f"On {MONTHS[month - 1]} {day} {year} {name} moved to {city}.",
+        f"The {w1} was filed on {year:04d}-{month:02d}-{day:02d} in {city}.",
+        f"{name} walked {rng.randint(1, 999)} {rng.choice([big, small])} to the {w2}.",
+        f"The {w1} {w2} is {value} {small}.",
+        f"{name} is {age} and lives in {city}.",
+        json.dumps({w1: rng.choice(FIRST_NAMES), w2: rng.randint(1, 999)}),
+        json.dumps({"name": name, "city": city}),
+        f"The field {w1}_{w2} holds the {w2} of the {w1}.",
+        f"{w1.capitalize()} {w2.capitalize()} is a heading.",
+        f"Write the {w1} for the {w2} and check the {rng.choice(WORDS)}.",
+        f"Convert the {w1} before the {w2} is due.",
+    ]
+    return rng.choice(choices)
+
+
+def pretraining_text(num_lines: int, seed: int) -> list[str]:
+    """Generic lines for pretraining the base and for the forgetting probe."""
+    rng = random.Random(seed)
+    return [_generic_line(rng) for _ in range(num_lines)]
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'A: ' + m['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"
+)
+
+
+def build_char_tokenizer():
+    """A character-level tokenizer (printable ASCII + newline) with a short chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = ["\n"] + [c for c in string.printable if c.isprintable()]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _batches(ids: list[list[int]], batch_size: int, rng: random.Random) -> Iterator[list[list[int]]]:
+    while True:
+        order = list(range(len(ids)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield [ids[i] for i in order[start:start + batch_size]]
+
+
+def build_base_model(
+    out_dir: Path,
+    *,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    steps: int = 1200,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Pretrain the tiny Llama on generic text and save it in Hugging Face format.
+
+    Every linear layer's input width is a multiple of 64 (bitsandbytes' NF4 block size),
+    which its packed CPU inference kernel requires.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = build_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size,
+        intermediate_size=-(-hidden_size * 8 // 3 // 64) * 64, num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64,
+        max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    lines = pretraining_text(20000, seed=seed + 1)
+    ids = [[tokenizer.bos_token_id] + tokenizer(line)["input_ids"] + [tokenizer.eos_token_id]
+           for line in lines]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    model.train()
+    batches = _batches(ids, 32, random.Random(seed))
+    start = time.time()
+    for step in range(steps):
+        batch = next(batches)
+        width = max(len(x) for x in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        for row, seq in enumerate(batch):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, : len(seq)] = torch.tensor(seq)
+        loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"pretrain step {step + 1}/{steps}  loss {loss.item():.3f}  {time.time() - start:.0f}s")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

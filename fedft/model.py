@@ -1,0 +1,169 @@
+"""Load a causal LM (4-bit NF4, 8-bit or full precision), attach LoRA, move adapter tensors.
+
+``load_peft_model`` builds base + adapter through ``from_pretrained`` exactly as for any
+Hugging Face checkpoint. ``cached_peft_model`` keeps one loaded model per process and
+configuration, so a long-lived worker (a Ray actor in simulation) swaps adapter tensors
+between rounds instead of reloading and re-quantizing the base. Only adapter tensors
+(``get_adapter_state``) ever leave a client. No training loop lives here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from fedft.config import FedftConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# How many times this process built each configuration (read by tests and logs).
+LOAD_COUNTS: Counter = Counter()
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+
+
+class MissingExtraError(ImportError):
+    """An optional heavy dependency is not installed; the message names the fix."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' picks the first CUDA device when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device = {spec!r} but CUDA is not available on this machine")
+    return device
+
+
+def quantization_config(cfg: FedftConfig):
+    """The bitsandbytes config for ``model.quantization`` (None for full precision)."""
+    if cfg.model.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:  # pragma: no cover - bitsandbytes is a core dependency
+        raise MissingExtraError(
+            f"model.quantization = {cfg.model.quantization!r} needs bitsandbytes: pip install bitsandbytes"
+        ) from err
+    if cfg.model.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=cfg.model.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[cfg.model.compute_dtype],
+    )
+
+
+def load_tokenizer(cfg: FedftConfig):
+    """The tokenizer of the base model, with a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.model_path, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_peft_model(cfg: FedftConfig):
+    """Base model (quantized as configured, on its device) with a fresh LoRA adapter.
+
+    The order matters: the base is placed on its device before ``get_peft_model``, or LoRA
+    weights may never receive gradients. LoRA init is seeded with ``cfg.seed``.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(cfg.model.device)
+    dtype = DTYPES[cfg.model.compute_dtype]
+    quant = quantization_config(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model_path,
+        quantization_config=quant,
+        dtype=dtype,
+        device_map={"": device},
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if quant is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = cfg.lora.target_modules
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if targets == ("all-linear",) else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(model, lora)
+    model.config.use_cache = False
+    return model
+
+
+def cached_peft_model(cfg: FedftConfig):
+    """(model, tokenizer) for this configuration, loaded at most once per process."""
+    key = (cfg.model_path, cfg.model, cfg.lora, cfg.seed)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            LOAD_COUNTS[key] += 1
+            _CACHE[key] = (load_peft_model(cfg), load_tokenizer(cfg))
+        return _CACHE[key]
+
+
+def clear_model_cache() -> None:
+    """Drop every cached model (frees memory; the next call reloads)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def get_adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapter's trainable tensors as detached float32 CPU copies, in a stable order."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sorted(state.items())}
+
+
+def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors into ``model``; every key must match, in name and shape."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(model)
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter tensors do not match the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"adapter tensor {key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
+    set_peft_model_state_dict(model, state)
+
+
+def adapter_nbytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of the adapter's tensor data (what an ideal wire format would send)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def save_adapter(model, state: dict[str, torch.Tensor], out_dir: Path) -> Path:
+    """Write ``state`` in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    from fedft.checkpoint import atomic_directory
+
+    set_adapter_state(model, state)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+    return out_dir

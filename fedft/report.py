@@ -1,0 +1,111 @@
+"""What a run leaves behind: metrics.jsonl (one row per round), summary.json, curve plots.
+
+``RunRecorder`` rewrites metrics.jsonl atomically after every round, so a reader or a
+crash never sees half a row. ``plot_curves`` draws losses and exact match per round.
+Files only: nothing here trains or evaluates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedft.config import FedftConfig, config_to_dict
+from fedft.checkpoint import atomic_write_json, atomic_write_jsonl, read_jsonl_rows
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CURVES_FILE = "curves.png"
+
+
+class RunRecorder:
+    """Accumulates per-round rows for one run directory."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+
+    def add_round(self, row: dict) -> None:
+        """Append a round's row and rewrite metrics.jsonl."""
+        self.rows.append(row)
+        atomic_write_jsonl(self.out_dir / METRICS_FILE, self.rows)
+
+    def write_summary(self, summary: dict) -> Path:
+        path = self.out_dir / SUMMARY_FILE
+        atomic_write_json(path, summary)
+        return path
+
+    def plot(self, title: str) -> Path:
+        path = self.out_dir / CURVES_FILE
+        plot_curves(self.rows, path, title)
+        return path
+
+
+def load_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return read_jsonl_rows(Path(run_dir) / METRICS_FILE)
+
+
+def plot_curves(rows: list[dict], path: Path, title: str) -> None:
+    """Train / eval loss and exact match (overall and per task) against the round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_em) = plt.subplots(1, 2, figsize=(11, 4))
+    train = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+    evals = [r for r in rows if r.get("eval_loss") is not None]
+    if train:
+        ax_loss.plot(*zip(*train), marker="o", label="train loss (clients)")
+    if evals:
+        ax_loss.plot([r["round"] for r in evals], [r["eval_loss"] for r in evals], marker="s",
+                     label="held-out loss")
+        ax_em.plot([r["round"] for r in evals], [100 * r["eval_exact_match"] for r in evals],
+                   marker="s", linewidth=2.5, color="black", label="all tasks")
+        tasks = sorted({t for r in evals for t in r.get("eval_exact_match_by_task", {})})
+        for task in tasks:
+            ax_em.plot([r["round"] for r in evals],
+                       [100 * r["eval_exact_match_by_task"].get(task, 0.0) for r in evals],
+                       linestyle="--", label=task)
+    ax_loss.set(xlabel="round", ylabel="loss per answer token", title="loss")
+    ax_em.set(xlabel="round", ylabel="exact match (%)", title="held-out exact match", ylim=(-2, 102))
+    for ax in (ax_loss, ax_em):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_progress(row: dict, num_rounds: int) -> str:
+    """One line a person can follow: round, loss, exact match, bytes, time."""
+    parts = [f"round {row['round']:>3}/{num_rounds}"]
+    if row.get("train_loss") is not None:
+        parts.append(f"train loss {row['train_loss']:.3f}")
+    if row.get("eval_loss") is not None:
+        parts.append(f"held-out loss {row['eval_loss']:.3f}")
+        parts.append(f"exact match {100 * row['eval_exact_match']:.1f}%")
+        by_task = row.get("eval_exact_match_by_task", {})
+        parts.append("(" + " ".join(f"{t} {100 * v:.0f}" for t, v in by_task.items()) + ")")
+    if row.get("bytes_up"):
+        parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB down {row['bytes_down'] / 1e6:.2f} MB")
+    parts.append(f"{row['seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+def summarize(cfg: FedftConfig, rows: list[dict], final_metrics: dict, wall_seconds: float) -> dict:
+    """summary.json: base and final metrics, totals, and the config that produced them."""
+    base = rows[0]
+    return {
+        "strategy": cfg.strategy.name,
+        "base": {k: base[k] for k in ("eval_loss", "eval_exact_match", "eval_exact_match_by_task")},
+        "final": {k: v for k, v in final_metrics.items()},
+        "rounds": len(rows) - 1,
+        "bytes_up_total": sum(r.get("bytes_up", 0) for r in rows),
+        "bytes_down_total": sum(r.get("bytes_down", 0) for r in rows),
+        "wall_seconds": wall_seconds,
+        "config": config_to_dict(cfg),
+    }

@@ -1,0 +1,42 @@
+"""The message contract between the fedft ServerApp and ClientApp, defined once.
+
+Both sides import these names; neither spells a key as a literal. A train message carries
+the global adapter (``ARRAYS``) and a config record with the round, the resolved fedft
+config as JSON (``CONFIG_JSON``) and, for FedProx, ``PROXIMAL_MU``. A reply carries the
+new adapter (``ARRAYS``) and a metric record with ``NUM_EXAMPLES`` and ``TRAIN_LOSS``.
+Pure data: no flwr import, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fedft.config import FedftConfig, config_from_dict, config_to_dict
+
+ARRAYS = "arrays"  # ArrayRecord key, both directions
+CONFIG = "config"  # ConfigRecord key, server -> client
+METRICS = "metrics"  # MetricRecord key, client -> server
+
+SERVER_ROUND = "server-round"
+CONFIG_JSON = "fedft-config"
+PROXIMAL_MU = "proximal-mu"
+
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_STEPS = "train-steps"
+REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_STEPS)
+
+# Node config keys (simulation sets the first two; deployment sets data-path per institution).
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+DATA_PATH = "data-path"
+
+
+def encode_config(cfg: FedftConfig) -> str:
+    """The resolved config as a JSON string for a ConfigRecord."""
+    return json.dumps(config_to_dict(cfg), sort_keys=True)
+
+
+def decode_config(text: str) -> FedftConfig:
+    """Inverse of ``encode_config``; validates like a file would."""
+    return config_from_dict(json.loads(text), source="message config")

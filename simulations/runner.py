@@ -1,0 +1,55 @@
+"""Run a fedft config on one machine: Flower's Simulation Engine, or a baseline.
+
+``simulate`` starts the same ServerApp and ClientApp that a deployment runs, on Flower's
+Ray-backed Simulation Engine with the client resources from ``[simulation]``; the
+``local`` and ``centralized`` baselines run in-process through the same fedft code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from fedft.baselines import run_centralized, run_local
+from fedft.config import FedftConfig
+from fedft.report import SUMMARY_FILE
+
+
+def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False) -> dict:
+    """Run the configured strategy and return its summary.json contents."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.strategy.name == "local":
+        return run_local(cfg, out_dir)
+    if cfg.strategy.name == "centralized":
+        return run_centralized(cfg, out_dir)
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import make_server_app
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    backend_config = {
+        "client_resources": {
+            "num_cpus": cfg.simulation.num_cpus,
+            "num_gpus": cfg.simulation.num_gpus,
+        },
+        "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
+    }
+    (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    run_simulation(
+        server_app=make_server_app(cfg, out_dir),
+        client_app=client_app,
+        num_supernodes=cfg.simulation.num_supernodes,
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )
+    summary_path = out_dir / SUMMARY_FILE
+    if not summary_path.exists():
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+    return json.loads(summary_path.read_text())

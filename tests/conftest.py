@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny random Llama in Hugging Face format and a small demo config.
+
+The tiny model is built in code (no hub): 2 layers, hidden 64, the demo's character
+tokenizer, every linear width a multiple of 64 so bitsandbytes' NF4 CPU kernels apply.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def write_tiny_model(out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedft.demo import build_char_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+TINY_TOML = """
+seed = 0
+[model]
+path = "{model}"
+quantization = "nf4"
+device = "cpu"
+[lora]
+r = 4
+alpha = 8
+[data]
+train_files = ["train.jsonl"]
+eval_file = "eval.jsonl"
+partition = "natural"
+partition_by = "institution"
+max_length = 96
+eval_max_examples = 8
+[train]
+local_steps = 4
+batch_size = 8
+learning_rate = 1e-2
+lr_schedule = "constant"
+num_threads = 1
+[strategy]
+name = "fedavg"
+num_rounds = 2
+min_train_nodes = 2
+eval_every = 1
+[simulation]
+num_supernodes = 2
+num_cpus = 1
+"""
+
+
+@pytest.fixture
+def tiny_config_path(tiny_model_dir, tmp_path) -> Path:
+    from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
+
+    write_jsonl(make_demo_rows(2, 24, 0.9, seed=0), tmp_path / "train.jsonl")
+    write_jsonl(make_eval_rows(2, seed=1), tmp_path / "eval.jsonl")
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML.format(model=tiny_model_dir))
+    return path

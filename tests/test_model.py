@@ -1,0 +1,76 @@
+"""4-bit loading, the per-process model cache, adapter tensors in and out, PEFT round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedft.config import load_config
+from fedft.model import (LOAD_COUNTS, cached_peft_model, clear_model_cache, get_adapter_state,
+                         load_peft_model, save_adapter, set_adapter_state)
+
+
+@pytest.fixture
+def cfg(tiny_config_path):
+    return load_config(tiny_config_path)
+
+
+def test_base_is_nf4_with_double_quant_and_only_lora_trains(cfg):
+    import bitsandbytes as bnb
+
+    model = load_peft_model(cfg)
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit, "no 4-bit layers"
+    state = four_bit[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested  # double quantization
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # all-linear: attention and MLP projections both carry LoRA
+    assert any("q_proj" in n for n in trainable) and any("down_proj" in n for n in trainable)
+
+
+def test_full_precision_path_has_no_4bit_layers(cfg):
+    import bitsandbytes as bnb
+    import dataclasses
+
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
+    model = load_peft_model(plain)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_cache_loads_the_base_once_per_process(cfg):
+    clear_model_cache()
+    key = (cfg.model_path, cfg.model, cfg.lora, cfg.seed)
+    before = LOAD_COUNTS[key]
+    first, _ = cached_peft_model(cfg)
+    for _ in range(3):
+        again, _ = cached_peft_model(cfg)
+        assert again is first
+    assert LOAD_COUNTS[key] == before + 1
+
+
+def test_adapter_state_round_trips_through_peft_format(cfg, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = load_peft_model(cfg)
+    state = {k: torch.randn_like(v) for k, v in get_adapter_state(model).items()}
+    save_adapter(model, state, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(cfg.model_path)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    reloaded = get_adapter_state(loaded)
+    assert reloaded.keys() == state.keys()
+    for key in state:
+        assert torch.equal(reloaded[key], state[key]), key
+
+
+def test_set_adapter_state_refuses_wrong_keys_and_shapes(cfg):
+    model = load_peft_model(cfg)
+    state = get_adapter_state(model)
+    key = next(iter(state))
+    with pytest.raises(ValueError, match="missing"):
+        set_adapter_state(model, {k: v for k, v in state.items() if k != key})
+    with pytest.raises(ValueError, match="shape"):
+        set_adapter_state(model, {**state, key: torch.zeros(1, 1)})

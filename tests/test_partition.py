@@ -1,0 +1,60 @@
+"""Simulated institutions through flwr-datasets partitioners."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from datasets import Dataset
+
+from fedft.config import DataConfig
+from fedft.partition import PartitionError, partition_dataset
+
+
+def _rows(n_per_inst: dict[str, int]) -> Dataset:
+    rows = []
+    for inst, n in n_per_inst.items():
+        rows += [{"x": f"{inst}-{i}", "institution": inst, "task": f"t{i % 3}"} for i in range(n)]
+    return Dataset.from_list(rows)
+
+
+def test_natural_gives_one_partition_per_value_in_sorted_order():
+    ds = _rows({"b": 5, "a": 3, "c": 4})
+    parts = partition_dataset(ds, DataConfig(partition="natural", partition_by="institution"), 3)
+    assert [sorted(set(p["institution"])) for p in parts] == [["a"], ["b"], ["c"]]
+    assert [len(p) for p in parts] == [3, 5, 4]
+
+
+def test_natural_with_wrong_client_count_is_an_error():
+    ds = _rows({"a": 3, "b": 3})
+    with pytest.raises(PartitionError, match="gives 2 partitions"):
+        partition_dataset(ds, DataConfig(partition="natural"), 3)
+
+
+def test_iid_splits_evenly_without_loss():
+    ds = _rows({"a": 40})
+    parts = partition_dataset(ds, DataConfig(partition="iid"), 4)
+    assert [len(p) for p in parts] == [10, 10, 10, 10]
+    assert sorted(x for p in parts for x in p["x"]) == sorted(ds["x"])
+
+
+def test_dirichlet_small_alpha_skews_labels():
+    ds = _rows({"a": 300})
+    cfg = DataConfig(partition="dirichlet", partition_by="task", dirichlet_alpha=0.1, seed=1)
+    parts = partition_dataset(ds, cfg, 3)
+    assert sum(len(p) for p in parts) == 300
+    # With alpha = 0.1 each client is dominated by one label.
+    shares = [max(p["task"].count(t) for t in ("t0", "t1", "t2")) / len(p) for p in parts]
+    assert min(shares) > 0.6
+
+
+def test_missing_column_is_named():
+    ds = _rows({"a": 3})
+    with pytest.raises(PartitionError, match="data.partition_by = 'site': no such column"):
+        partition_dataset(ds, DataConfig(partition="natural", partition_by="site"), 1)
+
+
+def test_empty_partition_is_an_error_before_training():
+    ds = _rows({"a": 3})
+    with pytest.raises(PartitionError, match="empty|partition"):
+        partition_dataset(ds, dataclasses.replace(DataConfig(), partition="iid"), 5)
