@@ -37,10 +37,10 @@ UNITS = [("km", "m", 3), ("m", "cm", 2), ("kg", "g", 3), ("cm", "mm", 1), ("l", 
 
 # Each task: an instruction, a generator of (input, output), the checkable answer.
 TASK_INSTRUCTIONS = {
-    "date": "Write the date in ISO format.",
-    "units": "Convert the quantity.",
-    "json": "Write the record as JSON.",
-    "snake": "Write the name in snake_case.",
+    "date": "ISO date:",
+    "units": "Convert:",
+    "json": "As JSON:",
+    "snake": "snake_case:",
 }
 
 
@@ -136,25 +136,33 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 def _generic_line(rng: random.Random) -> str:
-    """One line of pretraining text mentioning dates, quantities, records or names."""
+    """One line of pretraining text: general facts and text that repeats itself.
+
+    Lines repeat names, numbers, dates and identifiers (so the base learns to copy) and
+    state facts a real LLM knows (month numbers, unit factors, lower case), but never show
+    a task's question next to its answer.
+    """
     year, month, day = _date(rng)
     name, city = rng.choice(FIRST_NAMES), rng.choice(CITIES)
-    w1, w2 = rng.sample(WORDS, 2)
-    big, small, _ = rng.choice(UNITS)
-    value = rng.randint(1, 99999)
+    w1, w2, w3 = rng.sample(WORDS, 3)
+    big, small, zeros = rng.choice(UNITS)
+    value = rng.randint(1, 999)
     age = rng.randint(18, 99)
+    iso = f"{year:04d}-{month:02d}-{day:02d}"
+    words = rng.sample(WORDS, rng.randint(1, 3))
     choices = [
-        f"On {MONTHS[month - 1]} {day} {year} {name} moved to {city}.",
-        f"The {w1} was filed on {year:04d}-{month:02d}-{day:02d} in {city}.",
-        f"{name} walked {rng.randint(1, 999)} {rng.choice([big, small])} to the {w2}.",
-        f"The {w1} {w2} is {value} {small}.",
-        f"{name} is {age} and lives in {city}.",
-        json.dumps({w1: rng.choice(FIRST_NAMES), w2: rng.randint(1, 999)}),
-        json.dumps({"name": name, "city": city}),
-        f"The field {w1}_{w2} holds the {w2} of the {w1}.",
-        f"{w1.capitalize()} {w2.capitalize()} is a heading.",
-        f"Write the {w1} for the {w2} and check the {rng.choice(WORDS)}.",
-        f"Convert the {w1} before the {w2} is due.",
+        f"On {MONTHS[month - 1]} {day} {year} {name} moved to {city}. {name} liked {city}.",
+        f"The {w1} dated {iso} was filed. The {iso} {w1} is closed.",
+        f"{MONTHS[month - 1]} is month {month:02d} of the year.",
+        f"Day {day} of {MONTHS[month - 1]} {year} was day {day} again for {name}.",
+        f"1 {big} is 1{'0' * zeros} {small}, so {value} {big} is a lot of {small}.",
+        f"The {w1} is {value} {small}. I said {value} {small}.",
+        f"{name} is {age} and lives in {city}; {name} is {age}.",
+        json.dumps({w1: name, w2: age}) + f" has {w1} {name} and {w2} {age}.",
+        json.dumps({"city": city, w3: value}),
+        f"The field {'_'.join(words)} is named {'_'.join(words)}.",
+        f"{' '.join(w.capitalize() for w in words)} in lower case is {' '.join(words)}.",
+        f"{name} wrote {value}{'0' * zeros} and then {value}{'0' * zeros} again.",
     ]
     return rng.choice(choices)
 
