@@ -72,3 +72,17 @@ def run_client_round(
         total_rounds=cfg.strategy.num_rounds, proximal_mu=proximal_mu,
         seed=client_seed(cfg, round_index, client_index),
     )
+
+
+def check_simulation_data(cfg: FedftConfig) -> list[int]:
+    """Read every data file and split it as the clients will, before any training starts.
+
+    Returns the number of rows per client; raises ``DataError`` / ``PartitionError`` for a
+    bad row (with its file and line), a missing column or an empty partition.
+    """
+    from fedft.data import read_jsonl
+
+    read_jsonl(cfg.data.eval_file)
+    parts = partition_dataset(load_dataset_files(cfg.data.train_files), cfg.data,
+                              cfg.simulation.num_supernodes)
+    return [len(p) for p in parts]

@@ -29,6 +29,7 @@ def make_server_app(cfg: FedftConfig, out_dir: Path) -> ServerApp:
     return bound
 
 
+APP_DIR = Path(__file__).resolve().parent.parent
 app = ServerApp()
 
 
@@ -37,5 +38,8 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: the fedft config comes from the run config."""
     run_config = context.run_config
     overrides = shlex.split(str(run_config.get("overrides", "")))
-    cfg = load_config(str(run_config["config"]), overrides)
-    run_federation(grid, cfg, Path(str(run_config.get("out-dir", "runs/flwr-run"))))
+    config_path = Path(str(run_config["config"]))
+    if not config_path.is_absolute():  # relative to the app (where pyproject.toml is)
+        config_path = APP_DIR / config_path
+    cfg = load_config(config_path, overrides)
+    run_federation(grid, cfg, Path(str(run_config.get("out-dir", "runs/flwr-run"))).resolve())

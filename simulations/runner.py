@@ -13,12 +13,15 @@ import os
 from pathlib import Path
 
 from fedft.baselines import run_centralized, run_local
+from fedft.client import check_simulation_data
 from fedft.config import FedftConfig
 from fedft.report import SUMMARY_FILE
 
 
 def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False) -> dict:
     """Run the configured strategy and return its summary.json contents."""
+    sizes = check_simulation_data(cfg)  # bad rows or empty partitions fail before anything starts
+    print(f"fedft: {len(sizes)} clients with {', '.join(map(str, sizes))} training rows")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.strategy.name == "local":

@@ -1,0 +1,33 @@
+"""Atomic writes: complete files or nothing, and a replaced directory is never half there."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedft.checkpoint import (atomic_directory, atomic_write_json, atomic_write_jsonl,
+                              read_jsonl_rows)
+
+
+def test_json_and_jsonl_round_trip_and_leave_no_temp_files(tmp_path):
+    atomic_write_json(tmp_path / "s.json", {"b": 1, "a": [1, 2]})
+    atomic_write_jsonl(tmp_path / "m.jsonl", [{"round": 0}, {"round": 1}])
+    assert json.loads((tmp_path / "s.json").read_text()) == {"a": [1, 2], "b": 1}
+    assert read_jsonl_rows(tmp_path / "m.jsonl") == [{"round": 0}, {"round": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl", "s.json"]
+
+
+def test_failed_directory_write_keeps_the_previous_version(tmp_path):
+    target = tmp_path / "adapter"
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("crash while writing")
+    assert (target / "weights").read_text() == "v1"
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert (target / "weights").read_text() == "v2"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]

@@ -1,0 +1,45 @@
+"""The fedft command: clear one-line errors for bad input, exit code 2, nothing started."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _fedft(*args):
+    return subprocess.run([sys.executable, "-m", "simulations.cli", *args],
+                          capture_output=True, text=True)
+
+
+def test_bad_config_value_is_one_clear_line(tiny_config_path, tmp_path):
+    result = _fedft("simulate", "--config", str(tiny_config_path), "--out", str(tmp_path / "run"),
+                    "--set", "train.batch_size=0")
+    assert result.returncode == 2
+    assert "fedft: error: " in result.stderr and "train.batch_size = 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_row_names_file_and_line(tiny_config_path, tmp_path):
+    train = tiny_config_path.parent / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[4] = '{"instruction": "x", "output": 5}'
+    train.write_text("\n".join(lines) + "\n")
+    result = _fedft("simulate", "--config", str(tiny_config_path), "--out", str(tmp_path / "run"),
+                    "--set", "strategy.name=centralized")
+    assert result.returncode == 2
+    assert f"{train}:5: 'output' must be a string" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file(tmp_path):
+    result = _fedft("simulate", "--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_empty_partition_fails_before_anything_runs(tiny_config_path, tmp_path):
+    result = _fedft("simulate", "--config", str(tiny_config_path), "--out", str(tmp_path / "run"),
+                    "--set", "data.partition=iid", "--set", "simulation.num_supernodes=100",
+                    "--set", "strategy.min_train_nodes=2")
+    assert result.returncode == 2 and "cannot fill 100 client partitions" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,48 @@
+"""The message contract: what travels, how many bytes, and that fedft stays flwr-free."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedft import wire
+from fedft.config import load_config
+from fedft.model import adapter_nbytes, get_adapter_state, load_peft_model
+from server.strategy import payload_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_adapter_bytes_on_the_wire_are_within_two_percent_of_tensor_bytes():
+    cfg = load_config(ROOT / "simulations" / "demo.toml")
+    state = get_adapter_state(load_peft_model(cfg))
+    down = RecordDict({wire.ARRAYS: ArrayRecord(torch_state_dict=state),
+                       wire.CONFIG: ConfigRecord({wire.CONFIG_JSON: wire.encode_config(cfg)})})
+    up = RecordDict({wire.ARRAYS: ArrayRecord(torch_state_dict=state)})
+    tensor_bytes = adapter_nbytes(state)
+    assert tensor_bytes == sum(v.numel() * 4 for v in state.values())
+    for content in (down, up):
+        sent = payload_bytes(content)
+        assert tensor_bytes <= sent <= 1.02 * tensor_bytes, (sent, tensor_bytes)
+
+
+def test_config_survives_the_wire():
+    cfg = load_config(ROOT / "simulations" / "demo.toml")
+    assert wire.decode_config(wire.encode_config(cfg)) == cfg
+
+
+def test_fedft_never_imports_flwr():
+    offenders = [
+        str(path.relative_to(ROOT)) for path in (ROOT / "fedft").rglob("*.py")
+        if re.search(r"^\s*(import flwr\b|from flwr[ .])", path.read_text(), re.MULTILINE)
+    ]
+    assert offenders == []
+    code = ("import sys, fedft.cli, fedft.baselines, fedft.client, fedft.wire, fedft.report;"
+            "bad = [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
