@@ -2,7 +2,8 @@
 
 ``simulations/cli.py`` adds ``simulate`` (which needs Flower) and is the installed entry
 point; everything registered here works without Flower: ``fedft demo data`` writes the
-demo's institutions' JSONL, ``fedft demo build-base`` rebuilds the embedded base model.
+demo's institutions' JSONL, ``fedft demo build-base`` rebuilds the embedded base model,
+``fedft compare RUN_DIR ...`` tabulates and plots finished runs side by side.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ def _demo_build_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from fedft.report import comparison_markdown, comparison_rows, plot_comparison
+
+    rows = comparison_rows([Path(d) for d in args.runs])
+    print(comparison_markdown(rows))
+    plot_comparison(rows, Path(args.plot))
+    print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="fedft", description="Federated QLoRA fine-tuning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +79,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     base.add_argument("--steps", type=int, default=1200)
     base.add_argument("--seed", type=int, default=0)
     base.set_defaults(handler=_demo_build_base)
+    compare = commands.add_parser("compare", help="table and bar chart of several runs")
+    compare.add_argument("runs", nargs="+", help="run directories (the first also gives the base model)")
+    compare.add_argument("--plot", default="comparison.png", help="where to write the bar chart")
+    compare.set_defaults(handler=_compare)
     return parser, commands
 
 

@@ -15,6 +15,7 @@ from fedft.checkpoint import atomic_write_json, atomic_write_jsonl, read_jsonl_r
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
+COMPARISON_FILE = "comparison.png"
 
 
 class RunRecorder:
@@ -68,7 +69,7 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
             ax_em.plot([r["round"] for r in evals],
                        [100 * r["eval_exact_match_by_task"].get(task, 0.0) for r in evals],
                        linestyle="--", label=task)
-    ax_loss.set(xlabel="round", ylabel="loss per answer token", title="loss")
+    ax_loss.set(xlabel="round", ylabel="loss per answer token (log)", title="loss", yscale="log")
     ax_em.set(xlabel="round", ylabel="exact match (%)", title="held-out exact match", ylim=(-2, 102))
     for ax in (ax_loss, ax_em):
         ax.grid(alpha=0.3)
@@ -109,3 +110,67 @@ def summarize(cfg: FedftConfig, rows: list[dict], final_metrics: dict, wall_seco
         "wall_seconds": wall_seconds,
         "config": config_to_dict(cfg),
     }
+
+
+def load_summary(run_dir: Path) -> dict:
+    """A run's summary.json."""
+    import json
+
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a finished fedft run?")
+    return json.loads(path.read_text())
+
+
+def comparison_rows(run_dirs: list[Path]) -> list[dict]:
+    """One row per run (and one for the base model of the first): exact match overall, per task."""
+    rows = []
+    for i, run_dir in enumerate(run_dirs):
+        summary = load_summary(run_dir)
+        if i == 0:
+            rows.append({"run": "base model", **_em(summary["base"])})
+        rows.append({"run": f"{summary['strategy']} ({Path(run_dir).name})", **_em(summary["final"]),
+                     "bytes": summary["bytes_up_total"] + summary["bytes_down_total"],
+                     "seconds": summary["wall_seconds"]})
+    return rows
+
+
+def _em(metrics: dict) -> dict:
+    return {"exact_match": metrics["eval_exact_match"], "by_task": metrics["eval_exact_match_by_task"]}
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    """A markdown table of ``comparison_rows``."""
+    tasks = sorted({t for r in rows for t in r["by_task"]})
+    lines = ["| run | exact match | " + " | ".join(tasks) + " | MB sent | seconds |",
+             "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |"]
+    for r in rows:
+        cells = [f"{100 * r['by_task'].get(t, 0):.0f}%" for t in tasks]
+        mb = f"{r['bytes'] / 1e6:.0f}" if r.get("bytes") else "-"
+        secs = f"{r['seconds']:.0f}" if "seconds" in r else "-"
+        lines.append(f"| {r['run']} | **{100 * r['exact_match']:.1f}%** | " + " | ".join(cells)
+                     + f" | {mb} | {secs} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(rows: list[dict], path: Path) -> None:
+    """Grouped bars: exact match per task for every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for r in rows for t in r["by_task"]}) + ["all"]
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(tasks)), 4))
+    for i, r in enumerate(rows):
+        values = [100 * r["by_task"].get(t, 0) for t in tasks[:-1]] + [100 * r["exact_match"]]
+        ax.bar([x + i * width for x in range(len(tasks))], values, width, label=r["run"])
+    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(tasks))], tasks)
+    ax.set(ylabel="held-out exact match (%)", ylim=(0, 105), title="exact match by task")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -73,3 +73,16 @@ def test_schedule_spans_rounds():
     linear = dataclasses.replace(cfg, lr_schedule="linear", warmup_steps=10)
     assert lr_multiplier(4, 110, linear) == pytest.approx(0.5)
     assert lr_multiplier(60, 110, linear) == pytest.approx(0.5)
+
+
+def test_gradient_checkpointing_on_the_4bit_base_still_trains_the_adapter(tiny_config_path):
+    from fedft.model import load_peft_model, load_tokenizer
+
+    cfg = load_config(tiny_config_path, ["model.gradient_checkpointing=true", "train.local_steps=3"])
+    model, tokenizer = load_peft_model(cfg), load_tokenizer(cfg)
+    assert model.base_model.model.is_gradient_checkpointing
+    examples = client_examples(cfg, tokenizer, partition_id=1)
+    start = get_adapter_state(model)
+    result = train_local(model, examples, tokenizer.pad_token_id, cfg.train, global_state=start,
+                         round_index=1, total_rounds=1)
+    assert _distance(result.state, start) > 0 and result.train_loss == result.train_loss  # not NaN
