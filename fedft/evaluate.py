@@ -107,11 +107,11 @@ class HeldOutEvaluator:
     """Scores adapter states on the held-out set with one cached model."""
 
     def __init__(self, cfg) -> None:
-        from fedft.model import cached_peft_model, get_adapter_state
+        from fedft.model import cached_peft_model, initial_adapter_state
 
         self.model, self.tokenizer = cached_peft_model(cfg)
         self.examples = load_eval_examples(cfg, self.tokenizer)
-        self.initial_state = get_adapter_state(self.model)
+        self.initial_state = initial_adapter_state(cfg)
 
     def __call__(self, state) -> dict:
         from fedft.model import set_adapter_state

@@ -22,6 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # How many times this process built each configuration (read by tests and logs).
 LOAD_COUNTS: Counter = Counter()
 _CACHE: dict = {}
+_INITIAL: dict = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -119,14 +120,28 @@ def cached_peft_model(cfg: FedftConfig):
     with _CACHE_LOCK:
         if key not in _CACHE:
             LOAD_COUNTS[key] += 1
-            _CACHE[key] = (load_peft_model(cfg), load_tokenizer(cfg))
+            model = load_peft_model(cfg)
+            _CACHE[key] = (model, load_tokenizer(cfg))
+            _INITIAL[key] = get_adapter_state(model)
         return _CACHE[key]
+
+
+def initial_adapter_state(cfg: FedftConfig) -> dict[str, torch.Tensor]:
+    """The seeded LoRA initialisation of the cached model, as it was when loaded.
+
+    The cached model's adapter is overwritten every round, so a second run in the same
+    process must start from this copy, not from whatever the model last held.
+    """
+    cached_peft_model(cfg)
+    key = (cfg.model_path, cfg.model, cfg.lora, cfg.seed)
+    return {k: v.clone() for k, v in _INITIAL[key].items()}
 
 
 def clear_model_cache() -> None:
     """Drop every cached model (frees memory; the next call reloads)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+        _INITIAL.clear()
 
 
 def get_adapter_state(model) -> dict[str, torch.Tensor]:

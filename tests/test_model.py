@@ -49,6 +49,18 @@ def test_cache_loads_the_base_once_per_process(cfg):
     assert LOAD_COUNTS[key] == before + 1
 
 
+def test_initial_adapter_is_the_seeded_init_even_after_the_cached_model_changed(cfg):
+    from fedft.model import initial_adapter_state, set_adapter_state
+
+    clear_model_cache()
+    model, _ = cached_peft_model(cfg)
+    init = get_adapter_state(model)
+    set_adapter_state(model, {k: torch.randn_like(v) for k, v in init.items()})
+    again = initial_adapter_state(cfg)
+    assert again.keys() == init.keys()
+    assert all(torch.equal(again[k], init[k]) for k in init)
+
+
 def test_adapter_state_round_trips_through_peft_format(cfg, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
