@@ -162,14 +162,14 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
 
     tasks = sorted({t for r in rows for t in r["by_task"]}) + ["all"]
     width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(tasks)), 4))
+    fig, ax = plt.subplots(figsize=(max(8, 1.8 * len(tasks)), 4))
     for i, r in enumerate(rows):
         values = [100 * r["by_task"].get(t, 0) for t in tasks[:-1]] + [100 * r["exact_match"]]
         ax.bar([x + i * width for x in range(len(tasks))], values, width, label=r["run"])
     ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(tasks))], tasks)
     ax.set(ylabel="held-out exact match (%)", ylim=(0, 105), title="exact match by task")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
