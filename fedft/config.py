@@ -17,6 +17,38 @@ from typing import Any
 
 DEMO_MODEL = "demo"
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-base"
+DEMO_WEIGHTS = "model.safetensors"
+
+
+def demo_model_dir() -> Path:
+    """Where the embedded demo model's weights are.
+
+    Normally beside this module. A Flower app bundle (``flwr run .``) carries only source
+    and text files, so its copy of fedft has no weights; the installed fedft distribution
+    (a regular or an editable install) still has them.
+    """
+    if (DEMO_MODEL_DIR / DEMO_WEIGHTS).is_file():
+        return DEMO_MODEL_DIR
+    import json
+    from importlib import metadata
+
+    candidates = []
+    try:
+        dist = metadata.distribution("fedft")
+        candidates.append(Path(str(dist.locate_file("fedft/assets/demo-base"))))
+        direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
+        if direct_url.get("url", "").startswith("file://"):
+            candidates.append(Path(direct_url["url"][len("file://"):]) / "fedft" / "assets" / "demo-base")
+    except metadata.PackageNotFoundError:
+        pass
+    for candidate in candidates:
+        if (candidate / DEMO_WEIGHTS).is_file():
+            return candidate
+    raise ConfigError(
+        f"model.path = 'demo': no {DEMO_WEIGHTS} in {DEMO_MODEL_DIR} nor in an installed fedft; "
+        "install fedft (pip install -e .) or rebuild the model with `fedft demo build-base --out DIR` "
+        "and set model.path to DIR"
+    )
 
 
 class ConfigError(ValueError):
@@ -113,7 +145,7 @@ class FedftConfig:
     @property
     def model_path(self) -> str:
         """The path or hub id actually handed to ``from_pretrained``."""
-        return str(DEMO_MODEL_DIR) if self.model.path == DEMO_MODEL else self.model.path
+        return str(demo_model_dir()) if self.model.path == DEMO_MODEL else self.model.path
 
 
 SECTIONS: dict[str, type] = {
