@@ -3,7 +3,7 @@
 The server sends the resolved fedft config with every train message, so a client needs
 no config file. A simulated client finds its data through the ``partition-id`` Flower
 puts in its node config; a deployed institution names its own file with
-``--node-config "data-path='...'"``. The reply carries only adapter tensors and the
+``--node-config "data-path='...'"`` (and may set its own ``lora-rank``). The reply carries only adapter tensors and the
 metrics named in ``fedft.wire``.
 """
 
@@ -26,6 +26,7 @@ def train(msg: Message, context: Context) -> Message:
     node = context.node_config
     partition_id = int(node[wire.PARTITION_ID]) if wire.PARTITION_ID in node else None
     data_path = str(node[wire.DATA_PATH]) if wire.DATA_PATH in node else None
+    node_rank = int(node[wire.NODE_LORA_RANK]) if wire.NODE_LORA_RANK in node else None
     result = run_client_round(
         cfg,
         msg.content[wire.ARRAYS].to_torch_state_dict(),
@@ -34,6 +35,7 @@ def train(msg: Message, context: Context) -> Message:
         partition_id=partition_id,
         data_path=data_path,
         client_index=partition_id if partition_id is not None else context.node_id % 1_000_003,
+        node_rank=node_rank,
     )
     reply = RecordDict({
         wire.ARRAYS: ArrayRecord(torch_state_dict=result.state),
@@ -41,6 +43,7 @@ def train(msg: Message, context: Context) -> Message:
             wire.NUM_EXAMPLES: result.num_examples,
             wire.TRAIN_LOSS: result.train_loss,
             wire.TRAIN_STEPS: result.steps,
+            wire.LORA_RANK: result.rank,
         }),
     })
     return Message(content=reply, reply_to=msg)

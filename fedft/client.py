@@ -9,13 +9,15 @@ The Flower ClientApp and the local-only baseline both call these.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import torch
 
-from fedft.config import FedftConfig
+from fedft.config import ConfigError, FedftConfig
 from fedft.data import DataError, Example, load_dataset_files, tokenize_dataset
-from fedft.model import cached_peft_model
+from fedft.lora_aggregate import LORA_A, adapter_rank, b_only, truncate_to_rank
+from fedft.model import cached_peft_model, initial_adapter_state
 from fedft.partition import partition_dataset
 from fedft.train import LocalResult, train_local
 
@@ -53,25 +55,82 @@ def client_seed(cfg: FedftConfig, round_index: int, client_index: int) -> int:
     return (cfg.seed * 1_000_003 + round_index * 10_007 + client_index) % (2**31)
 
 
+def client_rank(cfg: FedftConfig, partition_id: int | None = None, node_rank: int | None = None) -> int:
+    """This client's LoRA rank: its node config's, else its simulated partition's, else lora.r."""
+    if node_rank is not None:
+        rank, where = node_rank, "node config lora-rank"
+    elif partition_id is not None and cfg.lora.client_ranks:
+        rank, where = cfg.lora.client_ranks[partition_id], f"lora.client_ranks[{partition_id}]"
+    else:
+        return cfg.lora.r
+    if not 1 <= rank <= cfg.lora.r:
+        raise ConfigError(f"{where} = {rank} is not allowed; expected 1..lora.r = {cfg.lora.r}")
+    if rank != cfg.lora.r and cfg.strategy.aggregation == "ffa":
+        raise ConfigError(f"{where} = {rank}: strategy.aggregation = 'ffa' needs every client at rank {cfg.lora.r}")
+    return rank
+
+
+def config_for_rank(cfg: FedftConfig, rank: int) -> FedftConfig:
+    """The config of a client training rank ``rank``: alpha scales with it, so alpha / r is shared."""
+    if rank == cfg.lora.r:
+        return cfg
+    lora = dataclasses.replace(cfg.lora, r=rank, alpha=cfg.lora.alpha * rank / cfg.lora.r)
+    return dataclasses.replace(cfg, lora=lora)
+
+
+def received_to_start_state(cfg: FedftConfig, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter a client starts its round from, given what the server sent.
+
+    Tensors arrive in the wire dtype and are trained in float32. Under FFA-LoRA only B
+    travels: A is the shared seeded initialisation every client already holds. A global
+    adapter of higher rank than this client's is truncated to its first components.
+    """
+    state = {k: v.to(torch.float32) for k, v in received.items()}
+    if cfg.strategy.aggregation == "ffa":
+        initial = initial_adapter_state(cfg)
+        state = {**{k: v for k, v in initial.items() if f".{LORA_A}." in k}, **b_only(state)}
+    if adapter_rank(state) > cfg.lora.r:
+        state = truncate_to_rank(state, cfg.lora.r)
+    return state
+
+
+def reply_state(cfg: FedftConfig, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What leaves the client: B only under FFA-LoRA, in the configured wire dtype."""
+    state = b_only(trained) if cfg.strategy.aggregation == "ffa" else trained
+    dtype = torch.float16 if cfg.strategy.wire_dtype == "float16" else torch.float32
+    return {k: v.to(dtype) for k, v in state.items()}
+
+
 def run_client_round(
     cfg: FedftConfig,
-    global_state: dict[str, torch.Tensor],
+    received_state: dict[str, torch.Tensor],
     round_index: int,
     *,
     proximal_mu: float = 0.0,
     partition_id: int | None = None,
     data_path: str | None = None,
     client_index: int = 0,
+    node_rank: int | None = None,
 ) -> LocalResult:
-    """Train this client's cached model for one round from ``global_state``."""
+    """Train this client's cached model for one round from the server's adapter.
+
+    The returned ``state`` is the reply payload (``reply_state``); ``rank`` is this
+    client's LoRA rank, which the server needs for heterogeneous-rank aggregation.
+    """
+    cfg = config_for_rank(cfg, client_rank(cfg, partition_id, node_rank))
     model, tokenizer = cached_peft_model(cfg)
     examples = client_examples(cfg, tokenizer, partition_id=partition_id, data_path=data_path)
-    return train_local(
+    freeze_a = cfg.strategy.aggregation == "ffa"
+    for name, param in model.named_parameters():
+        if f".{LORA_A}." in name:
+            param.requires_grad = not freeze_a
+    result = train_local(
         model, examples, tokenizer.pad_token_id, cfg.train,
-        global_state=global_state, round_index=round_index,
+        global_state=received_to_start_state(cfg, received_state), round_index=round_index,
         total_rounds=cfg.strategy.num_rounds, proximal_mu=proximal_mu,
         seed=client_seed(cfg, round_index, client_index),
     )
+    return dataclasses.replace(result, state=reply_state(cfg, result.state), rank=cfg.lora.r)
 
 
 def check_simulation_data(cfg: FedftConfig) -> list[int]:

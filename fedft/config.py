@@ -72,10 +72,11 @@ class ModelConfig:
 class LoraConfig:
     """The LoRA adapter every client trains."""
 
-    r: int = 16
-    alpha: int = 32
+    r: int = 16  # the global adapter's rank (the largest any client may train)
+    alpha: float = 32.0  # scaling alpha / r; a client of lower rank scales alpha with its rank
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("all-linear",)
+    client_ranks: tuple[int, ...] = ()  # simulation: rank per partition id (empty: all r)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,13 @@ class StrategyConfig:
     min_train_nodes: int = 2
     eval_every: int = 1
     round_timeout_s: float = 3600.0
+    aggregation: str = "fedavg"  # fedavg (A, B averaged apart) | ffa (A frozen, B only) | svd (exact)
+    server_optimizer: str = "none"  # none | fedadam | fedyogi | fedavgm (on the aggregated update)
+    server_lr: float = 1.0  # FedAdam/FedYogi eta; FedAvgM server learning rate
+    server_momentum: float = 0.9  # FedAvgM momentum; FedAdam/FedYogi beta_1
+    server_beta2: float = 0.99  # FedAdam/FedYogi second moment
+    server_tau: float = 1e-3  # FedAdam/FedYogi adaptivity
+    wire_dtype: str = "float32"  # float32 | float16 for adapter tensors in both directions
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.partition": ("iid", "dirichlet", "natural"),
     "train.lr_schedule": ("constant", "linear", "cosine"),
     "strategy.name": ("fedavg", "fedprox", "local", "centralized"),
+    "strategy.aggregation": ("fedavg", "ffa", "svd"),
+    "strategy.server_optimizer": ("none", "fedadam", "fedyogi", "fedavgm"),
+    "strategy.wire_dtype": ("float32", "float16"),
 }
 # (field, predicate, what is allowed)
 RANGES: list[tuple[str, Any, str]] = [
@@ -169,6 +180,11 @@ RANGES: list[tuple[str, Any, str]] = [
     ("lora.alpha", lambda v: v > 0, "a number > 0"),
     ("lora.dropout", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("lora.target_modules", lambda v: len(v) >= 1, "a non-empty list of module names or 'all-linear'"),
+    ("lora.client_ranks", lambda v: all(r >= 1 for r in v), "a list of integers >= 1"),
+    ("strategy.server_lr", lambda v: v > 0, "a number > 0"),
+    ("strategy.server_momentum", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("strategy.server_beta2", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("strategy.server_tau", lambda v: v > 0, "a number > 0"),
     ("data.dirichlet_alpha", lambda v: v > 0, "a number > 0"),
     ("data.max_length", lambda v: v >= 8, "an integer >= 8"),
     ("data.eval_max_examples", lambda v: v >= 1, "an integer >= 1"),
@@ -219,6 +235,9 @@ def _coerce(value: Any, annotation: str, name: str, where: str) -> Any:
         value = float(value) if ok else value
     elif annotation == "str":
         ok = isinstance(value, str)
+    elif annotation.startswith("tuple[int"):
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
     elif annotation.startswith("tuple[str"):
         if isinstance(value, str):
             value = [value]
@@ -271,6 +290,19 @@ def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
         "fedavg", "fedprox"
     ):
         fail("strategy.min_train_nodes", f"at most simulation.num_supernodes = {cfg.simulation.num_supernodes}")
+    ranks = cfg.lora.client_ranks
+    if ranks and len(ranks) != cfg.simulation.num_supernodes:
+        fail("lora.client_ranks", f"one rank per simulated client ({cfg.simulation.num_supernodes}), or []")
+    if any(r > cfg.lora.r for r in ranks):
+        fail("lora.client_ranks", f"ranks at most lora.r = {cfg.lora.r} (the global adapter's rank)")
+    if cfg.strategy.aggregation == "ffa" and any(r != cfg.lora.r for r in ranks):
+        fail("lora.client_ranks", "equal ranks with strategy.aggregation = 'ffa' (every client "
+             "shares one frozen A); use 'svd' or 'fedavg' for heterogeneous ranks")
+    if cfg.strategy.server_optimizer != "none" and cfg.strategy.name == "fedprox":
+        fail("strategy.server_optimizer", "'none' with strategy.name = 'fedprox' (use fedavg with a server optimizer)")
+    if cfg.strategy.server_optimizer != "none" and cfg.strategy.aggregation == "svd":
+        fail("strategy.server_optimizer", "'none' with strategy.aggregation = 'svd': the SVD re-factors "
+             "A and B every round, so their round-to-round difference is no pseudo-gradient")
 
 
 def config_from_dict(raw: dict, *, source: str | None = None, text: str = "") -> FedftConfig:

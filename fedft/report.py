@@ -93,6 +93,10 @@ def format_progress(row: dict, num_rounds: int) -> str:
         parts.append("(" + " ".join(f"{t} {100 * v:.0f}" for t, v in by_task.items()) + ")")
     if row.get("bytes_up"):
         parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB down {row['bytes_down'] / 1e6:.2f} MB")
+    if row.get("aggregation_error") is not None:
+        parts.append(f"naive-avg error {row['aggregation_error']:.3f}")
+    if row.get("svd_discarded_energy") is not None:
+        parts.append(f"svd cut {row['svd_discarded_energy']:.3f}")
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts)
 
@@ -100,8 +104,18 @@ def format_progress(row: dict, num_rounds: int) -> str:
 def summarize(cfg: FedftConfig, rows: list[dict], final_metrics: dict, wall_seconds: float) -> dict:
     """summary.json: base and final metrics, totals, and the config that produced them."""
     base = rows[0]
+    trained = rows[1:]
+    errors = [r["aggregation_error"] for r in trained if r.get("aggregation_error") is not None]
+    energy = [r["svd_discarded_energy"] for r in trained if r.get("svd_discarded_energy") is not None]
     return {
         "strategy": cfg.strategy.name,
+        "aggregation": cfg.strategy.aggregation,
+        "server_optimizer": cfg.strategy.server_optimizer,
+        "wire_dtype": cfg.strategy.wire_dtype,
+        "mean_aggregation_error": sum(errors) / len(errors) if errors else None,
+        "mean_svd_discarded_energy": sum(energy) / len(energy) if energy else None,
+        "mean_bytes_up_per_client": (sum(r.get("bytes_up_per_client", 0) for r in trained) / len(trained)
+                                     if trained else 0),
         "base": {k: base[k] for k in ("eval_loss", "eval_exact_match", "eval_exact_match_by_task")},
         "final": {k: v for k, v in final_metrics.items()},
         "rounds": len(rows) - 1,

@@ -30,6 +30,7 @@ class LocalResult:
     num_examples: int
     train_loss: float
     steps: int
+    rank: int = 0  # the client's LoRA rank (set by fedft.client)
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: TrainConfig) -> float:

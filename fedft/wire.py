@@ -3,7 +3,7 @@
 Both sides import these names; neither spells a key as a literal. A train message carries
 the global adapter (``ARRAYS``) and a config record with the round, the resolved fedft
 config as JSON (``CONFIG_JSON``) and, for FedProx, ``PROXIMAL_MU``. A reply carries the
-new adapter (``ARRAYS``) and a metric record with ``NUM_EXAMPLES`` and ``TRAIN_LOSS``.
+new adapter (``ARRAYS``) and a metric record with ``REPLY_METRICS``.
 Pure data: no flwr import, no I/O.
 """
 
@@ -24,12 +24,14 @@ PROXIMAL_MU = "proximal-mu"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TRAIN_STEPS = "train-steps"
-REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_STEPS)
+LORA_RANK = "lora-rank"
+REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_STEPS, LORA_RANK)
 
 # Node config keys (simulation sets the first two; deployment sets data-path per institution).
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
+NODE_LORA_RANK = "lora-rank"  # deployment: this institution's LoRA rank (<= lora.r)
 
 
 def encode_config(cfg: FedftConfig) -> str:

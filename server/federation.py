@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from fedft import wire
 from fedft.config import FedftConfig
 from fedft.evaluate import HeldOutEvaluator
+from fedft.checkpoint import save_tensors_atomic
 from fedft.model import adapter_nbytes, save_adapter
 from fedft.report import RunRecorder, format_progress, summarize
 from server.strategy import make_strategy, payload_bytes
@@ -82,12 +83,22 @@ def run_federation(
             "bytes_down": bytes_down,
             "bytes_up": replied.bytes_up,
             "bytes_up_per_client": replied.bytes_up / len(replied.node_ids),
+            "bytes_down_per_client": bytes_down / len(messages),
             "adapter_bytes": adapter_nbytes(state),
+            "aggregation": cfg.strategy.aggregation,
+            "aggregation_error": replied.naive_error,
+            "client_ranks": sorted(replied.ranks.values()),
         }
+        if replied.discarded_energy is not None:
+            row["svd_discarded_energy"] = replied.discarded_energy
         if _should_evaluate(cfg, round_index):
             final_metrics = evaluator(state)
             row.update({k: v for k, v in final_metrics.items() if k != "samples"})
-        save_adapter(evaluator.model, state, out_dir / "checkpoints" / f"round-{round_index:03d}")
+        checkpoint = out_dir / "checkpoints" / f"round-{round_index:03d}"
+        save_adapter(evaluator.model, state, checkpoint)
+        optimizer_state = strategy.server_optimizer_state()
+        if optimizer_state:
+            save_tensors_atomic(optimizer_state, checkpoint / "server_optimizer.safetensors")
         row["seconds"] = time.time() - t0
         recorder.add_round(row)
         progress(format_progress(row, num_rounds))

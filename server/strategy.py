@@ -1,8 +1,12 @@
-"""Flower strategies whose aggregation is fedft's: FedAvg and FedProx over adapter tensors.
+"""Flower strategies whose aggregation is fedft's, over LoRA adapter tensors.
 
 Flower's ``FedAvg`` / ``FedProx`` keep what they do well (node sampling, the train
-messages, FedProx's ``proximal-mu`` in the config); ``aggregate_train`` is replaced by
-``fedft.aggregate`` on the adapter tensors and records the bytes each reply carried.
+messages, FedProx's ``proximal-mu`` in the config); Flower's ``FedAdam`` / ``FedYogi`` /
+``FedAvgM`` keep their server optimizer, applied to the aggregated adapter as a
+pseudo-gradient. What fedft replaces (``AdapterAggregation``): each client's message is
+cut to what it needs (its LoRA rank, B only under FFA-LoRA, the wire dtype), and
+``aggregate_train`` combines replies with ``fedft.exchange.aggregate_replies``
+(fedavg / ffa / svd), recording bytes, the naive average's error and the SVD energy cut.
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedProx
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedft import wire
-from fedft.aggregate import fedavg
 from fedft.config import FedftConfig
+from fedft.exchange import aggregate_replies, downlink_state
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -38,16 +45,40 @@ class RoundReplies:
     failures: list[str] = field(default_factory=list)
     train_loss: float | None = None
     num_examples: int = 0
+    ranks: dict[int, int] = field(default_factory=dict)  # node id -> LoRA rank it trained
+    naive_error: float | None = None
+    discarded_energy: float | None = None
 
 
 class AdapterAggregation:
-    """Mixin: aggregate replies' adapter tensors with ``fedft.aggregate.fedavg``."""
+    """Mixin: per-client downlink payloads and fedft's aggregation of the replies."""
 
+    fedft_cfg: FedftConfig
     last: RoundReplies
+    global_state: dict[str, torch.Tensor]
+    node_ranks: dict[int, int]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's sampling and messages, each payload cut to what its client needs."""
+        self.global_state = arrays.to_torch_state_dict()
+        messages = super().configure_train(server_round, arrays, config, grid)
+        ranks = getattr(self, "node_ranks", {})
+        shaped = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            state = downlink_state(self.fedft_cfg, self.global_state, ranks.get(node))
+            content = RecordDict({wire.ARRAYS: ArrayRecord(torch_state_dict=state),
+                                  wire.CONFIG: message.content[wire.CONFIG]})
+            shaped.append(Message(content=content, message_type=message.metadata.message_type,
+                                  dst_node_id=node))
+        return shaped
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Combine valid replies with ``strategy.aggregation``; record what the round cost."""
         valid, errors = self._check_and_log_replies(list(replies), is_train=True)
         self.last = RoundReplies(
             failures=[f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors]
@@ -57,13 +88,30 @@ class AdapterAggregation:
         states = [m.content[wire.ARRAYS].to_torch_state_dict() for m in valid]
         weights = [float(m.content[wire.METRICS][wire.NUM_EXAMPLES]) for m in valid]
         losses = [float(m.content[wire.METRICS][wire.TRAIN_LOSS]) for m in valid]
-        aggregated = fedavg(states, weights)
+        result = aggregate_replies(self.fedft_cfg, self.global_state, states, weights)
         self.last.node_ids = [m.metadata.src_node_id for m in valid]
+        self.last.ranks = {m.metadata.src_node_id: int(m.content[wire.METRICS].get(wire.LORA_RANK, 0))
+                           for m in valid}
+        self.node_ranks = {**getattr(self, "node_ranks", {}),
+                           **{n: r for n, r in self.last.ranks.items() if r > 0}}
         self.last.bytes_up = sum(payload_bytes(m.content) for m in valid)
         self.last.num_examples = int(sum(weights))
         self.last.train_loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
+        self.last.naive_error = result.naive_error
+        self.last.discarded_energy = result.discarded_energy
         metrics = MetricRecord({wire.TRAIN_LOSS: self.last.train_loss, wire.NUM_EXAMPLES: self.last.num_examples})
-        return ArrayRecord(torch_state_dict=aggregated), metrics
+        return ArrayRecord(torch_state_dict=result.state), metrics
+
+    def server_optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The server optimizer's moments (empty without one), for checkpoints."""
+        out = {}
+        for name in ("m_t", "v_t"):  # FedAdam / FedYogi
+            for key, value in (getattr(self, name, None) or {}).items():
+                out[f"{name}/{key}"] = torch.from_numpy(np.array(value))
+        momentum = getattr(self, "momentum_vector", None)  # FedAvgM
+        for index, value in enumerate(momentum or []):
+            out[f"momentum/{index}"] = torch.from_numpy(np.array(value))
+        return out
 
 
 class AdapterFedAvg(AdapterAggregation, FedAvg):
@@ -74,8 +122,29 @@ class AdapterFedProx(AdapterAggregation, FedProx):
     """FedProx: FedAvg plus ``proximal-mu`` in every train message (clients add the term)."""
 
 
-def make_strategy(cfg: FedftConfig) -> AdapterFedAvg:
-    """The strategy named by ``strategy.name`` with fedft's wire keys."""
+# A server optimizer sits before AdapterFedAvg in the method order, so Flower's FedOpt /
+# FedAvgM step runs on the adapter that fedft's aggregation produced.
+class AdapterFedAdam(FedAdam, AdapterFedAvg):
+    """FedAdam (Reddi et al. 2021) on the aggregated adapter update."""
+
+
+class AdapterFedYogi(FedYogi, AdapterFedAvg):
+    """FedYogi (Reddi et al. 2021) on the aggregated adapter update."""
+
+
+class AdapterFedAvgM(FedAvgM, AdapterFedAvg):
+    """FedAvgM (Hsu et al. 2019): server momentum on the aggregated adapter update."""
+
+
+def make_strategy(cfg: FedftConfig) -> AdapterAggregation:
+    """The strategy named by ``strategy.name`` / ``server_optimizer`` with fedft's wire keys."""
+    strategy = _make_strategy(cfg)
+    strategy.fedft_cfg = cfg
+    strategy.node_ranks = {}
+    return strategy
+
+
+def _make_strategy(cfg: FedftConfig) -> AdapterAggregation:
     common = dict(
         fraction_train=cfg.strategy.fraction_train,
         fraction_evaluate=0.0,
@@ -86,8 +155,17 @@ def make_strategy(cfg: FedftConfig) -> AdapterFedAvg:
         arrayrecord_key=wire.ARRAYS,
         configrecord_key=wire.CONFIG,
     )
-    if cfg.strategy.name == "fedprox":
-        return AdapterFedProx(proximal_mu=cfg.strategy.proximal_mu, **common)
-    if cfg.strategy.name == "fedavg":
+    s = cfg.strategy
+    if s.name == "fedprox":
+        return AdapterFedProx(proximal_mu=s.proximal_mu, **common)
+    if s.name != "fedavg":
+        raise ValueError(f"strategy.name = {s.name!r} is not a federated strategy")
+    if s.server_optimizer == "fedavgm":
+        return AdapterFedAvgM(server_learning_rate=s.server_lr, server_momentum=s.server_momentum, **common)
+    if s.server_optimizer in ("fedadam", "fedyogi"):
+        cls = AdapterFedAdam if s.server_optimizer == "fedadam" else AdapterFedYogi
+        return cls(eta=s.server_lr, eta_l=cfg.train.learning_rate, beta_1=s.server_momentum,
+                   beta_2=s.server_beta2, tau=s.server_tau, **common)
+    if s.name == "fedavg":
         return AdapterFedAvg(**common)
     raise ValueError(f"strategy.name = {cfg.strategy.name!r} is not a federated strategy")

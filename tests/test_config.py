@@ -35,7 +35,7 @@ def test_bad_choice_names_file_line_field_and_allowed(tiny_config_path):
 
 def test_unknown_field_is_refused_with_the_allowed_names(tiny_config_path):
     tiny_config_path.write_text(tiny_config_path.read_text().replace("r = 4", "rank = 4"))
-    with pytest.raises(ConfigError, match=r"unknown field lora.rank; allowed: alpha, dropout, r"):
+    with pytest.raises(ConfigError, match=r"unknown field lora.rank; allowed: alpha, client_ranks, dropout, r"):
         load_config(tiny_config_path)
 
 
