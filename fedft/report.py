@@ -143,10 +143,28 @@ def comparison_rows(run_dirs: list[Path]) -> list[dict]:
         summary = load_summary(run_dir)
         if i == 0:
             rows.append({"run": "base model", **_em(summary["base"])})
-        rows.append({"run": f"{summary['strategy']} ({Path(run_dir).name})", **_em(summary["final"]),
+        rows.append({"run": f"{_label(summary)} ({Path(run_dir).name})", **_em(summary["final"]),
                      "bytes": summary["bytes_up_total"] + summary["bytes_down_total"],
+                     "up_per_client": summary.get("mean_bytes_up_per_client"),
+                     "aggregation_error": summary.get("mean_aggregation_error"),
+                     "svd_cut": summary.get("mean_svd_discarded_energy"),
                      "seconds": summary["wall_seconds"]})
     return rows
+
+
+def _label(summary: dict) -> str:
+    """'fedavg', or e.g. 'fedavg/svd+fedadam fp16' when a run changed the aggregation."""
+    label = summary["strategy"]
+    if summary.get("aggregation", "fedavg") != "fedavg":
+        label += f"/{summary['aggregation']}"
+    if summary.get("server_optimizer", "none") != "none":
+        label += f"+{summary['server_optimizer']}"
+    ranks = summary.get("config", {}).get("lora", {}).get("client_ranks")
+    if ranks:
+        label += " ranks " + ",".join(str(r) for r in ranks)
+    if summary.get("wire_dtype", "float32") != "float32":
+        label += f" {summary['wire_dtype']}"
+    return label
 
 
 def _em(metrics: dict) -> dict:
@@ -156,14 +174,19 @@ def _em(metrics: dict) -> dict:
 def comparison_markdown(rows: list[dict]) -> str:
     """A markdown table of ``comparison_rows``."""
     tasks = sorted({t for r in rows for t in r["by_task"]})
-    lines = ["| run | exact match | " + " | ".join(tasks) + " | MB sent | seconds |",
-             "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |"]
+    lines = ["| run | exact match | " + " | ".join(tasks)
+             + " | MB sent | KB up per client-round | naive-avg error | SVD cut | seconds |",
+             "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: | ---: | ---: | ---: |"]
+
+    def fmt(value, pattern: str) -> str:
+        return pattern.format(value) if value else "-"
+
     for r in rows:
         cells = [f"{100 * r['by_task'].get(t, 0):.0f}%" for t in tasks]
-        mb = f"{r['bytes'] / 1e6:.0f}" if r.get("bytes") else "-"
-        secs = f"{r['seconds']:.0f}" if "seconds" in r else "-"
-        lines.append(f"| {r['run']} | **{100 * r['exact_match']:.1f}%** | " + " | ".join(cells)
-                     + f" | {mb} | {secs} |")
+        extra = [fmt(r.get("bytes", 0) / 1e6, "{:.0f}"), fmt((r.get("up_per_client") or 0) / 1e3, "{:.0f}"),
+                 fmt(r.get("aggregation_error"), "{:.3f}"), fmt(r.get("svd_cut"), "{:.3f}"),
+                 fmt(r.get("seconds"), "{:.0f}")]
+        lines.append(f"| {r['run']} | **{100 * r['exact_match']:.1f}%** | " + " | ".join(cells + extra) + " |")
     return "\n".join(lines)
 
 

@@ -47,6 +47,10 @@ def test_unknown_field_is_refused_with_the_allowed_names(tiny_config_path):
     ("model.device=gpu", "model.device = 'gpu' is not allowed"),
     ("nosuch.key=1", "unknown section 'nosuch'"),
     ("strategy.min_train_nodes=3", "at most simulation.num_supernodes = 2"),
+    ("strategy.aggregation=mean", "strategy.aggregation = 'mean' is not allowed; expected one of 'fedavg', 'ffa', 'svd'"),
+    ("lora.client_ranks=[2]", "one rank per simulated client (2)"),
+    ("lora.client_ranks=[2, 8]", "ranks at most lora.r = 4"),
+    ("lora.client_ranks=[2, 2.5]", "lora.client_ranks = [2, 2.5] has the wrong type"),
 ])
 def test_invalid_overrides_fail_at_load_time(tiny_config_path, override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -65,3 +69,13 @@ def test_override_values_parse_as_toml_else_string():
 def test_wire_form_round_trips(tiny_config_path):
     cfg = load_config(tiny_config_path)
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["strategy.aggregation=ffa", "lora.client_ranks=[2, 4]"], "equal ranks with strategy.aggregation = 'ffa'"),
+    (["strategy.aggregation=svd", "strategy.server_optimizer=fedadam"], "no pseudo-gradient"),
+    (["strategy.name=fedprox", "strategy.server_optimizer=fedavgm"], "use fedavg with a server optimizer"),
+])
+def test_incompatible_aggregation_settings_are_refused(tiny_config_path, overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(tiny_config_path, overrides)

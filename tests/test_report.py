@@ -31,9 +31,20 @@ def test_comparison_table_and_chart(tmp_path):
     rows = comparison_rows([tmp_path / "fed", tmp_path / "central"])
     assert [r["run"] for r in rows] == ["base model", "fed (fed)", "central (central)"]
     table = comparison_markdown(rows)
-    assert "| fed (fed) | **75.0%** | 75% | 75% | 5 | 12 |" in table
+    assert "| fed (fed) | **75.0%** | 75% | 75% | 5 | - | - | - | 12 |" in table
     plot_comparison(rows, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_comparison_names_the_aggregation_and_shows_its_costs(tmp_path):
+    atomic_write_json(tmp_path / "svd" / "summary.json", {
+        "strategy": "fedavg", "aggregation": "svd", "server_optimizer": "none", "wire_dtype": "float16",
+        "config": {"lora": {"client_ranks": [4, 16]}}, "base": _metrics(0.0, 0.0, 0.0),
+        "final": _metrics(0.5, 0.5, 0.5), "bytes_up_total": 1_000_000, "bytes_down_total": 1_000_000,
+        "mean_bytes_up_per_client": 640_000, "mean_aggregation_error": 0.25,
+        "mean_svd_discarded_energy": 0.125, "wall_seconds": 3.0})
+    table = comparison_markdown(comparison_rows([tmp_path / "svd"]))
+    assert "| fedavg/svd ranks 4,16 float16 (svd) | **50.0%** | 50% | 50% | 2 | 640 | 0.250 | 0.125 | 3 |" in table
 
 
 def test_comparison_of_a_missing_run_says_so(tmp_path):

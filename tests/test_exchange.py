@@ -1,0 +1,58 @@
+"""What travels each way under each aggregation, and the client's side of it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fedft.client import config_for_rank, received_to_start_state, reply_state
+from fedft.config import load_config
+from fedft.exchange import aggregate_replies, downlink_state
+from fedft.lora_aggregate import adapter_rank, b_only
+from fedft.model import initial_adapter_state
+from tests.test_lora_aggregate import adapter
+
+
+def _with(cfg, **strategy):
+    return dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, **strategy))
+
+
+def test_downlink_is_b_only_under_ffa_and_half_size_in_float16(tiny_config_path):
+    cfg = load_config(tiny_config_path)
+    state = adapter(4, 0)
+    full = sum(v.numel() * v.element_size() for v in downlink_state(cfg, state).values())
+    ffa = downlink_state(_with(cfg, aggregation="ffa"), state)
+    assert set(ffa) == set(b_only(state))
+    half = downlink_state(_with(cfg, wire_dtype="float16"), state)
+    assert sum(v.numel() * v.element_size() for v in half.values()) * 2 == full
+    assert adapter_rank(downlink_state(cfg, state, rank=2)) == 2
+
+
+def test_ffa_client_starts_from_the_shared_seeded_a(tiny_config_path):
+    cfg = _with(load_config(tiny_config_path), aggregation="ffa")
+    init = initial_adapter_state(cfg)
+    received = {k: torch.randn_like(v) for k, v in b_only(init).items()}
+    start = received_to_start_state(cfg, received)
+    assert start.keys() == init.keys()
+    for key in init:
+        expected = received[key] if ".lora_B." in key else init[key]
+        assert torch.equal(start[key], expected)
+    assert set(reply_state(cfg, start)) == set(received)
+
+
+def test_a_lower_rank_client_truncates_and_scales_alpha_with_its_rank(tiny_config_path):
+    cfg = load_config(tiny_config_path)  # lora.r = 4, alpha = 8
+    small = config_for_rank(cfg, 2)
+    assert small.lora.r == 2 and small.lora.alpha / small.lora.r == cfg.lora.alpha / cfg.lora.r
+    start = received_to_start_state(small, adapter(4, 0))
+    assert adapter_rank(start) == 2
+
+
+def test_aggregate_replies_reports_error_and_energy(tiny_config_path):
+    cfg = load_config(tiny_config_path)
+    replies, weights = [adapter(4, 1), adapter(2, 2)], [1.0, 1.0]
+    naive = aggregate_replies(cfg, adapter(4, 0), replies, weights)
+    assert adapter_rank(naive.state) == 4 and naive.discarded_energy is None and naive.naive_error > 0
+    exact = aggregate_replies(_with(cfg, aggregation="svd"), adapter(4, 0), replies, weights)
+    assert adapter_rank(exact.state) == 4 and 0 < exact.discarded_energy < 1
