@@ -44,6 +44,7 @@ def train(msg: Message, context: Context) -> Message:
             wire.TRAIN_LOSS: result.train_loss,
             wire.TRAIN_STEPS: result.steps,
             wire.LORA_RANK: result.rank,
+            wire.CLIPPED: int(result.clipped),
         }),
     })
     return Message(content=reply, reply_to=msg)

@@ -3,12 +3,14 @@
 ``simulations/cli.py`` adds ``simulate`` (which needs Flower) and is the installed entry
 point; everything registered here works without Flower: ``fedft demo data`` writes the
 demo's institutions' JSONL, ``fedft demo build-base`` rebuilds the embedded base model,
-``fedft compare RUN_DIR ...`` tabulates and plots finished runs side by side.
+``fedft compare RUN_DIR ...`` tabulates and plots finished runs side by side,
+``fedft privacy report RUN_DIR`` audits a run's privacy ledger.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -60,6 +62,25 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy_report(args: argparse.Namespace) -> int:
+    from fedft.privacy.ledger import LedgerError
+    from fedft.privacy.report import PLOT_FILE, plot_epsilon, print_table, privacy_report
+
+    try:
+        report = privacy_report(Path(args.run_dir))
+    except LedgerError as err:
+        print(f"fedft: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    plot = plot_epsilon(report, Path(args.plot) if args.plot else Path(args.run_dir) / PLOT_FILE)
+    if not args.json:
+        print(f"wrote {plot}")
+    return 1 if report["mismatches"] else 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="fedft", description="Federated QLoRA fine-tuning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +104,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     compare.add_argument("runs", nargs="+", help="run directories (the first also gives the base model)")
     compare.add_argument("--plot", default="comparison.png", help="where to write the bar chart")
     compare.set_defaults(handler=_compare)
+    privacy = commands.add_parser("privacy", help="audit a run's privacy ledger")
+    privacy_commands = privacy.add_subparsers(dest="privacy_command", required=True)
+    report = privacy_commands.add_parser(
+        "report", help="table and plot of the ledger; every epsilon recomputed, mismatches flagged "
+                       "(exit status 1 if any)")
+    report.add_argument("run_dir", help="a run directory with privacy_ledger.jsonl")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument("--plot", help="where to write the epsilon plot (default RUN_DIR/privacy_epsilon.png)")
+    report.set_defaults(handler=_privacy_report)
     return parser, commands
 
 

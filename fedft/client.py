@@ -18,6 +18,7 @@ from fedft.config import ConfigError, FedftConfig
 from fedft.data import DataError, Example, load_dataset_files, tokenize_dataset
 from fedft.lora_aggregate import LORA_A, adapter_rank, b_only, truncate_to_rank
 from fedft.model import cached_peft_model, initial_adapter_state
+from fedft.privacy.dpfedavg import adapter_delta, clip_update
 from fedft.partition import partition_dataset
 from fedft.train import LocalResult, train_local
 
@@ -101,6 +102,18 @@ def reply_state(cfg: FedftConfig, trained: dict[str, torch.Tensor]) -> dict[str,
     return {k: v.to(dtype) for k, v in state.items()}
 
 
+def private_reply(
+    cfg: FedftConfig, start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """DP-FedAvg: the update (trained - start) on the tensors that travel, clipped to C here.
+
+    Clipping happens before anything leaves the institution, so the server never holds
+    an unclipped update.
+    """
+    sent = reply_state(cfg, trained)
+    return clip_update(adapter_delta(sent, start), cfg.privacy.clip_norm)
+
+
 def run_client_round(
     cfg: FedftConfig,
     received_state: dict[str, torch.Tensor],
@@ -124,12 +137,16 @@ def run_client_round(
     for name, param in model.named_parameters():
         if f".{LORA_A}." in name:
             param.requires_grad = not freeze_a
+    start = received_to_start_state(cfg, received_state)
     result = train_local(
         model, examples, tokenizer.pad_token_id, cfg.train,
-        global_state=received_to_start_state(cfg, received_state), round_index=round_index,
+        global_state=start, round_index=round_index,
         total_rounds=cfg.strategy.num_rounds, proximal_mu=proximal_mu,
         seed=client_seed(cfg, round_index, client_index),
     )
+    if cfg.privacy.user_level:
+        update, clipped = private_reply(cfg, start, result.state)
+        return dataclasses.replace(result, state=update, rank=cfg.lora.r, clipped=clipped)
     return dataclasses.replace(result, state=reply_state(cfg, result.state), rank=cfg.lora.r)
 
 

@@ -139,6 +139,18 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """User-level differential privacy (DP-FedAvg) and its budget."""
+
+    user_level: bool = False  # clip each client's update to clip_norm, add server noise
+    clip_norm: float = 1.0  # C: L2 bound on one client's adapter update
+    noise_multiplier: float = 1.0  # z: server noise std is z * C / m (m = clients sampled)
+    delta: float = 1e-5
+    target_epsilon: float = 0.0  # user-level budget; 0 = no budget (rounds are still accounted)
+    noise_seed: int = -1  # >= 0 makes the noise predictable: tests only, NO privacy
+
+
+@dataclass(frozen=True)
 class FedftConfig:
     """The whole run."""
 
@@ -149,6 +161,7 @@ class FedftConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def model_path(self) -> str:
@@ -163,6 +176,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "strategy": StrategyConfig,
     "simulation": SimulationConfig,
+    "privacy": PrivacyConfig,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.quantization": ("nf4", "int8", "none"),
@@ -185,6 +199,10 @@ RANGES: list[tuple[str, Any, str]] = [
     ("strategy.server_momentum", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("strategy.server_beta2", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("strategy.server_tau", lambda v: v > 0, "a number > 0"),
+    ("privacy.clip_norm", lambda v: v > 0, "a number > 0"),
+    ("privacy.noise_multiplier", lambda v: v >= 0, "a number >= 0"),
+    ("privacy.delta", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+    ("privacy.target_epsilon", lambda v: v >= 0, "a number >= 0 (0: no budget)"),
     ("data.dirichlet_alpha", lambda v: v > 0, "a number > 0"),
     ("data.max_length", lambda v: v >= 8, "an integer >= 8"),
     ("data.eval_max_examples", lambda v: v >= 1, "an integer >= 1"),
@@ -298,6 +316,15 @@ def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
     if cfg.strategy.aggregation == "ffa" and any(r != cfg.lora.r for r in ranks):
         fail("lora.client_ranks", "equal ranks with strategy.aggregation = 'ffa' (every client "
              "shares one frozen A); use 'svd' or 'fedavg' for heterogeneous ranks")
+    if cfg.privacy.user_level:
+        if cfg.strategy.aggregation == "svd":
+            fail("strategy.aggregation", "'fedavg' or 'ffa' with privacy.user_level (noise is added to "
+                 "the mean of the clipped updates; the SVD's re-factoring has no sensitivity bound)")
+        if ranks:
+            fail("lora.client_ranks", "[] with privacy.user_level (every update must have the same shape)")
+        if cfg.strategy.wire_dtype != "float32":
+            fail("strategy.wire_dtype", "'float32' with privacy.user_level (rounding to float16 after "
+                 "clipping could push an update above clip_norm)")
     if cfg.strategy.server_optimizer != "none" and cfg.strategy.name == "fedprox":
         fail("strategy.server_optimizer", "'none' with strategy.name = 'fedprox' (use fedavg with a server optimizer)")
     if cfg.strategy.server_optimizer != "none" and cfg.strategy.aggregation == "svd":

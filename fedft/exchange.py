@@ -74,3 +74,27 @@ def aggregate_replies(
     if name == "ffa":
         return AggregateResult(ffa_aggregate(full, weights, frozen_a=global_state), error, None)
     return AggregateResult(fedavg(padded, weights), error, None)  # HetLoRA zero-padding if ranks differ
+
+
+def private_aggregate(
+    cfg: FedftConfig,
+    global_state: dict[str, torch.Tensor],
+    updates: Sequence[dict[str, torch.Tensor]],
+    num_sampled: int,
+    generator: torch.Generator,
+) -> AggregateResult:
+    """DP-FedAvg: global + (sum of clipped updates) / m + N(0, (z C / m)^2), equal weights.
+
+    ``updates`` are the clients' clipped deltas on the tensors that travel (B only under
+    FFA-LoRA); a sampled client that did not reply counts as a zero update (m stays fixed).
+    """
+    from fedft.privacy.dpfedavg import noisy_mean
+
+    p = cfg.privacy
+    noisy = noisy_mean([{k: v.to(torch.float32) for k, v in u.items()} for u in updates],
+                       num_sampled, p.clip_norm, p.noise_multiplier, generator)
+    state = {k: v + noisy[k] if k in noisy else v for k, v in global_state.items()}
+    full = [reply_to_full_state(cfg, global_state, {k: global_state[k] + v for k, v in u.items()})
+            for u in updates]
+    error = naive_aggregation_error(full, [1.0] * len(full))
+    return AggregateResult(dict(sorted(state.items())), error, None)

@@ -31,6 +31,11 @@ class RunRecorder:
         self.rows.append(row)
         atomic_write_jsonl(self.out_dir / METRICS_FILE, self.rows)
 
+    def amend_last(self, values: dict) -> None:
+        """Add ``values`` to the last round's row and rewrite metrics.jsonl."""
+        self.rows[-1].update(values)
+        atomic_write_jsonl(self.out_dir / METRICS_FILE, self.rows)
+
     def write_summary(self, summary: dict) -> Path:
         path = self.out_dir / SUMMARY_FILE
         atomic_write_json(path, summary)
@@ -97,6 +102,8 @@ def format_progress(row: dict, num_rounds: int) -> str:
         parts.append(f"naive-avg error {row['aggregation_error']:.3f}")
     if row.get("svd_discarded_energy") is not None:
         parts.append(f"svd cut {row['svd_discarded_energy']:.3f}")
+    if row.get("epsilon_user_rdp") is not None:
+        parts.append(f"epsilon {row['epsilon_user_rdp']:.2f} (clipped {row.get('clipped_fraction') or 0:.0%})")
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts)
 

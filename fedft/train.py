@@ -31,6 +31,7 @@ class LocalResult:
     train_loss: float
     steps: int
     rank: int = 0  # the client's LoRA rank (set by fedft.client)
+    clipped: bool = False  # DP-FedAvg: the update was scaled down to privacy.clip_norm
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: TrainConfig) -> float:

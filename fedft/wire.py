@@ -25,7 +25,8 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TRAIN_STEPS = "train-steps"
 LORA_RANK = "lora-rank"
-REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_STEPS, LORA_RANK)
+CLIPPED = "clipped"  # DP-FedAvg: 1 if the update was scaled down to the clip norm
+REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_STEPS, LORA_RANK, CLIPPED)
 
 # Node config keys (simulation sets the first two; deployment sets data-path per institution).
 PARTITION_ID = "partition-id"

@@ -20,7 +20,8 @@ from flwr.serverapp import Grid
 from fedft import wire
 from fedft.config import FedftConfig
 from fedft.evaluate import HeldOutEvaluator
-from fedft.checkpoint import save_tensors_atomic
+from fedft.checkpoint import atomic_write_jsonl, save_tensors_atomic
+from fedft.privacy.bookkeeping import LEDGER_FILE, PrivacyBookkeeper
 from fedft.model import adapter_nbytes, save_adapter
 from fedft.report import RunRecorder, format_progress, summarize
 from server.strategy import make_strategy, payload_bytes
@@ -34,6 +35,11 @@ def _should_evaluate(cfg: FedftConfig, round_index: int) -> bool:
     every = cfg.strategy.eval_every
     last = round_index == cfg.strategy.num_rounds
     return last or (every > 0 and round_index % every == 0)
+
+
+def planned_sample_size(cfg: FedftConfig, num_nodes: int) -> int:
+    """How many clients Flower's FedAvg samples per round (its own formula)."""
+    return max(int(num_nodes * cfg.strategy.fraction_train), cfg.strategy.min_train_nodes)
 
 
 def run_federation(
@@ -50,6 +56,7 @@ def run_federation(
     num_rounds = cfg.strategy.num_rounds
     progress(f"fedft: {cfg.strategy.name} over {cfg.simulation.num_supernodes} clients, "
              f"{num_rounds} rounds; adapter {adapter_nbytes(state) / 1e6:.2f} MB")
+    privacy = PrivacyBookkeeper(cfg.privacy, out_dir / LEDGER_FILE) if cfg.privacy.user_level else None
 
     t0 = time.time()
     base_metrics = evaluator(state)
@@ -58,9 +65,15 @@ def run_federation(
     recorder.add_round(row0)
     progress(format_progress(row0, num_rounds) + "  (base model)")
     train_config = ConfigRecord({wire.CONFIG_JSON: wire.encode_config(cfg)})
-    final_metrics = base_metrics
+    final_metrics, evaluated_round, completed = base_metrics, 0, 0
     for round_index in range(1, num_rounds + 1):
         t0 = time.time()
+        if privacy is not None:
+            num_nodes = len(list(grid.get_node_ids()))
+            refusal = privacy.refuse_round(round_index, num_nodes, planned_sample_size(cfg, num_nodes))
+            if refusal:
+                progress(refusal)
+                break
         messages = list(strategy.configure_train(
             round_index, ArrayRecord(torch_state_dict=state), train_config, grid))
         bytes_down = sum(payload_bytes(m.content) for m in messages)
@@ -74,6 +87,7 @@ def run_federation(
                 + ("; ".join(replied.failures) or "none reported")
             )
         state = arrays.to_torch_state_dict()
+        completed = round_index
         row = {
             "round": round_index,
             "train_loss": replied.train_loss,
@@ -91,11 +105,20 @@ def run_federation(
         }
         if replied.discarded_energy is not None:
             row["svd_discarded_energy"] = replied.discarded_energy
+        if privacy is not None:
+            ledger_row = privacy.record_round(round_index, replied.sampled, replied.node_ids,
+                                              len(list(grid.get_node_ids())), replied.clipped_fraction)
+            row.update({"epsilon_user_rdp": ledger_row.epsilon_user_rdp,
+                        "epsilon_user_pld": ledger_row.epsilon_user_pld,
+                        "clipped_fraction": ledger_row.clipped_fraction})
         if _should_evaluate(cfg, round_index):
             final_metrics = evaluator(state)
+            evaluated_round = round_index
             row.update({k: v for k, v in final_metrics.items() if k != "samples"})
         checkpoint = out_dir / "checkpoints" / f"round-{round_index:03d}"
         save_adapter(evaluator.model, state, checkpoint)
+        if privacy is not None:  # the ledger as of this checkpoint travels with it
+            atomic_write_jsonl(checkpoint / LEDGER_FILE, [r.to_dict() for r in privacy.rows])
         optimizer_state = strategy.server_optimizer_state()
         if optimizer_state:
             save_tensors_atomic(optimizer_state, checkpoint / "server_optimizer.safetensors")
@@ -103,9 +126,14 @@ def run_federation(
         recorder.add_round(row)
         progress(format_progress(row, num_rounds))
 
+    if completed and evaluated_round != completed:  # stopped early (privacy budget)
+        final_metrics = evaluator(state)
+        recorder.amend_last({k: v for k, v in final_metrics.items() if k != "samples"})
     save_adapter(evaluator.model, state, out_dir / "adapter")
     recorder.plot(f"fedft {cfg.strategy.name}: {cfg.simulation.num_supernodes} clients")
     summary = summarize(cfg, recorder.rows, final_metrics, time.time() - started)
+    if privacy is not None:
+        summary["privacy"] = privacy.summary()
     recorder.write_summary(summary)
     progress(f"done in {summary['wall_seconds']:.0f}s: exact match "
              f"{100 * summary['final']['eval_exact_match']:.1f}% (base "

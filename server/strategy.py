@@ -22,7 +22,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedft import wire
 from fedft.config import FedftConfig
-from fedft.exchange import aggregate_replies, downlink_state
+from fedft.exchange import aggregate_replies, downlink_state, private_aggregate
+from fedft.privacy.dpfedavg import secure_generator
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -46,6 +47,8 @@ class RoundReplies:
     train_loss: float | None = None
     num_examples: int = 0
     ranks: dict[int, int] = field(default_factory=dict)  # node id -> LoRA rank it trained
+    sampled: list[int] = field(default_factory=list)  # node ids the round was sent to
+    clipped_fraction: float | None = None  # DP-FedAvg: share of replies clipped to C
     naive_error: float | None = None
     discarded_energy: float | None = None
 
@@ -63,7 +66,8 @@ class AdapterAggregation:
     ) -> Iterable[Message]:
         """Flower's sampling and messages, each payload cut to what its client needs."""
         self.global_state = arrays.to_torch_state_dict()
-        messages = super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sampled = [m.metadata.dst_node_id for m in messages]
         ranks = getattr(self, "node_ranks", {})
         shaped = []
         for message in messages:
@@ -88,7 +92,16 @@ class AdapterAggregation:
         states = [m.content[wire.ARRAYS].to_torch_state_dict() for m in valid]
         weights = [float(m.content[wire.METRICS][wire.NUM_EXAMPLES]) for m in valid]
         losses = [float(m.content[wire.METRICS][wire.TRAIN_LOSS]) for m in valid]
-        result = aggregate_replies(self.fedft_cfg, self.global_state, states, weights)
+        cfg = self.fedft_cfg
+        if cfg.privacy.user_level:  # equal weights, fixed denominator: see fedft.privacy.dpfedavg
+            seed = cfg.privacy.noise_seed
+            generator = secure_generator(None if seed < 0 else seed * 100_003 + server_round)
+            result = private_aggregate(cfg, self.global_state, states, len(self.sampled), generator)
+            clipped = [int(m.content[wire.METRICS].get(wire.CLIPPED, 0)) for m in valid]
+            self.last.clipped_fraction = sum(clipped) / len(clipped)
+        else:
+            result = aggregate_replies(cfg, self.global_state, states, weights)
+        self.last.sampled = list(self.sampled)
         self.last.node_ids = [m.metadata.src_node_id for m in valid]
         self.last.ranks = {m.metadata.src_node_id: int(m.content[wire.METRICS].get(wire.LORA_RANK, 0))
                            for m in valid}

@@ -1,0 +1,85 @@
+"""The server's privacy bookkeeping for one run: budget checks before a round, a ledger row after.
+
+``PrivacyBookkeeper`` owns ``RUN_DIR/privacy_ledger.jsonl``. Before each round it asks
+whether the round would push the cumulative user-level epsilon (RDP) past
+``privacy.target_epsilon`` and, if so, says why the run stops; after each round it appends
+the row (who was sampled, who replied, q = m / N, z, C, delta, the clipped share, every
+epsilon) through ``fedft.privacy.ledger``, atomically. Client sampling is Flower's: a
+fixed-size sample without replacement, accounted with replace-one neighbours. No flwr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedft.config import PrivacyConfig
+from fedft.privacy.ledger import USER_LEVEL, LedgerRow, append_row, next_user_epsilon, with_epsilons
+
+LEDGER_FILE = "privacy_ledger.jsonl"
+SAMPLING = "fixed"  # Flower's FedAvg samples a fixed number of clients without replacement
+
+
+class PrivacyRunError(RuntimeError):
+    """The run directory or the round cannot be accounted for honestly."""
+
+
+class PrivacyBookkeeper:
+    """Budget checks and ledger rows for one DP-FedAvg run."""
+
+    def __init__(self, cfg: PrivacyConfig, ledger_path: Path) -> None:
+        self.cfg = cfg
+        self.path = Path(ledger_path)
+        if self.path.exists():
+            raise PrivacyRunError(
+                f"{self.path} already exists: a new run here would mix two runs' privacy "
+                "accounting; choose a new --out directory or remove the old run")
+        self.rows: list[LedgerRow] = []
+        self.stopped_by_budget: str | None = None
+
+    @property
+    def target(self) -> float | None:
+        return self.cfg.target_epsilon or None
+
+    def refuse_round(self, round_index: int, num_clients: int, sample_size: int) -> str | None:
+        """A message if running ``round_index`` would exceed the budget, else None."""
+        if self.target is None:
+            return None
+        projected = next_user_epsilon(
+            self.rows, num_clients=num_clients, sampling_rate=sample_size / num_clients,
+            noise_multiplier=self.cfg.noise_multiplier, sampling=SAMPLING, delta=self.cfg.delta)
+        if projected <= self.target:
+            return None
+        spent = self.rows[-1].epsilon_user_rdp if self.rows else 0.0
+        self.stopped_by_budget = (
+            f"privacy budget: round {round_index} would bring the user-level epsilon to "
+            f"{projected:.3f} > privacy.target_epsilon = {self.target:g} (delta {self.cfg.delta:g}); "
+            f"stopping after round {round_index - 1} with epsilon {spent:.3f}")
+        return self.stopped_by_budget
+
+    def record_round(self, round_index: int, sampled: list[int], replied: list[int], num_clients: int,
+                     clipped_fraction: float | None) -> LedgerRow:
+        """Append this round's ledger row (epsilons computed from its parameters) and return it."""
+        row = LedgerRow(
+            round=round_index, mechanisms=[USER_LEVEL],
+            sampled_clients=sorted(str(n) for n in sampled),
+            participating_clients=sorted(str(n) for n in replied),
+            num_clients=num_clients, sampling=SAMPLING, sampling_rate=len(sampled) / num_clients,
+            noise_multiplier=self.cfg.noise_multiplier, clip_norm=self.cfg.clip_norm,
+            delta=self.cfg.delta, clipped_fraction=clipped_fraction,
+        )
+        row = with_epsilons(self.rows, row, self.target)
+        append_row(self.path, row)
+        self.rows.append(row)
+        return row
+
+    def summary(self) -> dict:
+        """What summary.json says about privacy."""
+        last = self.rows[-1] if self.rows else None
+        return {
+            "mechanisms": [USER_LEVEL], "clip_norm": self.cfg.clip_norm,
+            "noise_multiplier": self.cfg.noise_multiplier, "delta": self.cfg.delta,
+            "target_epsilon": self.target, "rounds_accounted": len(self.rows),
+            "epsilon_user_rdp": last.epsilon_user_rdp if last else 0.0,
+            "epsilon_user_pld": last.epsilon_user_pld if last else None,
+            "stopped_by_budget": self.stopped_by_budget,
+        }

@@ -1,0 +1,108 @@
+"""DP-FedAvg end to end on Flower's Simulation Engine: ledger, budget stop, audit command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedft.config import load_config
+from fedft.privacy.bookkeeping import LEDGER_FILE
+from fedft.privacy.ledger import audit, next_user_epsilon, read_ledger
+from fedft.report import load_metrics
+
+pytestmark = pytest.mark.slow
+
+Z, C = 0.5, 0.05
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory, tiny_model_dir):
+    from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
+    from simulations.runner import simulate
+    from tests.conftest import TINY_TOML
+
+    d = tmp_path_factory.mktemp("dp")
+    write_jsonl(make_demo_rows(2, 24, 0.9, seed=0), d / "train.jsonl")
+    write_jsonl(make_eval_rows(2, seed=1), d / "eval.jsonl")
+    (d / "tiny.toml").write_text(TINY_TOML.format(model=tiny_model_dir))
+    # a budget between the epsilon after 2 rounds and after 3: the run must stop after round 2
+    common = dict(num_clients=2, sampling_rate=1.0, noise_multiplier=Z, sampling="fixed", delta=1e-5)
+    from fedft.privacy.ledger import LedgerRow, with_epsilons
+
+    rows = []
+    for r in (1, 2):
+        rows.append(with_epsilons(rows, LedgerRow(
+            round=r, mechanisms=["user-dp-fedavg"], sampled_clients=["a", "b"],
+            participating_clients=["a", "b"], num_clients=2, sampling="fixed", sampling_rate=1.0,
+            noise_multiplier=Z, clip_norm=C, delta=1e-5)))
+    eps2, eps3 = rows[-1].epsilon_user_rdp, next_user_epsilon(rows, **common)
+    target = (eps2 + eps3) / 2
+    cfg = load_config(d / "tiny.toml", [
+        "strategy.num_rounds=4", "strategy.eval_every=0", "strategy.aggregation=ffa",
+        "privacy.user_level=true", f"privacy.noise_multiplier={Z}", f"privacy.clip_norm={C}",
+        f"privacy.target_epsilon={target}", "privacy.noise_seed=3",
+    ])
+    with pytest.warns(UserWarning, match="FIXED seed"):
+        summary = simulate(cfg, d / "run")
+    return d / "run", summary, target
+
+
+def test_dp_run_stops_before_the_round_that_would_exceed_the_budget(dp_run):
+    run, summary, target = dp_run
+    rows = read_ledger(run / LEDGER_FILE)
+    assert [r.round for r in rows] == [1, 2]
+    assert rows[-1].epsilon_user_rdp <= target
+    assert summary["privacy"]["stopped_by_budget"].startswith("privacy budget: round 3 would bring")
+    assert summary["rounds"] == 2
+    metrics = load_metrics(run)
+    assert metrics[-1]["round"] == 2 and "eval_exact_match" in metrics[-1]  # final state evaluated
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_ledger_rows_are_complete_and_match_a_fresh_recomputation(dp_run):
+    run, _, target = dp_run
+    rows = read_ledger(run / LEDGER_FILE)
+    for row in rows:
+        assert len(row.sampled_clients) == 2 and row.participating_clients == row.sampled_clients
+        assert row.noise_multiplier == Z and row.clip_norm == C and row.sampling == "fixed"
+        assert 0.0 <= row.clipped_fraction <= 1.0
+        assert row.remaining_budget == pytest.approx(target - row.epsilon_user_rdp)
+    assert audit(rows, target_epsilon=target) == []
+    # each checkpoint carries the ledger as of its round
+    assert len(read_ledger(run / "checkpoints" / "round-002" / LEDGER_FILE)) == 2
+
+
+def test_updates_are_clipped_and_the_noised_adapter_moves(dp_run):
+    run, _, _ = dp_run
+    first = load_file(run / "checkpoints" / "round-001" / "adapter_model.safetensors")
+    second = load_file(run / "checkpoints" / "round-002" / "adapter_model.safetensors")
+    b_keys = [k for k in first if ".lora_B." in k]
+    assert any(not torch.equal(first[k], second[k]) for k in b_keys)
+    rows = read_ledger(run / LEDGER_FILE)
+    assert rows[0].clipped_fraction == 1.0  # C = 0.05 is far below a round's update norm
+
+
+def test_privacy_report_command_passes_an_honest_ledger_and_flags_an_edited_one(dp_run, tmp_path, capsys):
+    import shutil
+
+    from simulations.cli import main
+
+    run, _, _ = dp_run
+    assert main(["privacy", "report", str(run), "--json", "--plot", str(tmp_path / "eps.png")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mismatches"] == [] and len(report["rows"]) == 2
+    assert (tmp_path / "eps.png").stat().st_size > 1000
+
+    edited = tmp_path / "edited"
+    shutil.copytree(run, edited)
+    lines = (edited / LEDGER_FILE).read_text().splitlines()
+    row = json.loads(lines[1])
+    row["epsilon_user_rdp"] = row["epsilon_user_rdp"] / 2  # someone under-reports the spend
+    lines[1] = json.dumps(row)
+    (edited / LEDGER_FILE).write_text("\n".join(lines) + "\n")
+    assert main(["privacy", "report", str(edited)]) == 1
+    out = capsys.readouterr().out
+    assert "epsilon_user_rdp" in out and "differ from the recomputation" in out
