@@ -69,7 +69,8 @@ def aggregate_replies(
     error = naive_aggregation_error(padded, weights)
     name = cfg.strategy.aggregation
     if name == "svd":
-        result = svd_aggregate(full, weights, rank=cfg.lora.r)
+        a_norms = {k: float(v.norm(dim=1).mean()) for k, v in global_state.items() if f".{LORA_A}." in k}
+        result = svd_aggregate(full, weights, rank=cfg.lora.r, a_row_norms=a_norms)
         return AggregateResult(result.state, error, result.discarded_energy)
     if name == "ffa":
         return AggregateResult(ffa_aggregate(full, weights, frozen_a=global_state), error, None)

@@ -74,12 +74,20 @@ class SvdResult:
 
 
 def svd_aggregate(
-    states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float], rank: int
+    states: Sequence[dict[str, torch.Tensor]],
+    weights: Sequence[float],
+    rank: int,
+    a_row_norms: dict[str, float] | None = None,
 ) -> SvdResult:
     """Best rank-``rank`` factors of sum_k w_k B_k A_k per layer (clients may differ in rank).
 
-    Returns B = U_r sqrt(S_r) and A = sqrt(S_r) V_r^T, singular values in decreasing order.
-    Non-LoRA tensors (none in a plain LoRA adapter) are averaged with the same weights.
+    Singular components come in decreasing order. By default B = U_r sqrt(S_r) and
+    A = sqrt(S_r) V_r^T. With ``a_row_norms`` (A key -> norm) every row of A gets that
+    norm instead, A = c V_r^T and B = U_r S_r / c: the same product, but A keeps the scale
+    of a LoRA initialisation. This matters for training: early in a run the product is
+    small, and balanced factors would make both A and B small, and with them every
+    gradient of B (which is proportional to A). Non-LoRA tensors (none in a plain LoRA
+    adapter) are averaged with the same weights.
     """
     shares = normalized_weights(weights)
     if len(shares) != len(states):
@@ -97,12 +105,17 @@ def svd_aggregate(
         dropped += float((sigma[rank:] ** 2).sum())
         total += float((sigma ** 2).sum())
         keep = min(rank, sigma.numel())
-        root = sigma[:keep].sqrt()
-        b = (q_b @ u[:, :keep]) * root
-        a = root[:, None] * (vh[:keep] @ q_a.T)
-        if keep < rank:  # the exact sum has lower rank than asked: pad with zero components
+        if a_row_norms is not None:
+            scale = float(a_row_norms[a_key])
+            b = (q_b @ u[:, :keep]) * (sigma[:keep] / scale)
+            a = scale * (vh[:keep] @ q_a.T)
+        else:
+            root = sigma[:keep].sqrt()
+            b = (q_b @ u[:, :keep]) * root
+            a = root[:, None] * (vh[:keep] @ q_a.T)
+        if keep < rank:  # the exact sum has lower rank than asked: pad with idle components
             b = torch.cat([b, b.new_zeros(b.shape[0], rank - keep)], dim=1)
-            a = torch.cat([a, a.new_zeros(rank - keep, a.shape[1])], dim=0)
+            a = torch.cat([a, _idle_rows(a, rank - keep, a_row_norms and float(a_row_norms[a_key]))], dim=0)
         out[b_key] = b.to(torch.float32)
         out[a_key] = a.to(torch.float32)
     lora_keys = {k for pair in pairs.values() for k in pair}
@@ -110,6 +123,20 @@ def svd_aggregate(
         if key not in lora_keys:
             out[key] = sum(w * s[key].to(torch.float64) for w, s in zip(shares, states)).to(torch.float32)
     return SvdResult(state=dict(sorted(out.items())), discarded_energy=dropped / total if total else 0.0)
+
+
+def _idle_rows(a: torch.Tensor, count: int, row_norm: float | None) -> torch.Tensor:
+    """Rows to pad A with: zeros, or (given a row norm) directions orthogonal to A's rows.
+
+    A zero row with a zero B column never trains again (both gradients vanish), so when A
+    keeps a LoRA-like scale the padding gets fixed pseudo-random orthogonal directions.
+    """
+    if not row_norm:
+        return a.new_zeros(count, a.shape[1])
+    fresh = torch.randn(count, a.shape[1], generator=torch.Generator().manual_seed(0), dtype=a.dtype)
+    basis = torch.linalg.qr(a.T).Q.T if a.shape[0] else a  # orthonormal rows spanning A's rows
+    fresh = fresh - (fresh @ basis.T) @ basis
+    return row_norm * torch.linalg.qr(fresh.T).Q.T
 
 
 def ffa_aggregate(

@@ -60,6 +60,18 @@ def test_svd_is_the_best_rank_r_approximation_otherwise():
     assert 0.0 < result.discarded_energy < 1.0
 
 
+def test_svd_can_keep_a_at_a_given_row_norm_with_the_same_product():
+    states = [adapter(2, 1), adapter(2, 2)]
+    norms = {f"{layer}.lora_A.weight": 0.7 for layer in LAYERS}
+    result = svd_aggregate(states, [1.0, 1.0], rank=6, a_row_norms=norms)  # exact sum has rank 4
+    for layer in LAYERS:
+        a = result.state[f"{layer}.lora_A.weight"]
+        torch.testing.assert_close(a.norm(dim=1), torch.full((6,), 0.7), rtol=0, atol=1e-5)
+        torch.testing.assert_close(a @ a.T, 0.49 * torch.eye(6), rtol=0, atol=1e-5)  # padding orthogonal
+        torch.testing.assert_close(product(result.state, layer), dense(states, [1.0, 1.0], layer),
+                                   rtol=0, atol=1e-5)
+
+
 def test_svd_factors_are_in_decreasing_singular_value_order_so_truncation_is_best():
     states = [adapter(4, 1), adapter(4, 2)]
     result = svd_aggregate(states, [1.0, 1.0], rank=8)
