@@ -9,11 +9,32 @@ metrics named in ``fedft.wire``.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedft import wire
-from fedft.client import run_client_round
+from fedft.client import ClientDeclined, run_client_round
+
+DECLINED_CODE = 1001  # an application error code for "declined by the client"
+
+
+def _dp_history(context: Context) -> list:
+    """The DP-SGD rounds this node ran, kept in its node state across rounds."""
+    from fedft.privacy.dpsgd import DpSgdRound
+
+    if wire.DP_SGD_HISTORY not in context.state:
+        return []
+    record = context.state[wire.DP_SGD_HISTORY]
+    return [DpSgdRound(float(q), float(z), int(n))
+            for q, z, n in zip(record["sample_rate"], record["noise_multiplier"], record["steps"])]
+
+
+def _remember(context: Context, history: list) -> None:
+    context.state[wire.DP_SGD_HISTORY] = ConfigRecord({
+        "sample_rate": [h.sample_rate for h in history],
+        "noise_multiplier": [h.noise_multiplier for h in history],
+        "steps": [h.steps for h in history],
+    })
 
 app = ClientApp()
 
@@ -27,24 +48,43 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(node[wire.PARTITION_ID]) if wire.PARTITION_ID in node else None
     data_path = str(node[wire.DATA_PATH]) if wire.DATA_PATH in node else None
     node_rank = int(node[wire.NODE_LORA_RANK]) if wire.NODE_LORA_RANK in node else None
-    result = run_client_round(
-        cfg,
-        msg.content[wire.ARRAYS].to_torch_state_dict(),
-        int(config[wire.SERVER_ROUND]),
-        proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
-        partition_id=partition_id,
-        data_path=data_path,
-        client_index=partition_id if partition_id is not None else context.node_id % 1_000_003,
-        node_rank=node_rank,
-    )
+    max_epsilon = float(node[wire.NODE_MAX_EPSILON]) if wire.NODE_MAX_EPSILON in node else None
+    history = _dp_history(context)
+    generator = None
+    if cfg.privacy.record_level and cfg.privacy.noise_seed >= 0:
+        from fedft.privacy.dpfedavg import secure_generator
+
+        generator = secure_generator(cfg.privacy.noise_seed * 1_000_003 + int(config[wire.SERVER_ROUND]))
+    try:
+        result = run_client_round(
+            cfg,
+            msg.content[wire.ARRAYS].to_torch_state_dict(),
+            int(config[wire.SERVER_ROUND]),
+            proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
+            partition_id=partition_id,
+            data_path=data_path,
+            client_index=partition_id if partition_id is not None else context.node_id % 1_000_003,
+            node_rank=node_rank,
+            dp_history=history,
+            max_epsilon=max_epsilon,
+            noise_generator=generator,
+        )
+    except ClientDeclined as declined:
+        return Message(error=Error(code=DECLINED_CODE, reason=f"{wire.DECLINED}: {declined}"), reply_to=msg)
+    metrics = {
+        wire.NUM_EXAMPLES: result.num_examples,
+        wire.TRAIN_LOSS: result.train_loss,
+        wire.TRAIN_STEPS: result.steps,
+        wire.LORA_RANK: result.rank,
+        wire.CLIPPED: int(result.clipped),
+    }
+    if result.dp_sgd is not None:
+        _remember(context, history + [result.dp_sgd])
+        metrics.update({wire.DP_SGD_SAMPLE_RATE: result.dp_sgd.sample_rate,
+                        wire.DP_SGD_NOISE: result.dp_sgd.noise_multiplier,
+                        wire.DP_SGD_STEPS: result.dp_sgd.steps})
     reply = RecordDict({
         wire.ARRAYS: ArrayRecord(torch_state_dict=result.state),
-        wire.METRICS: MetricRecord({
-            wire.NUM_EXAMPLES: result.num_examples,
-            wire.TRAIN_LOSS: result.train_loss,
-            wire.TRAIN_STEPS: result.steps,
-            wire.LORA_RANK: result.rank,
-            wire.CLIPPED: int(result.clipped),
-        }),
+        wire.METRICS: MetricRecord(metrics),
     })
     return Message(content=reply, reply_to=msg)

@@ -114,6 +114,37 @@ def private_reply(
     return clip_update(adapter_delta(sent, start), cfg.privacy.clip_norm)
 
 
+class ClientDeclined(Exception):
+    """The client refuses this round (its record-level privacy limit would be exceeded)."""
+
+
+def record_epsilon(history: list, delta: float) -> float:
+    """A client's cumulative record-level epsilon (RDP) over its DP-SGD rounds."""
+    from fedft.privacy import accounting
+
+    if not history:
+        return 0.0
+    events = [(accounting.record_level_round_event(h.sample_rate, h.noise_multiplier, h.steps), 1)
+              for h in history]
+    return accounting.epsilon(events, delta, "rdp")
+
+
+def check_record_budget(cfg: FedftConfig, num_examples: int, history: list, max_epsilon: float | None) -> None:
+    """Raise ``ClientDeclined`` if one more DP-SGD round would take this client past its limit."""
+    from fedft.privacy.dpsgd import DpSgdRound, noise_for_client, sample_rate
+
+    limit = max_epsilon if max_epsilon is not None else cfg.privacy.client_max_epsilon
+    if not limit:
+        return
+    planned = DpSgdRound(sample_rate(cfg, num_examples), noise_for_client(cfg, num_examples),
+                         cfg.train.local_steps)
+    projected = record_epsilon(list(history) + [planned], cfg.privacy.delta)
+    if projected > limit:
+        raise ClientDeclined(
+            f"one more round would bring this client's record-level epsilon to {projected:.3f} > "
+            f"its limit {limit:g} (spent {record_epsilon(list(history), cfg.privacy.delta):.3f})")
+
+
 def run_client_round(
     cfg: FedftConfig,
     received_state: dict[str, torch.Tensor],
@@ -124,6 +155,9 @@ def run_client_round(
     data_path: str | None = None,
     client_index: int = 0,
     node_rank: int | None = None,
+    dp_history: list | None = None,
+    max_epsilon: float | None = None,
+    noise_generator: torch.Generator | None = None,
 ) -> LocalResult:
     """Train this client's cached model for one round from the server's adapter.
 
@@ -138,12 +172,22 @@ def run_client_round(
         if f".{LORA_A}." in name:
             param.requires_grad = not freeze_a
     start = received_to_start_state(cfg, received_state)
-    result = train_local(
-        model, examples, tokenizer.pad_token_id, cfg.train,
-        global_state=start, round_index=round_index,
-        total_rounds=cfg.strategy.num_rounds, proximal_mu=proximal_mu,
-        seed=client_seed(cfg, round_index, client_index),
-    )
+    seed = client_seed(cfg, round_index, client_index)
+    if cfg.privacy.record_level:
+        from fedft.privacy.dpfedavg import secure_generator
+        from fedft.privacy.dpsgd import train_local_dp
+
+        check_record_budget(cfg, len(examples), dp_history or [], max_epsilon)
+        generator = noise_generator or secure_generator()
+        result, spent = train_local_dp(model, examples, tokenizer.pad_token_id, cfg, global_state=start,
+                                       round_index=round_index, noise_generator=generator, seed=seed)
+        result = dataclasses.replace(result, dp_sgd=spent)
+    else:
+        result = train_local(
+            model, examples, tokenizer.pad_token_id, cfg.train,
+            global_state=start, round_index=round_index,
+            total_rounds=cfg.strategy.num_rounds, proximal_mu=proximal_mu, seed=seed,
+        )
     if cfg.privacy.user_level:
         update, clipped = private_reply(cfg, start, result.state)
         return dataclasses.replace(result, state=update, rank=cfg.lora.r, clipped=clipped)

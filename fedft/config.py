@@ -148,6 +148,11 @@ class PrivacyConfig:
     delta: float = 1e-5
     target_epsilon: float = 0.0  # user-level budget; 0 = no budget (rounds are still accounted)
     noise_seed: int = -1  # >= 0 makes the noise predictable: tests only, NO privacy
+    record_level: bool = False  # DP-SGD (Opacus) inside every client
+    dp_sgd_noise_multiplier: float = 1.0  # sigma, unless dp_sgd_target_epsilon calibrates it
+    dp_sgd_clip_norm: float = 1.0  # per-example gradient L2 bound
+    dp_sgd_target_epsilon: float = 0.0  # > 0: calibrate sigma so a client ends the planned run here
+    client_max_epsilon: float = 0.0  # > 0: a client declines a round that would push it past this
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,10 @@ RANGES: list[tuple[str, Any, str]] = [
     ("privacy.noise_multiplier", lambda v: v >= 0, "a number >= 0"),
     ("privacy.delta", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     ("privacy.target_epsilon", lambda v: v >= 0, "a number >= 0 (0: no budget)"),
+    ("privacy.dp_sgd_noise_multiplier", lambda v: v > 0, "a number > 0"),
+    ("privacy.dp_sgd_clip_norm", lambda v: v > 0, "a number > 0"),
+    ("privacy.dp_sgd_target_epsilon", lambda v: v >= 0, "a number >= 0 (0: use dp_sgd_noise_multiplier)"),
+    ("privacy.client_max_epsilon", lambda v: v >= 0, "a number >= 0 (0: no per-client limit)"),
     ("data.dirichlet_alpha", lambda v: v > 0, "a number > 0"),
     ("data.max_length", lambda v: v >= 8, "an integer >= 8"),
     ("data.eval_max_examples", lambda v: v >= 1, "an integer >= 1"),
@@ -325,6 +334,11 @@ def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
         if cfg.strategy.wire_dtype != "float32":
             fail("strategy.wire_dtype", "'float32' with privacy.user_level (rounding to float16 after "
                  "clipping could push an update above clip_norm)")
+    if cfg.privacy.record_level:
+        if cfg.train.grad_accum != 1:
+            fail("train.grad_accum", "1 with privacy.record_level (Poisson-sampled batches are the DP-SGD steps)")
+        if cfg.strategy.name == "fedprox":
+            fail("strategy.name", "'fedavg' with privacy.record_level (the proximal term is not per-example)")
     if cfg.strategy.server_optimizer != "none" and cfg.strategy.name == "fedprox":
         fail("strategy.server_optimizer", "'none' with strategy.name = 'fedprox' (use fedavg with a server optimizer)")
     if cfg.strategy.server_optimizer != "none" and cfg.strategy.aggregation == "svd":

@@ -84,6 +84,8 @@ def load_peft_model(cfg: FedftConfig):
 
     device = resolve_device(cfg.model.device)
     dtype = DTYPES[cfg.model.compute_dtype]
+    # Opacus loses per-sample gradients under non-reentrant checkpointing (silently)
+    reentrant = cfg.privacy.record_level
     quant = quantization_config(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model_path,
@@ -95,10 +97,10 @@ def load_peft_model(cfg: FedftConfig):
     if quant is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant},
         )
     elif cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.enable_input_require_grads()
     targets = cfg.lora.target_modules
     lora = LoraConfig(
@@ -114,9 +116,13 @@ def load_peft_model(cfg: FedftConfig):
     return model
 
 
+def _cache_key(cfg: FedftConfig) -> tuple:
+    return (cfg.model_path, cfg.model, cfg.lora, cfg.seed, cfg.privacy.record_level)
+
+
 def cached_peft_model(cfg: FedftConfig):
     """(model, tokenizer) for this configuration, loaded at most once per process."""
-    key = (cfg.model_path, cfg.model, cfg.lora, cfg.seed)
+    key = _cache_key(cfg)
     with _CACHE_LOCK:
         if key not in _CACHE:
             LOAD_COUNTS[key] += 1
@@ -133,7 +139,7 @@ def initial_adapter_state(cfg: FedftConfig) -> dict[str, torch.Tensor]:
     process must start from this copy, not from whatever the model last held.
     """
     cached_peft_model(cfg)
-    key = (cfg.model_path, cfg.model, cfg.lora, cfg.seed)
+    key = _cache_key(cfg)
     return {k: v.clone() for k, v in _INITIAL[key].items()}
 
 

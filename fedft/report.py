@@ -103,7 +103,11 @@ def format_progress(row: dict, num_rounds: int) -> str:
     if row.get("svd_discarded_energy") is not None:
         parts.append(f"svd cut {row['svd_discarded_energy']:.3f}")
     if row.get("epsilon_user_rdp") is not None:
-        parts.append(f"epsilon {row['epsilon_user_rdp']:.2f} (clipped {row.get('clipped_fraction') or 0:.0%})")
+        parts.append(f"user epsilon {row['epsilon_user_rdp']:.2f} (clipped {row.get('clipped_fraction') or 0:.0%})")
+    if row.get("epsilon_record_max") is not None:
+        parts.append(f"record epsilon <= {row['epsilon_record_max']:.2f}")
+    if row.get("refusals"):
+        parts.append(f"{len(row['refusals'])} declined")
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts)
 

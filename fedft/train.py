@@ -32,6 +32,7 @@ class LocalResult:
     steps: int
     rank: int = 0  # the client's LoRA rank (set by fedft.client)
     clipped: bool = False  # DP-FedAvg: the update was scaled down to privacy.clip_norm
+    dp_sgd: object = None  # record-level DP: fedft.privacy.dpsgd.DpSgdRound spent this round
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: TrainConfig) -> float:

@@ -26,13 +26,20 @@ TRAIN_LOSS = "train-loss"
 TRAIN_STEPS = "train-steps"
 LORA_RANK = "lora-rank"
 CLIPPED = "clipped"  # DP-FedAvg: 1 if the update was scaled down to the clip norm
-REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_STEPS, LORA_RANK, CLIPPED)
+DP_SGD_SAMPLE_RATE = "dp-sgd-sample-rate"  # record-level DP: what this round spent
+DP_SGD_NOISE = "dp-sgd-noise-multiplier"
+DP_SGD_STEPS = "dp-sgd-steps"
+REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_STEPS, LORA_RANK, CLIPPED,
+                 DP_SGD_SAMPLE_RATE, DP_SGD_NOISE, DP_SGD_STEPS)
+DECLINED = "fedft-declined"  # reason prefix of an error reply: the client refused the round
 
 # Node config keys (simulation sets the first two; deployment sets data-path per institution).
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
 NODE_LORA_RANK = "lora-rank"  # deployment: this institution's LoRA rank (<= lora.r)
+NODE_MAX_EPSILON = "max-epsilon"  # this institution's record-level privacy limit
+DP_SGD_HISTORY = "fedft-dp-sgd-history"  # node state: the DP-SGD rounds this client ran
 
 
 def encode_config(cfg: FedftConfig) -> str:

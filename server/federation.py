@@ -56,7 +56,8 @@ def run_federation(
     num_rounds = cfg.strategy.num_rounds
     progress(f"fedft: {cfg.strategy.name} over {cfg.simulation.num_supernodes} clients, "
              f"{num_rounds} rounds; adapter {adapter_nbytes(state) / 1e6:.2f} MB")
-    privacy = PrivacyBookkeeper(cfg.privacy, out_dir / LEDGER_FILE) if cfg.privacy.user_level else None
+    accounted = cfg.privacy.user_level or cfg.privacy.record_level
+    privacy = PrivacyBookkeeper(cfg.privacy, out_dir / LEDGER_FILE) if accounted else None
 
     t0 = time.time()
     base_metrics = evaluator(state)
@@ -80,7 +81,14 @@ def run_federation(
         replies = list(grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout_s))
         arrays, _ = strategy.aggregate_train(round_index, replies)
         replied = strategy.last
-        if arrays is None or len(replied.node_ids) < cfg.strategy.min_train_nodes:
+        too_few = arrays is None or len(replied.node_ids) < cfg.strategy.min_train_nodes
+        if too_few and replied.refusals and len(replied.refusals) == len(replied.failures):
+            progress(f"round {round_index}: {len(replied.refusals)} of {len(messages)} clients declined "
+                     f"(record-level privacy limits reached) and too few remain "
+                     f"(strategy.min_train_nodes = {cfg.strategy.min_train_nodes}); stopping after round "
+                     f"{round_index - 1}")
+            break
+        if too_few:
             raise FederationError(
                 f"round {round_index}: {len(replied.node_ids)} of {len(messages)} clients replied "
                 f"(strategy.min_train_nodes = {cfg.strategy.min_train_nodes}); failures: "
@@ -107,10 +115,14 @@ def run_federation(
             row["svd_discarded_energy"] = replied.discarded_energy
         if privacy is not None:
             ledger_row = privacy.record_round(round_index, replied.sampled, replied.node_ids,
-                                              len(list(grid.get_node_ids())), replied.clipped_fraction)
+                                              len(list(grid.get_node_ids())), replied.clipped_fraction,
+                                              replied.record_level, replied.refusals)
             row.update({"epsilon_user_rdp": ledger_row.epsilon_user_rdp,
                         "epsilon_user_pld": ledger_row.epsilon_user_pld,
-                        "clipped_fraction": ledger_row.clipped_fraction})
+                        "clipped_fraction": ledger_row.clipped_fraction,
+                        "epsilon_record_max": max((e["epsilon"] for e in ledger_row.record_level.values()),
+                                                  default=None),
+                        "refusals": ledger_row.refusals})
         if _should_evaluate(cfg, round_index):
             final_metrics = evaluator(state)
             evaluated_round = round_index

@@ -49,6 +49,8 @@ class RoundReplies:
     ranks: dict[int, int] = field(default_factory=dict)  # node id -> LoRA rank it trained
     sampled: list[int] = field(default_factory=list)  # node ids the round was sent to
     clipped_fraction: float | None = None  # DP-FedAvg: share of replies clipped to C
+    record_level: dict[int, dict] = field(default_factory=dict)  # node -> DP-SGD spent this round
+    refusals: list[int] = field(default_factory=list)  # nodes that declined the round
     naive_error: float | None = None
     discarded_energy: float | None = None
 
@@ -85,7 +87,9 @@ class AdapterAggregation:
         """Combine valid replies with ``strategy.aggregation``; record what the round cost."""
         valid, errors = self._check_and_log_replies(list(replies), is_train=True)
         self.last = RoundReplies(
-            failures=[f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors]
+            failures=[f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors],
+            refusals=[m.metadata.src_node_id for m in errors
+                      if str(m.error.reason or "").startswith(wire.DECLINED)],
         )
         if not valid:
             return None, None
@@ -102,6 +106,14 @@ class AdapterAggregation:
         else:
             result = aggregate_replies(cfg, self.global_state, states, weights)
         self.last.sampled = list(self.sampled)
+        for m in valid:
+            metrics = m.content[wire.METRICS]
+            if int(metrics.get(wire.DP_SGD_STEPS, 0)) > 0:
+                self.last.record_level[m.metadata.src_node_id] = {
+                    "sample_rate": float(metrics[wire.DP_SGD_SAMPLE_RATE]),
+                    "noise_multiplier": float(metrics[wire.DP_SGD_NOISE]),
+                    "steps": int(metrics[wire.DP_SGD_STEPS]),
+                }
         self.last.node_ids = [m.metadata.src_node_id for m in valid]
         self.last.ranks = {m.metadata.src_node_id: int(m.content[wire.METRICS].get(wire.LORA_RANK, 0))
                            for m in valid}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedft.config import load_config
-from fedft.model import (LOAD_COUNTS, cached_peft_model, clear_model_cache, get_adapter_state,
+from fedft.model import (LOAD_COUNTS, _cache_key, cached_peft_model, clear_model_cache, get_adapter_state,
                          load_peft_model, save_adapter, set_adapter_state)
 
 
@@ -40,7 +40,7 @@ def test_full_precision_path_has_no_4bit_layers(cfg):
 
 def test_cache_loads_the_base_once_per_process(cfg):
     clear_model_cache()
-    key = (cfg.model_path, cfg.model, cfg.lora, cfg.seed)
+    key = _cache_key(cfg)
     before = LOAD_COUNTS[key]
     first, _ = cached_peft_model(cfg)
     for _ in range(3):

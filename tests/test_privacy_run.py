@@ -106,3 +106,53 @@ def test_privacy_report_command_passes_an_honest_ledger_and_flags_an_edited_one(
     assert main(["privacy", "report", str(edited)]) == 1
     out = capsys.readouterr().out
     assert "epsilon_user_rdp" in out and "differ from the recomputation" in out
+
+
+@pytest.fixture(scope="module")
+def dpsgd_run(tmp_path_factory, tiny_model_dir):
+    """Both mechanisms on; institution 0 holds 16 rows (q = 1/2), institution 1 holds 40 (q = 1/5)."""
+    from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
+    from simulations.runner import simulate
+    from tests.conftest import TINY_TOML
+
+    d = tmp_path_factory.mktemp("dpsgd")
+    rows = make_demo_rows(2, 40, 0.9, seed=0)
+    small = [r for r in rows if r["institution"] == "inst0"][:16]
+    write_jsonl(small + [r for r in rows if r["institution"] == "inst1"], d / "train.jsonl")
+    write_jsonl(make_eval_rows(2, seed=1), d / "eval.jsonl")
+    (d / "tiny.toml").write_text(TINY_TOML.format(model=tiny_model_dir))
+    cfg = load_config(d / "tiny.toml", [
+        "strategy.num_rounds=3", "strategy.eval_every=0", "strategy.min_train_nodes=1",
+        "privacy.user_level=true", f"privacy.noise_multiplier={Z}", f"privacy.clip_norm={C}",
+        "privacy.record_level=true", "privacy.dp_sgd_noise_multiplier=1.0", "privacy.dp_sgd_clip_norm=1.0",
+        "privacy.client_max_epsilon=8.0", "privacy.noise_seed=5",
+    ])
+    with pytest.warns(UserWarning, match="FIXED seed"):
+        simulate(cfg, d / "run")
+    return d / "run"
+
+
+def test_dp_sgd_charges_each_client_for_the_rounds_it_trained_and_a_client_declines_at_its_limit(dpsgd_run):
+    from fedft.client import record_epsilon
+    from fedft.privacy.dpsgd import DpSgdRound
+
+    rows = read_ledger(dpsgd_run / LEDGER_FILE)
+    assert [r.round for r in rows] == [1, 2, 3]
+    assert all(r.mechanisms == ["user-dp-fedavg", "record-dp-sgd"] for r in rows)
+    first = rows[0].record_level
+    assert sorted(e["sample_rate"] for e in first.values()) == [0.2, 0.5]
+    small = next(cid for cid, e in first.items() if e["sample_rate"] == 0.5)
+    big = next(cid for cid in first if cid != small)
+    # the q = 1/2 client would reach 10.33 > 8 in round 2: it declines, and the server records it
+    assert rows[1].refusals == [small] and rows[2].refusals == [small]
+    assert small not in rows[1].record_level and rows[1].participating_clients == [big]
+    # the other client is charged for exactly its three rounds, as dp-accounting composes them
+    assert rows[2].record_level[big]["epsilon"] == pytest.approx(
+        record_epsilon([DpSgdRound(0.2, 1.0, 4)] * 3, 1e-5), abs=1e-6)
+    assert audit(rows) == []
+
+
+def test_dp_sgd_and_dp_fedavg_still_train_the_adapter(dpsgd_run):
+    first = load_file(dpsgd_run / "checkpoints" / "round-001" / "adapter_model.safetensors")
+    last = load_file(dpsgd_run / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(first[k], last[k]) for k in first)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedft.config import PrivacyConfig
-from fedft.privacy.ledger import USER_LEVEL, LedgerRow, append_row, next_user_epsilon, with_epsilons
+from fedft.privacy.ledger import (RECORD_LEVEL, USER_LEVEL, LedgerRow, append_row, next_user_epsilon,
+                                  with_epsilons)
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 SAMPLING = "fixed"  # Flower's FedAvg samples a fixed number of clients without replacement
@@ -38,7 +39,11 @@ class PrivacyBookkeeper:
 
     @property
     def target(self) -> float | None:
-        return self.cfg.target_epsilon or None
+        return (self.cfg.target_epsilon or None) if self.cfg.user_level else None
+
+    @property
+    def mechanisms(self) -> list[str]:
+        return ([USER_LEVEL] if self.cfg.user_level else []) + ([RECORD_LEVEL] if self.cfg.record_level else [])
 
     def refuse_round(self, round_index: int, num_clients: int, sample_size: int) -> str | None:
         """A message if running ``round_index`` would exceed the budget, else None."""
@@ -57,15 +62,24 @@ class PrivacyBookkeeper:
         return self.stopped_by_budget
 
     def record_round(self, round_index: int, sampled: list[int], replied: list[int], num_clients: int,
-                     clipped_fraction: float | None) -> LedgerRow:
-        """Append this round's ledger row (epsilons computed from its parameters) and return it."""
+                     clipped_fraction: float | None, record_level: dict[int, dict] | None = None,
+                     refusals: list[int] | None = None) -> LedgerRow:
+        """Append this round's ledger row (epsilons computed from its parameters) and return it.
+
+        ``record_level`` maps each client whose DP-SGD update reached the server to what it
+        spent (sample_rate, noise_multiplier, steps); ``refusals`` are clients that declined.
+        """
+        user = self.cfg.user_level
         row = LedgerRow(
-            round=round_index, mechanisms=[USER_LEVEL],
+            round=round_index, mechanisms=self.mechanisms,
             sampled_clients=sorted(str(n) for n in sampled),
             participating_clients=sorted(str(n) for n in replied),
             num_clients=num_clients, sampling=SAMPLING, sampling_rate=len(sampled) / num_clients,
-            noise_multiplier=self.cfg.noise_multiplier, clip_norm=self.cfg.clip_norm,
-            delta=self.cfg.delta, clipped_fraction=clipped_fraction,
+            noise_multiplier=self.cfg.noise_multiplier if user else 0.0,
+            clip_norm=self.cfg.clip_norm if user else 0.0,
+            delta=self.cfg.delta, clipped_fraction=clipped_fraction if user else None,
+            record_level={str(n): {**spent, "epsilon": None} for n, spent in (record_level or {}).items()},
+            refusals=sorted(str(n) for n in refusals or []),
         )
         row = with_epsilons(self.rows, row, self.target)
         append_row(self.path, row)
@@ -75,11 +89,14 @@ class PrivacyBookkeeper:
     def summary(self) -> dict:
         """What summary.json says about privacy."""
         last = self.rows[-1] if self.rows else None
+        record = last.record_level if last else {}
         return {
-            "mechanisms": [USER_LEVEL], "clip_norm": self.cfg.clip_norm,
+            "mechanisms": self.mechanisms, "clip_norm": self.cfg.clip_norm,
             "noise_multiplier": self.cfg.noise_multiplier, "delta": self.cfg.delta,
             "target_epsilon": self.target, "rounds_accounted": len(self.rows),
             "epsilon_user_rdp": last.epsilon_user_rdp if last else 0.0,
             "epsilon_user_pld": last.epsilon_user_pld if last else None,
             "stopped_by_budget": self.stopped_by_budget,
+            "record_level_max_epsilon": max((e["epsilon"] for e in record.values()), default=None),
+            "refusals": sum(len(r.refusals) for r in self.rows),
         }

@@ -50,6 +50,15 @@ def _fmt(value, pattern: str = "{:.3f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
+def _record_cell(row: dict, bad: dict) -> str:
+    """The largest per-client record-level epsilon of the round, red if any client's mismatches."""
+    values = [e["epsilon"] for e in row["record_level"].values() if e["epsilon"] is not None]
+    text = _fmt(max(values)) if values else "-"
+    if any(key[0] == row["round"] and key[1].startswith("record_level[") for key in bad):
+        return f"[red]{text} (mismatch)[/red]"
+    return text
+
+
 def print_table(report: dict) -> None:
     """A rich table, one line per round; mismatching cells in red with the recomputed value."""
     from rich.console import Console
@@ -64,7 +73,7 @@ def print_table(report: dict) -> None:
 
     table = Table(title=f"privacy ledger: {report['run_dir']}")
     for header in ("round", "sampled", "replied", "q", "z", "C", "delta", "eps round",
-                   "eps user (RDP)", "eps user (PLD)", "clipped", "remaining"):
+                   "eps user (RDP)", "eps user (PLD)", "clipped", "remaining", "eps record (max)", "declined"):
         table.add_column(header, justify="right")
     for row in report["rows"]:
         table.add_row(
@@ -72,7 +81,7 @@ def print_table(report: dict) -> None:
             f"{row['sampling_rate']:.3g}", f"{row['noise_multiplier']:g}", f"{row['clip_norm']:g}",
             f"{row['delta']:g}", cell(row, "epsilon_round"), cell(row, "epsilon_user_rdp"),
             cell(row, "epsilon_user_pld"), _fmt(row["clipped_fraction"], "{:.0%}"),
-            cell(row, "remaining_budget"))
+            cell(row, "remaining_budget"), _record_cell(row, bad), str(len(row["refusals"])))
     console = Console()
     console.print(table)
     if report["mismatches"]:
@@ -94,6 +103,10 @@ def plot_epsilon(report: dict, path: Path) -> Path:
 
     rounds = [r["round"] for r in report["recomputed"]]
     fig, ax = plt.subplots(figsize=(7, 4))
+    record = [max(r["record_level"].values(), default=None) for r in report["recomputed"]]
+    if any(v is not None for v in record):
+        ax.plot(rounds, [float("nan") if v is None else v for v in record], marker="s",
+                label="record-level, most-charged client (RDP)")
     for key, label in (("epsilon_user_rdp", "user-level, RDP"), ("epsilon_user_pld", "user-level, PLD")):
         values = [r[key] for r in report["recomputed"]]
         if any(v is not None for v in values):

@@ -1,0 +1,156 @@
+"""Record-level DP-SGD for one client's round with Opacus, on the 4-bit base + LoRA model.
+
+``train_local_dp`` is the DP counterpart of ``fedft.train.train_local``: batches are
+Poisson-sampled (each example independently with rate q = batch_size / n), every
+example's gradient on the LoRA parameters is clipped to ``dp_sgd_clip_norm`` and Gaussian
+noise with std sigma * clip is added to their sum (Opacus ``PrivacyEngine.make_private``
+with ``wrap_model=False``: hooks on the model's trainable LoRA ``nn.Linear`` layers; the
+frozen 4-bit layers are skipped).
+
+The privacy unit is one sequence (one training example): the loss is the mean over the
+batch of each example's own token-mean loss, so one example's gradient never depends on
+the other examples in its batch (a token-mean over the whole batch would rescale every
+example by the batch's token count and void the sensitivity bound). Gradient
+checkpointing must be reentrant under Opacus (``fedft.model`` loads it that way when
+``privacy.record_level`` is on): non-reentrant checkpointing silently loses per-sample
+gradients. Gradient accumulation and FedProx are refused by the config. No flwr.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from fedft.config import FedftConfig
+from fedft.data import Example, collate
+from fedft.model import get_adapter_state, set_adapter_state
+from fedft.privacy import accounting
+from fedft.train import LocalResult, lr_multiplier
+
+
+@dataclass(frozen=True)
+class DpSgdRound:
+    """What a DP-SGD round spent, as the ledger records it."""
+
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+
+
+def noise_for_client(cfg: FedftConfig, num_examples: int) -> float:
+    """sigma: ``privacy.dp_sgd_noise_multiplier``, or calibrated to ``dp_sgd_target_epsilon``.
+
+    Calibration covers the whole planned run (num_rounds x local_steps steps at q) so that a
+    client that trains every round ends at the target, by the RDP accountant.
+    """
+    p = cfg.privacy
+    if p.dp_sgd_target_epsilon <= 0:
+        return p.dp_sgd_noise_multiplier
+    return accounting.calibrate_noise_multiplier(
+        p.dp_sgd_target_epsilon, p.delta, sample_rate(cfg, num_examples),
+        cfg.train.local_steps, cfg.strategy.num_rounds)
+
+
+def sample_rate(cfg: FedftConfig, num_examples: int) -> float:
+    """Poisson rate q = 1 / (number of batches of size batch_size), as Opacus sets it."""
+    batches = -(-num_examples // cfg.train.batch_size)
+    return 1.0 / batches
+
+
+class _Indices(torch.utils.data.Dataset):
+    """Example indices as 1-tuples of tensors (the item shape Opacus's loader expects)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return (torch.tensor(i),)
+
+
+def per_example_loss(model, batch: dict) -> torch.Tensor:
+    """Each example's mean next-token loss over its own completion tokens, shape (batch,)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+    counts = (labels != -100).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts
+
+
+def train_local_dp(
+    model,
+    examples: list[Example],
+    pad_id: int,
+    cfg: FedftConfig,
+    *,
+    global_state: dict[str, torch.Tensor],
+    round_index: int,
+    noise_generator: torch.Generator,
+    seed: int = 0,
+) -> tuple[LocalResult, DpSgdRound]:
+    """``train.local_steps`` DP-SGD steps from ``global_state``; the adapter and what it spent."""
+    from opacus import PrivacyEngine
+
+    if not examples:
+        raise ValueError("train_local_dp: this client has no training examples")
+    train = cfg.train
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    set_adapter_state(model, global_state)
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    sigma = noise_for_client(cfg, len(examples))
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    loader = torch.utils.data.DataLoader(
+        _Indices(len(examples)), batch_size=train.batch_size,
+        generator=torch.Generator().manual_seed(seed))
+    logging.getLogger("opacus").setLevel(logging.ERROR)
+    model.train()  # Opacus refuses a model in eval mode (the cached model ends rounds in eval)
+    engine = PrivacyEngine(accountant="rdp")
+    hooks, dp_optimizer, dp_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+        max_grad_norm=cfg.privacy.dp_sgd_clip_norm, poisson_sampling=True, wrap_model=False,
+        noise_generator=noise_generator, loss_reduction="mean",
+    )
+    total_steps = cfg.strategy.num_rounds * train.local_steps
+    first_step = (round_index - 1) * train.local_steps
+    torch.manual_seed(seed)  # LoRA dropout
+    losses = []
+    try:
+        batches = _endless(dp_loader)
+        for step in range(train.local_steps):
+            for group in dp_optimizer.param_groups:
+                group["lr"] = train.learning_rate * lr_multiplier(first_step + step, total_steps, train)
+            (indices,) = next(batches)
+            if indices.numel() == 0:  # an empty Poisson batch: nothing to release, skip
+                continue
+            batch = collate([examples[int(i)] for i in indices], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = per_example_loss(model, batch).mean()
+            loss.backward()
+            dp_optimizer.step()
+            dp_optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        hooks.cleanup() if hasattr(hooks, "cleanup") else hooks.remove_hooks()
+        for p in params:
+            p.grad_sample = None
+            p.grad = None
+        model.eval()
+    result = LocalResult(
+        state=get_adapter_state(model), num_examples=len(examples),
+        train_loss=sum(losses) / len(losses) if losses else float("nan"), steps=train.local_steps,
+    )
+    return result, DpSgdRound(sample_rate=sample_rate(cfg, len(examples)), noise_multiplier=sigma,
+                              steps=train.local_steps)
+
+
+def _endless(loader):
+    """Iterate a Poisson loader forever (each pass draws fresh batches)."""
+    while True:
+        yield from loader
