@@ -9,6 +9,9 @@ metrics named in ``fedft.wire``.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -18,23 +21,42 @@ from fedft.client import ClientDeclined, run_client_round
 DECLINED_CODE = 1001  # an application error code for "declined by the client"
 
 
-def _dp_history(context: Context) -> list:
-    """The DP-SGD rounds this node ran, kept in its node state across rounds."""
+def _history_file(context: Context, cfg) -> Path | None:
+    """Where this client keeps its DP-SGD spend across runs: its node's ``state-dir``, or,
+    for a simulated client, the run's ``privacy.client_state_dir``."""
+    node = context.node_config
+    if wire.NODE_STATE_DIR in node:
+        return Path(str(node[wire.NODE_STATE_DIR])) / "dp-sgd-history.json"
+    if wire.PARTITION_ID in node and cfg.privacy.client_state_dir:
+        return Path(cfg.privacy.client_state_dir) / f"partition-{int(node[wire.PARTITION_ID])}.json"
+    return None
+
+
+def _dp_history(context: Context, path: Path | None) -> list:
+    """The DP-SGD rounds this client ran: from its state file, else from its node state."""
     from fedft.privacy.dpsgd import DpSgdRound
 
-    if wire.DP_SGD_HISTORY not in context.state:
+    if path is not None and path.exists():
+        record = json.loads(path.read_text())
+    elif wire.DP_SGD_HISTORY in context.state:
+        record = context.state[wire.DP_SGD_HISTORY]
+    else:
         return []
-    record = context.state[wire.DP_SGD_HISTORY]
     return [DpSgdRound(float(q), float(z), int(n))
             for q, z, n in zip(record["sample_rate"], record["noise_multiplier"], record["steps"])]
 
 
-def _remember(context: Context, history: list) -> None:
-    context.state[wire.DP_SGD_HISTORY] = ConfigRecord({
+def _remember(context: Context, path: Path | None, history: list) -> None:
+    from fedft.checkpoint import atomic_write_json
+
+    record = {
         "sample_rate": [h.sample_rate for h in history],
         "noise_multiplier": [h.noise_multiplier for h in history],
         "steps": [h.steps for h in history],
-    })
+    }
+    context.state[wire.DP_SGD_HISTORY] = ConfigRecord(record)
+    if path is not None:
+        atomic_write_json(path, record)
 
 app = ClientApp()
 
@@ -49,7 +71,8 @@ def train(msg: Message, context: Context) -> Message:
     data_path = str(node[wire.DATA_PATH]) if wire.DATA_PATH in node else None
     node_rank = int(node[wire.NODE_LORA_RANK]) if wire.NODE_LORA_RANK in node else None
     max_epsilon = float(node[wire.NODE_MAX_EPSILON]) if wire.NODE_MAX_EPSILON in node else None
-    history = _dp_history(context)
+    history_file = _history_file(context, cfg)
+    history = _dp_history(context, history_file)
     generator = None
     if cfg.privacy.record_level and cfg.privacy.noise_seed >= 0:
         from fedft.privacy.dpfedavg import secure_generator
@@ -79,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
         wire.CLIPPED: int(result.clipped),
     }
     if result.dp_sgd is not None:
-        _remember(context, history + [result.dp_sgd])
+        _remember(context, history_file, history + [result.dp_sgd])
         metrics.update({wire.DP_SGD_SAMPLE_RATE: result.dp_sgd.sample_rate,
                         wire.DP_SGD_NOISE: result.dp_sgd.noise_multiplier,
                         wire.DP_SGD_STEPS: result.dp_sgd.steps})

@@ -153,6 +153,7 @@ class PrivacyConfig:
     dp_sgd_clip_norm: float = 1.0  # per-example gradient L2 bound
     dp_sgd_target_epsilon: float = 0.0  # > 0: calibrate sigma so a client ends the planned run here
     client_max_epsilon: float = 0.0  # > 0: a client declines a round that would push it past this
+    client_state_dir: str = ""  # simulation: where clients keep their DP-SGD spend (set by fedft)
 
 
 @dataclass(frozen=True)

@@ -180,11 +180,18 @@ def adapter_nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def save_adapter(model, state: dict[str, torch.Tensor], out_dir: Path) -> Path:
-    """Write ``state`` in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+def save_adapter(model, state: dict[str, torch.Tensor], out_dir: Path,
+                 extras: dict[str, bytes] | None = None) -> Path:
+    """Write ``state`` in PEFT format (adapter_config.json + adapter_model.safetensors).
+
+    ``extras`` (file name -> bytes) are written into the same directory, which appears in
+    one rename: a checkpoint is either complete or absent.
+    """
     from fedft.checkpoint import atomic_directory
 
     set_adapter_state(model, state)
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        for name, data in (extras or {}).items():
+            (Path(tmp) / name).write_bytes(data)
     return out_dir

@@ -39,6 +39,7 @@ NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
 NODE_LORA_RANK = "lora-rank"  # deployment: this institution's LoRA rank (<= lora.r)
 NODE_MAX_EPSILON = "max-epsilon"  # this institution's record-level privacy limit
+NODE_STATE_DIR = "state-dir"  # where this institution keeps its DP-SGD spend across runs
 DP_SGD_HISTORY = "fedft-dp-sgd-history"  # node state: the DP-SGD rounds this client ran
 
 

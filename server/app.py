@@ -18,13 +18,13 @@ from fedft.config import FedftConfig, load_config
 from server.federation import run_federation
 
 
-def make_server_app(cfg: FedftConfig, out_dir: Path) -> ServerApp:
+def make_server_app(cfg: FedftConfig, out_dir: Path, resume: bool = False) -> ServerApp:
     """A ServerApp bound to a loaded config (used by the simulation runner)."""
     bound = ServerApp()
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, out_dir)
+        run_federation(grid, cfg, out_dir, resume=resume)
 
     return bound
 

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from fedft import wire
 from fedft.config import FedftConfig
 from fedft.evaluate import HeldOutEvaluator
-from fedft.checkpoint import atomic_write_jsonl, save_tensors_atomic
+from fedft.resume import checkpoint_extras, load_resume_point
 from fedft.privacy.bookkeeping import LEDGER_FILE, PrivacyBookkeeper
 from fedft.model import adapter_nbytes, save_adapter
 from fedft.report import RunRecorder, format_progress, summarize
@@ -42,32 +42,55 @@ def planned_sample_size(cfg: FedftConfig, num_nodes: int) -> int:
     return max(int(num_nodes * cfg.strategy.fraction_train), cfg.strategy.min_train_nodes)
 
 
+def _eval_metrics(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k.startswith("eval_")}
+
+
 def run_federation(
-    grid: Grid, cfg: FedftConfig, out_dir: Path, progress: Callable[[str], None] = print
+    grid: Grid, cfg: FedftConfig, out_dir: Path, progress: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> dict:
-    """Run every round; write metrics.jsonl, checkpoints, adapter/, summary.json, curves.png."""
-    random.seed(cfg.seed)  # Flower's node sampling draws from the global RNG
+    """Run every round; write metrics.jsonl, checkpoints, adapter/, summary.json, curves.png.
+
+    With ``resume`` the run continues after its latest complete checkpoint (same config):
+    adapter, metrics, privacy ledger and server optimizer state come from that checkpoint.
+    """
     started = time.time()
     out_dir = Path(out_dir)
     recorder = RunRecorder(out_dir)
     evaluator = HeldOutEvaluator(cfg)
-    state = evaluator.initial_state
     strategy = make_strategy(cfg)
     num_rounds = cfg.strategy.num_rounds
+    accounted = cfg.privacy.user_level or cfg.privacy.record_level
+    point = load_resume_point(out_dir, cfg) if resume else None
+    if point is None:
+        state, first_round = evaluator.initial_state, 1
+        privacy = PrivacyBookkeeper(cfg.privacy, out_dir / LEDGER_FILE) if accounted else None
+    else:
+        state, first_round = point.state, point.round + 1
+        privacy = PrivacyBookkeeper(cfg.privacy, out_dir / LEDGER_FILE, point.ledger_rows or []) if accounted else None
+        strategy.restore_server_optimizer(point.optimizer_state)
+    random.seed(cfg.seed + first_round - 1)  # Flower's node sampling draws from the global RNG
     progress(f"fedft: {cfg.strategy.name} over {cfg.simulation.num_supernodes} clients, "
              f"{num_rounds} rounds; adapter {adapter_nbytes(state) / 1e6:.2f} MB")
-    accounted = cfg.privacy.user_level or cfg.privacy.record_level
-    privacy = PrivacyBookkeeper(cfg.privacy, out_dir / LEDGER_FILE) if accounted else None
 
-    t0 = time.time()
-    base_metrics = evaluator(state)
-    row0 = {"round": 0, "train_loss": None, "bytes_up": 0, "bytes_down": 0, "clients": 0,
-            "seconds": time.time() - t0, **{k: v for k, v in base_metrics.items() if k != "samples"}}
-    recorder.add_round(row0)
-    progress(format_progress(row0, num_rounds) + "  (base model)")
+    if point is None:
+        t0 = time.time()
+        base_metrics = evaluator(state)
+        row0 = {"round": 0, "train_loss": None, "bytes_up": 0, "bytes_down": 0, "clients": 0,
+                "seconds": time.time() - t0, **{k: v for k, v in base_metrics.items() if k != "samples"}}
+        recorder.add_round(row0)
+        progress(format_progress(row0, num_rounds) + "  (base model)")
+        final_metrics, evaluated_round = base_metrics, 0
+    else:
+        for row in point.metrics_rows:
+            recorder.add_round(row)
+        evaluated_round = max(r["round"] for r in point.metrics_rows if "eval_loss" in r)
+        final_metrics = _eval_metrics(point.metrics_rows[evaluated_round])
+        progress(f"resuming after round {point.round} from {point.path}")
     train_config = ConfigRecord({wire.CONFIG_JSON: wire.encode_config(cfg)})
-    final_metrics, evaluated_round, completed = base_metrics, 0, 0
-    for round_index in range(1, num_rounds + 1):
+    completed = first_round - 1
+    for round_index in range(first_round, num_rounds + 1):
         t0 = time.time()
         if privacy is not None:
             num_nodes = len(list(grid.get_node_ids()))
@@ -127,18 +150,17 @@ def run_federation(
             final_metrics = evaluator(state)
             evaluated_round = round_index
             row.update({k: v for k, v in final_metrics.items() if k != "samples"})
-        checkpoint = out_dir / "checkpoints" / f"round-{round_index:03d}"
-        save_adapter(evaluator.model, state, checkpoint)
-        if privacy is not None:  # the ledger as of this checkpoint travels with it
-            atomic_write_jsonl(checkpoint / LEDGER_FILE, [r.to_dict() for r in privacy.rows])
-        optimizer_state = strategy.server_optimizer_state()
-        if optimizer_state:
-            save_tensors_atomic(optimizer_state, checkpoint / "server_optimizer.safetensors")
         row["seconds"] = time.time() - t0
+        ledger_rows = [r.to_dict() for r in privacy.rows] if privacy is not None else None
+        extras = checkpoint_extras(round_index, cfg, recorder.rows + [row], ledger_rows,
+                                   strategy.server_optimizer_state())
+        save_adapter(evaluator.model, state, out_dir / "checkpoints" / f"round-{round_index:03d}", extras)
         recorder.add_round(row)
+        if privacy is not None:
+            privacy.flush()
         progress(format_progress(row, num_rounds))
 
-    if completed and evaluated_round != completed:  # stopped early (privacy budget)
+    if completed and evaluated_round != completed:  # stopped early (a privacy budget)
         final_metrics = evaluator(state)
         recorder.amend_last({k: v for k, v in final_metrics.items() if k != "samples"})
     save_adapter(evaluator.model, state, out_dir / "adapter")

@@ -138,6 +138,17 @@ class AdapterAggregation:
             out[f"momentum/{index}"] = torch.from_numpy(np.array(value))
         return out
 
+    def restore_server_optimizer(self, saved: dict[str, torch.Tensor]) -> None:
+        """Put back the moments ``server_optimizer_state`` saved (resuming a run)."""
+        for name in ("m_t", "v_t"):
+            values = {k.split("/", 1)[1]: v.numpy() for k, v in saved.items() if k.startswith(f"{name}/")}
+            if values:
+                setattr(self, name, values)
+        momentum = sorted((int(k.split("/", 1)[1]), v.numpy()) for k, v in saved.items()
+                          if k.startswith("momentum/"))
+        if momentum:
+            self.momentum_vector = [v for _, v in momentum]
+
 
 class AdapterFedAvg(AdapterAggregation, FedAvg):
     """FedAvg (example-weighted) over LoRA adapter tensors."""

@@ -17,7 +17,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from simulations.runner import simulate
 
     cfg = config_from_args(args)
-    simulate(cfg, Path(args.out), verbose=args.verbose)
+    simulate(cfg, Path(args.out), verbose=args.verbose, resume=args.resume)
     return 0
 
 
@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(sim)
     sim.add_argument("--out", required=True, help="the run directory (RUN_DIR)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    sim.add_argument("--resume", action="store_true",
+                     help="continue RUN_DIR after its latest complete checkpoint (same config)")
     sim.set_defaults(handler=_simulate)
     return run(parser, argv)
 

@@ -7,6 +7,7 @@ Ray-backed Simulation Engine with the client resources from ``[simulation]``; th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,12 +15,22 @@ from pathlib import Path
 
 from fedft.baselines import run_centralized, run_local
 from fedft.client import check_simulation_data
-from fedft.config import FedftConfig
+from fedft.config import ConfigError, FedftConfig
 from fedft.report import SUMMARY_FILE
 
 
-def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False) -> dict:
-    """Run the configured strategy and return its summary.json contents."""
+def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False, resume: bool = False) -> dict:
+    """Run the configured strategy and return its summary.json contents.
+
+    ``resume`` continues a federated run after its latest complete checkpoint.
+    """
+    if resume and cfg.strategy.name in ("local", "centralized"):
+        raise ConfigError(f"--resume works for federated runs; strategy.name = {cfg.strategy.name!r} is a baseline")
+    if cfg.privacy.record_level and not cfg.privacy.client_state_dir:
+        # simulated clients keep their DP-SGD spend beside the run, so a resumed run still
+        # enforces every client's limit (deployed clients use their node's state-dir)
+        privacy = dataclasses.replace(cfg.privacy, client_state_dir=str(Path(out_dir).resolve() / "client-privacy"))
+        cfg = dataclasses.replace(cfg, privacy=privacy)
     sizes = check_simulation_data(cfg)  # bad rows or empty partitions fail before anything starts
     print(f"fedft: {len(sizes)} clients with {', '.join(map(str, sizes))} training rows")
     out_dir = Path(out_dir)
@@ -46,7 +57,7 @@ def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False) -> dict:
     }
     (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
     run_simulation(
-        server_app=make_server_app(cfg, out_dir),
+        server_app=make_server_app(cfg, out_dir, resume=resume),
         client_app=client_app,
         num_supernodes=cfg.simulation.num_supernodes,
         backend_config=backend_config,

@@ -79,3 +79,13 @@ def test_wire_form_round_trips(tiny_config_path):
 def test_incompatible_aggregation_settings_are_refused(tiny_config_path, overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(tiny_config_path, overrides)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parent.parent / "simulations").glob("*.toml"))
+    assert len(configs) >= 2
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.data.train_files, path

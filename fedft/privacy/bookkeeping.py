@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedft.config import PrivacyConfig
-from fedft.privacy.ledger import (RECORD_LEVEL, USER_LEVEL, LedgerRow, append_row, next_user_epsilon,
-                                  with_epsilons)
+from fedft.checkpoint import atomic_write_jsonl
+from fedft.privacy.ledger import RECORD_LEVEL, USER_LEVEL, LedgerRow, next_user_epsilon, with_epsilons
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 SAMPLING = "fixed"  # Flower's FedAvg samples a fixed number of clients without replacement
@@ -27,15 +27,24 @@ class PrivacyRunError(RuntimeError):
 class PrivacyBookkeeper:
     """Budget checks and ledger rows for one DP-FedAvg run."""
 
-    def __init__(self, cfg: PrivacyConfig, ledger_path: Path) -> None:
+    def __init__(self, cfg: PrivacyConfig, ledger_path: Path, resume_rows: list[dict] | None = None) -> None:
+        """A fresh ledger, or (``resume_rows``) the ledger as of the checkpoint a run resumes from.
+
+        On resume the ledger file is rewritten from the checkpoint's copy: a row written for a
+        round whose checkpoint never completed is dropped, because that round runs again.
+        """
         self.cfg = cfg
         self.path = Path(ledger_path)
-        if self.path.exists():
-            raise PrivacyRunError(
-                f"{self.path} already exists: a new run here would mix two runs' privacy "
-                "accounting; choose a new --out directory or remove the old run")
-        self.rows: list[LedgerRow] = []
         self.stopped_by_budget: str | None = None
+        if resume_rows is None:
+            if self.path.exists():
+                raise PrivacyRunError(
+                    f"{self.path} already exists: a new run here would mix two runs' privacy "
+                    "accounting; resume it (--resume), choose a new --out directory or remove the old run")
+            self.rows: list[LedgerRow] = []
+        else:
+            self.rows = [LedgerRow.from_dict(r) for r in resume_rows]
+            self.flush()
 
     @property
     def target(self) -> float | None:
@@ -64,7 +73,7 @@ class PrivacyBookkeeper:
     def record_round(self, round_index: int, sampled: list[int], replied: list[int], num_clients: int,
                      clipped_fraction: float | None, record_level: dict[int, dict] | None = None,
                      refusals: list[int] | None = None) -> LedgerRow:
-        """Append this round's ledger row (epsilons computed from its parameters) and return it.
+        """Add this round's ledger row (epsilons computed from its parameters) and return it.
 
         ``record_level`` maps each client whose DP-SGD update reached the server to what it
         spent (sample_rate, noise_multiplier, steps); ``refusals`` are clients that declined.
@@ -82,9 +91,12 @@ class PrivacyBookkeeper:
             refusals=sorted(str(n) for n in refusals or []),
         )
         row = with_epsilons(self.rows, row, self.target)
-        append_row(self.path, row)
         self.rows.append(row)
         return row
+
+    def flush(self) -> None:
+        """Rewrite the ledger file with every row so far (atomically); call after the checkpoint."""
+        atomic_write_jsonl(self.path, [r.to_dict() for r in self.rows])
 
     def summary(self) -> dict:
         """What summary.json says about privacy."""
