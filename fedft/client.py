@@ -30,7 +30,9 @@ def client_examples(
     cfg: FedftConfig, tokenizer, *, partition_id: int | None = None, data_path: str | None = None
 ) -> list[Example]:
     """This client's tokenized training examples, built once per process."""
-    key = (cfg.data, cfg.simulation.num_supernodes, cfg.model_path, partition_id, data_path)
+    p = cfg.privacy
+    key = (cfg.data, cfg.simulation.num_supernodes, cfg.model_path, partition_id, data_path,
+           cfg.seed, p.canaries, p.canary_client, p.canary_repeats)
     with _LOCK:
         if key not in _EXAMPLES:
             if data_path:
@@ -47,6 +49,10 @@ def client_examples(
             examples = tokenize_dataset(rows, tokenizer, cfg.data.max_length, cfg.data.task_column)
             if not examples:
                 raise DataError(f"client {partition_id if data_path is None else data_path} has no examples")
+            if p.canaries and data_path is None and partition_id == p.canary_client:
+                from fedft.privacy.canaries import canary_training_examples
+
+                examples = examples + canary_training_examples(cfg, tokenizer)  # audit only
             _EXAMPLES[key] = examples
         return _EXAMPLES[key]
 

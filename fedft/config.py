@@ -154,6 +154,9 @@ class PrivacyConfig:
     dp_sgd_target_epsilon: float = 0.0  # > 0: calibrate sigma so a client ends the planned run here
     client_max_epsilon: float = 0.0  # > 0: a client declines a round that would push it past this
     client_state_dir: str = ""  # simulation: where clients keep their DP-SGD spend (set by fedft)
+    canaries: int = 0  # empirical audit (simulation only): random secrets, each inserted w.p. 1/2
+    canary_client: int = 0  # the simulated client (partition id) whose data gets the canaries
+    canary_repeats: int = 1  # copies of each inserted canary
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,8 @@ RANGES: list[tuple[str, Any, str]] = [
     ("privacy.dp_sgd_clip_norm", lambda v: v > 0, "a number > 0"),
     ("privacy.dp_sgd_target_epsilon", lambda v: v >= 0, "a number >= 0 (0: use dp_sgd_noise_multiplier)"),
     ("privacy.client_max_epsilon", lambda v: v >= 0, "a number >= 0 (0: no per-client limit)"),
+    ("privacy.canaries", lambda v: v >= 0, "an integer >= 0 (0: no canaries)"),
+    ("privacy.canary_repeats", lambda v: v >= 1, "an integer >= 1"),
     ("data.dirichlet_alpha", lambda v: v > 0, "a number > 0"),
     ("data.max_length", lambda v: v >= 8, "an integer >= 8"),
     ("data.eval_max_examples", lambda v: v >= 1, "an integer >= 1"),
@@ -335,6 +340,8 @@ def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
         if cfg.strategy.wire_dtype != "float32":
             fail("strategy.wire_dtype", "'float32' with privacy.user_level (rounding to float16 after "
                  "clipping could push an update above clip_norm)")
+    if cfg.privacy.canaries and not 0 <= cfg.privacy.canary_client < cfg.simulation.num_supernodes:
+        fail("privacy.canary_client", f"a simulated client's partition id, 0..{cfg.simulation.num_supernodes - 1}")
     if cfg.privacy.record_level:
         if cfg.train.grad_accum != 1:
             fail("train.grad_accum", "1 with privacy.record_level (Poisson-sampled batches are the DP-SGD steps)")

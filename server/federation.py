@@ -164,10 +164,26 @@ def run_federation(
         final_metrics = evaluator(state)
         recorder.amend_last({k: v for k, v in final_metrics.items() if k != "samples"})
     save_adapter(evaluator.model, state, out_dir / "adapter")
+    canary_audit = None
+    if cfg.privacy.canaries:
+        from fedft.checkpoint import atomic_write_json
+        from fedft.privacy.canaries import audit_canaries
+
+        progress(f"canary audit: scoring {cfg.privacy.canaries} canaries against random secrets ...")
+        canary_audit = audit_canaries(cfg, evaluator.model, evaluator.tokenizer)  # model holds `state`
+        atomic_write_json(out_dir / "canary_audit.json", canary_audit)
     recorder.plot(f"fedft {cfg.strategy.name}: {cfg.simulation.num_supernodes} clients")
     summary = summarize(cfg, recorder.rows, final_metrics, time.time() - started)
     if privacy is not None:
         summary["privacy"] = privacy.summary()
+    if canary_audit is not None:
+        summary["canary_audit"] = canary_audit
+        formal = (summary.get("privacy") or {}).get("epsilon_user_rdp")
+        progress(f"canary audit: {canary_audit['correct_guesses']} of {canary_audit['guesses']} membership "
+                 f"guesses right; empirical epsilon >= {canary_audit['epsilon_lower_bound']:.2f} at "
+                 f"{canary_audit['significance']:.0%} significance (a lower bound; formal user-level "
+                 f"epsilon {'-' if formal is None else f'{formal:.2f}'}); mean exposure "
+                 f"{canary_audit['mean_exposure_bits'] or 0:.2f} of {canary_audit['max_possible_exposure_bits']:.0f} bits")
     recorder.write_summary(summary)
     progress(f"done in {summary['wall_seconds']:.0f}s: exact match "
              f"{100 * summary['final']['eval_exact_match']:.1f}% (base "

@@ -43,7 +43,7 @@ def dp_run(tmp_path_factory, tiny_model_dir):
     cfg = load_config(d / "tiny.toml", [
         "strategy.num_rounds=4", "strategy.eval_every=0", "strategy.aggregation=ffa",
         "privacy.user_level=true", f"privacy.noise_multiplier={Z}", f"privacy.clip_norm={C}",
-        f"privacy.target_epsilon={target}", "privacy.noise_seed=3",
+        f"privacy.target_epsilon={target}", "privacy.noise_seed=3", "privacy.canaries=8",
     ])
     with pytest.warns(UserWarning, match="FIXED seed"):
         summary = simulate(cfg, d / "run")
@@ -60,6 +60,15 @@ def test_dp_run_stops_before_the_round_that_would_exceed_the_budget(dp_run):
     metrics = load_metrics(run)
     assert metrics[-1]["round"] == 2 and "eval_exact_match" in metrics[-1]  # final state evaluated
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_canary_audit_runs_after_training_and_is_reported_beside_the_formal_epsilon(dp_run):
+    run, summary, _ = dp_run
+    audit_file = json.loads((run / "canary_audit.json").read_text())
+    assert audit_file == summary["canary_audit"]
+    assert audit_file["canaries"] == 8 and audit_file["guesses"] == 4
+    assert 0 <= audit_file["correct_guesses"] <= 4 and audit_file["epsilon_lower_bound"] >= 0
+    assert summary["privacy"]["epsilon_user_rdp"] > 0
 
 
 def test_ledger_rows_are_complete_and_match_a_fresh_recomputation(dp_run):

@@ -37,7 +37,9 @@ def privacy_report(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     rows = load_run_ledger(run_dir)
     target = _target(run_dir)
+    canary_file = run_dir / "canary_audit.json"
     return {
+        "canary_audit": json.loads(canary_file.read_text()) if canary_file.exists() else None,
         "run_dir": str(run_dir),
         "target_epsilon": target,
         "rows": [r.to_dict() for r in rows],
@@ -92,6 +94,14 @@ def print_table(report: dict) -> None:
     else:
         console.print(f"[green]every epsilon in the ledger matches its recomputation "
                       f"({len(report['rows'])} rounds)[/green]")
+    canary = report.get("canary_audit")
+    if canary:
+        console.print(
+            f"canary audit ({canary['canaries']} canaries, {canary['inserted']} inserted x{canary['repeats']} "
+            f"at client {canary['client']}): {canary['correct_guesses']}/{canary['guesses']} membership guesses "
+            f"right, empirical epsilon >= {canary['epsilon_lower_bound']:.2f} (a lower bound at "
+            f"{canary['significance']:.0%} significance, never an estimate); mean exposure "
+            f"{canary['mean_exposure_bits'] or 0:.2f} of {canary['max_possible_exposure_bits']:.0f} bits")
 
 
 def plot_epsilon(report: dict, path: Path) -> Path:
