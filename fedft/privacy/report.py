@@ -85,6 +85,8 @@ def print_table(report: dict) -> None:
             cell(row, "epsilon_user_pld"), _fmt(row["clipped_fraction"], "{:.0%}"),
             cell(row, "remaining_budget"), _record_cell(row, bad), str(len(row["refusals"])))
     console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the columns into 80
+        console = Console(width=160)
     console.print(table)
     if report["mismatches"]:
         console.print(f"[red bold]{len(report['mismatches'])} recorded value(s) differ from the "
