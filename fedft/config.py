@@ -147,6 +147,8 @@ class PrivacyConfig:
     noise_multiplier: float = 1.0  # z: server noise std is z * C / m (m = clients sampled)
     delta: float = 1e-5
     target_epsilon: float = 0.0  # user-level budget; 0 = no budget (rounds are still accounted)
+    client_sampling: str = "fixed"  # fixed (Flower's fixed-size sample) | poisson (each client w.p. q)
+    client_sampling_rate: float = 1.0  # q for poisson sampling
     noise_seed: int = -1  # >= 0 makes the noise predictable: tests only, NO privacy
     record_level: bool = False  # DP-SGD (Opacus) inside every client
     dp_sgd_noise_multiplier: float = 1.0  # sigma, unless dp_sgd_target_epsilon calibrates it
@@ -196,6 +198,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy.aggregation": ("fedavg", "ffa", "svd"),
     "strategy.server_optimizer": ("none", "fedadam", "fedyogi", "fedavgm"),
     "strategy.wire_dtype": ("float32", "float16"),
+    "privacy.client_sampling": ("fixed", "poisson"),
 }
 # (field, predicate, what is allowed)
 RANGES: list[tuple[str, Any, str]] = [
@@ -217,6 +220,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("privacy.dp_sgd_target_epsilon", lambda v: v >= 0, "a number >= 0 (0: use dp_sgd_noise_multiplier)"),
     ("privacy.client_max_epsilon", lambda v: v >= 0, "a number >= 0 (0: no per-client limit)"),
     ("privacy.canaries", lambda v: v >= 0, "an integer >= 0 (0: no canaries)"),
+    ("privacy.client_sampling_rate", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     ("privacy.canary_repeats", lambda v: v >= 1, "an integer >= 1"),
     ("data.dirichlet_alpha", lambda v: v > 0, "a number > 0"),
     ("data.max_length", lambda v: v >= 8, "an integer >= 8"),
@@ -331,6 +335,9 @@ def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
     if cfg.strategy.aggregation == "ffa" and any(r != cfg.lora.r for r in ranks):
         fail("lora.client_ranks", "equal ranks with strategy.aggregation = 'ffa' (every client "
              "shares one frozen A); use 'svd' or 'fedavg' for heterogeneous ranks")
+    if cfg.privacy.client_sampling == "poisson" and not cfg.privacy.user_level:
+        fail("privacy.client_sampling", "'fixed' unless privacy.user_level is on (Poisson sampling of "
+             "clients exists for the user-level accounting)")
     if cfg.privacy.user_level:
         if cfg.strategy.aggregation == "svd":
             fail("strategy.aggregation", "'fedavg' or 'ffa' with privacy.user_level (noise is added to "

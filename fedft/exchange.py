@@ -10,6 +10,7 @@ energy). No flwr, no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ class AggregateResult:
     """The next global adapter and what the round's aggregation cost in accuracy."""
 
     state: dict[str, torch.Tensor]
-    naive_error: float  # ||mean(BA) - mean(B)mean(A)||_F / ||mean(BA)||_F over the replies
+    naive_error: float | None  # ||mean(BA) - mean(B)mean(A)||_F / ||mean(BA)||_F (None: no replies)
     discarded_energy: float | None  # svd only: share of sigma^2 cut by the rank limit
 
 
@@ -81,7 +82,7 @@ def private_aggregate(
     cfg: FedftConfig,
     global_state: dict[str, torch.Tensor],
     updates: Sequence[dict[str, torch.Tensor]],
-    num_sampled: int,
+    num_sampled: float,
     generator: torch.Generator,
 ) -> AggregateResult:
     """DP-FedAvg: global + (sum of clipped updates) / m + N(0, (z C / m)^2), equal weights.
@@ -92,10 +93,14 @@ def private_aggregate(
     from fedft.privacy.dpfedavg import noisy_mean
 
     p = cfg.privacy
+    poisson = p.client_sampling == "poisson"
+    template = downlink_state(dataclasses.replace(cfg, strategy=dataclasses.replace(
+        cfg.strategy, wire_dtype="float32")), global_state)
     noisy = noisy_mean([{k: v.to(torch.float32) for k, v in u.items()} for u in updates],
-                       num_sampled, p.clip_norm, p.noise_multiplier, generator)
+                       num_sampled, p.clip_norm, p.noise_multiplier, generator,
+                       poisson=poisson, template=template)
     state = {k: v + noisy[k] if k in noisy else v for k, v in global_state.items()}
     full = [reply_to_full_state(cfg, global_state, {k: global_state[k] + v for k, v in u.items()})
             for u in updates]
-    error = naive_aggregation_error(full, [1.0] * len(full))
+    error = naive_aggregation_error(full, [1.0] * len(full)) if full else None
     return AggregateResult(dict(sorted(state.items())), error, None)

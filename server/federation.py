@@ -104,7 +104,8 @@ def run_federation(
         replies = list(grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout_s))
         arrays, _ = strategy.aggregate_train(round_index, replies)
         replied = strategy.last
-        too_few = arrays is None or len(replied.node_ids) < cfg.strategy.min_train_nodes
+        poisson = cfg.privacy.user_level and cfg.privacy.client_sampling == "poisson"
+        too_few = arrays is None or (len(replied.node_ids) < cfg.strategy.min_train_nodes and not poisson)
         if too_few and replied.refusals and len(replied.refusals) == len(replied.failures):
             progress(f"round {round_index}: {len(replied.refusals)} of {len(messages)} clients declined "
                      f"(record-level privacy limits reached) and too few remain "
@@ -127,8 +128,8 @@ def run_federation(
             "num_examples": replied.num_examples,
             "bytes_down": bytes_down,
             "bytes_up": replied.bytes_up,
-            "bytes_up_per_client": replied.bytes_up / len(replied.node_ids),
-            "bytes_down_per_client": bytes_down / len(messages),
+            "bytes_up_per_client": replied.bytes_up / max(1, len(replied.node_ids)),
+            "bytes_down_per_client": bytes_down / max(1, len(messages)),
             "adapter_bytes": adapter_nbytes(state),
             "aggregation": cfg.strategy.aggregation,
             "aggregation_error": replied.naive_error,

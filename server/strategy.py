@@ -11,6 +11,7 @@ cut to what it needs (its LoRA rank, B only under FFA-LoRA, the wire dtype), and
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -69,6 +70,12 @@ class AdapterAggregation:
         """Flower's sampling and messages, each payload cut to what its client needs."""
         self.global_state = arrays.to_torch_state_dict()
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.num_nodes = len(messages)
+        privacy = self.fedft_cfg.privacy
+        if privacy.client_sampling == "poisson":  # each client independently with probability q
+            coin = (random.SystemRandom() if privacy.noise_seed < 0
+                    else random.Random(privacy.noise_seed * 7_919 + server_round))
+            messages = [m for m in messages if coin.random() < privacy.client_sampling_rate]
         self.sampled = [m.metadata.dst_node_id for m in messages]
         ranks = getattr(self, "node_ranks", {})
         shaped = []
@@ -91,18 +98,21 @@ class AdapterAggregation:
             refusals=[m.metadata.src_node_id for m in errors
                       if str(m.error.reason or "").startswith(wire.DECLINED)],
         )
-        if not valid:
+        cfg = self.fedft_cfg
+        poisson = cfg.privacy.user_level and cfg.privacy.client_sampling == "poisson"
+        if not valid and not poisson:  # (a Poisson round may be empty: its update is noise alone)
             return None, None
         states = [m.content[wire.ARRAYS].to_torch_state_dict() for m in valid]
         weights = [float(m.content[wire.METRICS][wire.NUM_EXAMPLES]) for m in valid]
         losses = [float(m.content[wire.METRICS][wire.TRAIN_LOSS]) for m in valid]
-        cfg = self.fedft_cfg
         if cfg.privacy.user_level:  # equal weights, fixed denominator: see fedft.privacy.dpfedavg
             seed = cfg.privacy.noise_seed
             generator = secure_generator(None if seed < 0 else seed * 100_003 + server_round)
-            result = private_aggregate(cfg, self.global_state, states, len(self.sampled), generator)
+            denominator = (cfg.privacy.client_sampling_rate * self.num_nodes if poisson
+                           else len(self.sampled))
+            result = private_aggregate(cfg, self.global_state, states, denominator, generator)
             clipped = [int(m.content[wire.METRICS].get(wire.CLIPPED, 0)) for m in valid]
-            self.last.clipped_fraction = sum(clipped) / len(clipped)
+            self.last.clipped_fraction = sum(clipped) / len(clipped) if clipped else None
         else:
             result = aggregate_replies(cfg, self.global_state, states, weights)
         self.last.sampled = list(self.sampled)
@@ -121,10 +131,12 @@ class AdapterAggregation:
                            **{n: r for n, r in self.last.ranks.items() if r > 0}}
         self.last.bytes_up = sum(payload_bytes(m.content) for m in valid)
         self.last.num_examples = int(sum(weights))
-        self.last.train_loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
+        self.last.train_loss = (sum(w * l for w, l in zip(weights, losses)) / sum(weights)
+                                if weights else None)
         self.last.naive_error = result.naive_error
         self.last.discarded_energy = result.discarded_energy
-        metrics = MetricRecord({wire.TRAIN_LOSS: self.last.train_loss, wire.NUM_EXAMPLES: self.last.num_examples})
+        metrics = MetricRecord({wire.TRAIN_LOSS: self.last.train_loss or 0.0,
+                                wire.NUM_EXAMPLES: self.last.num_examples})
         return ArrayRecord(torch_state_dict=result.state), metrics
 
     def server_optimizer_state(self) -> dict[str, torch.Tensor]:
@@ -181,8 +193,9 @@ def make_strategy(cfg: FedftConfig) -> AdapterAggregation:
 
 
 def _make_strategy(cfg: FedftConfig) -> AdapterAggregation:
+    poisson = cfg.privacy.user_level and cfg.privacy.client_sampling == "poisson"
     common = dict(
-        fraction_train=cfg.strategy.fraction_train,
+        fraction_train=1.0 if poisson else cfg.strategy.fraction_train,  # Poisson thins all nodes
         fraction_evaluate=0.0,
         min_train_nodes=cfg.strategy.min_train_nodes,
         min_evaluate_nodes=0,

@@ -165,3 +165,27 @@ def test_dp_sgd_and_dp_fedavg_still_train_the_adapter(dpsgd_run):
     first = load_file(dpsgd_run / "checkpoints" / "round-001" / "adapter_model.safetensors")
     last = load_file(dpsgd_run / "adapter" / "adapter_model.safetensors")
     assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def test_poisson_client_sampling_is_accounted_with_rdp_and_pld(tmp_path, tiny_model_dir):
+    from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
+    from fedft.privacy import accounting
+    from simulations.runner import simulate
+    from tests.conftest import TINY_TOML
+
+    write_jsonl(make_demo_rows(2, 24, 0.9, seed=0), tmp_path / "train.jsonl")
+    write_jsonl(make_eval_rows(2, seed=1), tmp_path / "eval.jsonl")
+    (tmp_path / "tiny.toml").write_text(TINY_TOML.format(model=tiny_model_dir))
+    cfg = load_config(tmp_path / "tiny.toml", [
+        "strategy.num_rounds=3", "strategy.eval_every=0", "privacy.user_level=true",
+        f"privacy.noise_multiplier={Z}", f"privacy.clip_norm={C}", "privacy.client_sampling=poisson",
+        "privacy.client_sampling_rate=0.5", "privacy.noise_seed=2"])
+    with pytest.warns(UserWarning, match="FIXED seed"):
+        simulate(cfg, tmp_path / "run")
+    rows = read_ledger(tmp_path / "run" / LEDGER_FILE)
+    assert [r.round for r in rows] == [1, 2, 3]
+    assert all(r.sampling == "poisson" and r.sampling_rate == 0.5 for r in rows)
+    assert all(r.epsilon_user_pld is not None and r.epsilon_user_pld < r.epsilon_user_rdp for r in rows)
+    event = accounting.user_level_event(2, 1.0, Z, "poisson")
+    assert rows[-1].epsilon_user_rdp == pytest.approx(accounting.epsilon([(event, 3)], 1e-5, "rdp"), abs=1e-6)
+    assert audit(rows) == []

@@ -17,7 +17,6 @@ from fedft.checkpoint import atomic_write_jsonl
 from fedft.privacy.ledger import RECORD_LEVEL, USER_LEVEL, LedgerRow, next_user_epsilon, with_epsilons
 
 LEDGER_FILE = "privacy_ledger.jsonl"
-SAMPLING = "fixed"  # Flower's FedAvg samples a fixed number of clients without replacement
 
 
 class PrivacyRunError(RuntimeError):
@@ -51,6 +50,14 @@ class PrivacyBookkeeper:
         return (self.cfg.target_epsilon or None) if self.cfg.user_level else None
 
     @property
+    def sampling(self) -> str:
+        """How clients were sampled: Flower's fixed-size sample, or Poisson with rate q."""
+        return self.cfg.client_sampling
+
+    def _rate(self, sample_size: int, num_clients: int) -> float:
+        return self.cfg.client_sampling_rate if self.sampling == "poisson" else sample_size / num_clients
+
+    @property
     def mechanisms(self) -> list[str]:
         return ([USER_LEVEL] if self.cfg.user_level else []) + ([RECORD_LEVEL] if self.cfg.record_level else [])
 
@@ -59,8 +66,8 @@ class PrivacyBookkeeper:
         if self.target is None:
             return None
         projected = next_user_epsilon(
-            self.rows, num_clients=num_clients, sampling_rate=sample_size / num_clients,
-            noise_multiplier=self.cfg.noise_multiplier, sampling=SAMPLING, delta=self.cfg.delta)
+            self.rows, num_clients=num_clients, sampling_rate=self._rate(sample_size, num_clients),
+            noise_multiplier=self.cfg.noise_multiplier, sampling=self.sampling, delta=self.cfg.delta)
         if projected <= self.target:
             return None
         spent = self.rows[-1].epsilon_user_rdp if self.rows else 0.0
@@ -83,7 +90,8 @@ class PrivacyBookkeeper:
             round=round_index, mechanisms=self.mechanisms,
             sampled_clients=sorted(str(n) for n in sampled),
             participating_clients=sorted(str(n) for n in replied),
-            num_clients=num_clients, sampling=SAMPLING, sampling_rate=len(sampled) / num_clients,
+            num_clients=num_clients, sampling=self.sampling,
+            sampling_rate=self._rate(len(sampled), num_clients),
             noise_multiplier=self.cfg.noise_multiplier if user else 0.0,
             clip_norm=self.cfg.clip_norm if user else 0.0,
             delta=self.cfg.delta, clipped_fraction=clipped_fraction if user else None,

@@ -65,20 +65,30 @@ def secure_generator(seed: int | None = None) -> torch.Generator:
 
 def noisy_mean(
     clipped_updates: Sequence[dict[str, torch.Tensor]],
-    num_sampled: int,
+    num_sampled: float,
     clip_norm: float,
     noise_multiplier: float,
     generator: torch.Generator,
+    *,
+    poisson: bool = False,
+    template: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """(sum of clipped updates) / m + N(0, (z C / m)^2) per coordinate, m = clients sampled."""
-    if num_sampled < 1 or len(clipped_updates) > num_sampled:
+    """(sum of clipped updates) / m + N(0, (z C / m)^2) per coordinate.
+
+    m is the number of clients sampled (fixed-size sampling) or, with ``poisson``, the
+    expected number q N: then the sample may be larger than m, or empty, in which case the
+    result is noise alone, shaped like ``template``.
+    """
+    if num_sampled <= 0 or (not poisson and len(clipped_updates) > num_sampled):
         raise ValueError(f"{len(clipped_updates)} updates from {num_sampled} sampled clients")
-    if not clipped_updates:
+    if not clipped_updates and template is None:
         raise ValueError("no client updates to aggregate")
     std = noise_multiplier * clip_norm / num_sampled
+    shapes = clipped_updates[0] if clipped_updates else template
     out = {}
-    for key in clipped_updates[0]:
-        total = sum(u[key].to(torch.float64) for u in clipped_updates) / num_sampled
+    for key, like in shapes.items():
+        total = sum((u[key].to(torch.float64) for u in clipped_updates),
+                    torch.zeros(like.shape, dtype=torch.float64)) / num_sampled
         noise = torch.normal(0.0, 1.0, size=total.shape, generator=generator, dtype=torch.float64) * std
         out[key] = (total + noise).to(torch.float32)
     return out
