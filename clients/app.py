@@ -17,8 +17,18 @@ from flwr.clientapp import ClientApp
 
 from fedft import wire
 from fedft.client import ClientDeclined, run_client_round
+from fedft.validate import check_outgoing
 
 DECLINED_CODE = 1001  # an application error code for "declined by the client"
+
+
+def guard_reply(reply: RecordDict) -> None:
+    """Refuse to send anything but adapter tensors and whitelisted metrics (fedft.validate)."""
+    kinds = {key: "arrays" if isinstance(record, ArrayRecord) else
+             "metrics" if isinstance(record, MetricRecord) else "config" for key, record in reply.items()}
+    arrays = [name for record in reply.values() if isinstance(record, ArrayRecord) for name in record]
+    metrics = [name for record in reply.values() if isinstance(record, MetricRecord) for name in record]
+    check_outgoing(kinds, arrays, metrics)
 
 
 def _history_file(context: Context, cfg) -> Path | None:
@@ -110,4 +120,5 @@ def train(msg: Message, context: Context) -> Message:
         wire.ARRAYS: ArrayRecord(torch_state_dict=result.state),
         wire.METRICS: MetricRecord(metrics),
     })
+    guard_reply(reply)
     return Message(content=reply, reply_to=msg)

@@ -127,6 +127,7 @@ class StrategyConfig:
     server_beta2: float = 0.99  # FedAdam/FedYogi second moment
     server_tau: float = 1e-3  # FedAdam/FedYogi adaptivity
     wire_dtype: str = "float32"  # float32 | float16 for adapter tensors in both directions
+    max_update_norm: float = 0.0  # replies changing the adapter by more (L2) are rejected; 0 = no bound
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("strategy.server_momentum", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("strategy.server_beta2", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("strategy.server_tau", lambda v: v > 0, "a number > 0"),
+    ("strategy.max_update_norm", lambda v: v >= 0, "a number >= 0 (0: no bound)"),
     ("privacy.clip_norm", lambda v: v > 0, "a number > 0"),
     ("privacy.noise_multiplier", lambda v: v >= 0, "a number >= 0"),
     ("privacy.delta", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),

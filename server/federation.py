@@ -115,8 +115,9 @@ def run_federation(
         if too_few:
             raise FederationError(
                 f"round {round_index}: {len(replied.node_ids)} of {len(messages)} clients replied "
-                f"(strategy.min_train_nodes = {cfg.strategy.min_train_nodes}); failures: "
-                + ("; ".join(replied.failures) or "none reported")
+                f"(strategy.min_train_nodes = {cfg.strategy.min_train_nodes}) with a valid update; "
+                f"failures and rejected updates: "
+                + ("; ".join(replied.failures + replied.rejected) or "none reported")
             )
         state = arrays.to_torch_state_dict()
         completed = round_index
@@ -125,6 +126,7 @@ def run_federation(
             "train_loss": replied.train_loss,
             "clients": len(replied.node_ids),
             "client_failures": replied.failures,
+            "rejected_updates": replied.rejected,
             "num_examples": replied.num_examples,
             "bytes_down": bytes_down,
             "bytes_up": replied.bytes_up,
@@ -160,6 +162,8 @@ def run_federation(
         if privacy is not None:
             privacy.flush()
         progress(format_progress(row, num_rounds))
+        for reason in replied.rejected:
+            progress(f"  rejected update from {reason}")
 
     if completed and evaluated_round != completed:  # stopped early (a privacy budget)
         final_metrics = evaluator(state)

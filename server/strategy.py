@@ -25,6 +25,7 @@ from fedft import wire
 from fedft.config import FedftConfig
 from fedft.exchange import aggregate_replies, downlink_state, private_aggregate
 from fedft.privacy.dpfedavg import secure_generator
+from fedft.validate import reply_problem
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -52,6 +53,7 @@ class RoundReplies:
     clipped_fraction: float | None = None  # DP-FedAvg: share of replies clipped to C
     record_level: dict[int, dict] = field(default_factory=dict)  # node -> DP-SGD spent this round
     refusals: list[int] = field(default_factory=list)  # nodes that declined the round
+    rejected: list[str] = field(default_factory=list)  # replies the server refused, with the reason
     naive_error: float | None = None
     discarded_energy: float | None = None
 
@@ -101,6 +103,16 @@ class AdapterAggregation:
         cfg = self.fedft_cfg
         poisson = cfg.privacy.user_level and cfg.privacy.client_sampling == "poisson"
         if not valid and not poisson:  # (a Poisson round may be empty: its update is noise alone)
+            return None, None
+        accepted = []
+        for m in valid:  # server-side validation: a bad update is named and left out
+            problem = reply_problem(cfg, self.global_state, m.content[wire.ARRAYS].to_torch_state_dict())
+            if problem is None:
+                accepted.append(m)
+            else:
+                self.last.rejected.append(f"node {m.metadata.src_node_id}: {problem}")
+        valid = accepted
+        if not valid and not poisson:
             return None, None
         states = [m.content[wire.ARRAYS].to_torch_state_dict() for m in valid]
         weights = [float(m.content[wire.METRICS][wire.NUM_EXAMPLES]) for m in valid]
