@@ -4,7 +4,8 @@
 point; everything registered here works without Flower: ``fedft demo data`` writes the
 demo's institutions' JSONL, ``fedft demo build-base`` rebuilds the embedded base model,
 ``fedft compare RUN_DIR ...`` tabulates and plots finished runs side by side,
-``fedft privacy report RUN_DIR`` audits a run's privacy ledger.
+``fedft privacy report RUN_DIR`` audits a run's privacy ledger, ``fedft certs HOST ...``
+creates TLS certificates for a deployment.
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ def _privacy_report(args: argparse.Namespace) -> int:
     return 1 if report["mismatches"] else 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from fedft.certs import explain, make_certificates
+
+    try:
+        paths = make_certificates(Path(args.out), args.hosts, days=args.days)
+    except (FileExistsError, ValueError) as err:
+        print(f"fedft: error: {err}", file=sys.stderr)
+        return 2
+    print(explain(paths, args.hosts))
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="fedft", description="Federated QLoRA fine-tuning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +117,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     compare.add_argument("runs", nargs="+", help="run directories (the first also gives the base model)")
     compare.add_argument("--plot", default="comparison.png", help="where to write the bar chart")
     compare.set_defaults(handler=_compare)
+    certs = commands.add_parser("certs", help="create a CA and a SuperLink TLS certificate")
+    certs.add_argument("hosts", nargs="+", help="host names / IP addresses the SuperLink is reached at")
+    certs.add_argument("--out", default="certificates", help="directory for ca.crt, ca.key, server.crt, server.key")
+    certs.add_argument("--days", type=int, default=365, help="validity in days")
+    certs.set_defaults(handler=_certs)
     privacy = commands.add_parser("privacy", help="audit a run's privacy ledger")
     privacy_commands = privacy.add_subparsers(dest="privacy_command", required=True)
     report = privacy_commands.add_parser(
