@@ -37,9 +37,14 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def jsonl_text(rows: list[dict]) -> str:
+    """``rows`` as JSON lines (sorted keys), the form every fedft .jsonl file has."""
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+
 def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
     """Rewrite a JSON-lines file with ``rows``, atomically."""
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    atomic_write_text(path, jsonl_text(rows))
 
 
 def read_jsonl_rows(path: Path) -> list[dict]:

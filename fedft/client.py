@@ -18,7 +18,8 @@ from fedft.config import ConfigError, FedftConfig
 from fedft.data import DataError, Example, load_dataset_files, tokenize_dataset
 from fedft.lora_aggregate import LORA_A, adapter_rank, b_only, truncate_to_rank
 from fedft.model import cached_peft_model, initial_adapter_state
-from fedft.privacy.dpfedavg import adapter_delta, clip_update
+from fedft.exchange import wire_dtype
+from fedft.privacy.dpfedavg import adapter_delta, clip_update, secure_generator
 from fedft.partition import partition_dataset
 from fedft.train import LocalResult, train_local
 
@@ -104,8 +105,7 @@ def received_to_start_state(cfg: FedftConfig, received: dict[str, torch.Tensor])
 def reply_state(cfg: FedftConfig, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What leaves the client: B only under FFA-LoRA, in the configured wire dtype."""
     state = b_only(trained) if cfg.strategy.aggregation == "ffa" else trained
-    dtype = torch.float16 if cfg.strategy.wire_dtype == "float16" else torch.float32
-    return {k: v.to(dtype) for k, v in state.items()}
+    return {k: v.to(wire_dtype(cfg)) for k, v in state.items()}
 
 
 def private_reply(
@@ -180,7 +180,6 @@ def run_client_round(
     start = received_to_start_state(cfg, received_state)
     seed = client_seed(cfg, round_index, client_index)
     if cfg.privacy.record_level:
-        from fedft.privacy.dpfedavg import secure_generator
         from fedft.privacy.dpsgd import train_local_dp
 
         check_record_budget(cfg, len(examples), dp_history or [], max_epsilon)

@@ -161,6 +161,11 @@ class PrivacyConfig:
     canary_client: int = 0  # the simulated client (partition id) whose data gets the canaries
     canary_repeats: int = 1  # copies of each inserted canary
 
+    @property
+    def poisson_clients(self) -> bool:
+        """DP-FedAvg with Poisson client sampling (a round may be small, or empty)."""
+        return self.user_level and self.client_sampling == "poisson"
+
 
 @dataclass(frozen=True)
 class FedftConfig:

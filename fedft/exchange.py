@@ -10,7 +10,6 @@ energy). No flwr, no I/O.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,12 +92,9 @@ def private_aggregate(
     from fedft.privacy.dpfedavg import noisy_mean
 
     p = cfg.privacy
-    poisson = p.client_sampling == "poisson"
-    template = downlink_state(dataclasses.replace(cfg, strategy=dataclasses.replace(
-        cfg.strategy, wire_dtype="float32")), global_state)
     noisy = noisy_mean([{k: v.to(torch.float32) for k, v in u.items()} for u in updates],
                        num_sampled, p.clip_norm, p.noise_multiplier, generator,
-                       poisson=poisson, template=template)
+                       poisson=p.poisson_clients, template=downlink_state(cfg, global_state))
     state = {k: v + noisy[k] if k in noisy else v for k, v in global_state.items()}
     full = [reply_to_full_state(cfg, global_state, {k: global_state[k] + v for k, v in u.items()})
             for u in updates]

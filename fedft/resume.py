@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fedft.checkpoint import jsonl_text, read_jsonl_rows
 from fedft.config import ConfigError, FedftConfig, config_to_dict
 
 META_FILE = "round.json"
@@ -34,10 +35,10 @@ def checkpoint_extras(round_index: int, cfg: FedftConfig, metrics_rows: list[dic
     extras = {
         META_FILE: json.dumps({"round": round_index}).encode(),
         CONFIG_FILE: json.dumps(config_to_dict(cfg), sort_keys=True, indent=1).encode(),
-        METRICS_COPY: "".join(json.dumps(r, sort_keys=True) + "\n" for r in metrics_rows).encode(),
+        METRICS_COPY: jsonl_text(metrics_rows).encode(),
     }
     if ledger_rows is not None:
-        extras[LEDGER_COPY] = "".join(json.dumps(r, sort_keys=True) + "\n" for r in ledger_rows).encode()
+        extras[LEDGER_COPY] = jsonl_text(ledger_rows).encode()
     if optimizer_state:
         extras[OPTIMIZER_FILE] = save({k: v.contiguous() for k, v in optimizer_state.items()})
     return extras
@@ -86,12 +87,12 @@ def load_resume_point(run_dir: Path, cfg: FedftConfig) -> ResumePoint:
     if differences:
         raise ConfigError(f"cannot resume {run_dir} from {path.name}: the config differs: "
                           + "; ".join(differences[:5]))
-    rows = [json.loads(line) for line in (path / METRICS_COPY).read_text().splitlines() if line.strip()]
+    rows = read_jsonl_rows(path / METRICS_COPY)
     if [r["round"] for r in rows] != list(range(round_index + 1)):
         raise ValueError(f"{path / METRICS_COPY} does not hold rounds 0..{round_index}")
     ledger = None
     if (path / LEDGER_COPY).exists():
-        ledger = [json.loads(line) for line in (path / LEDGER_COPY).read_text().splitlines() if line.strip()]
+        ledger = read_jsonl_rows(path / LEDGER_COPY)
     optimizer = load((path / OPTIMIZER_FILE).read_bytes()) if (path / OPTIMIZER_FILE).exists() else {}
     state = {k: v.to(torch.float32) for k, v in load_file(path / ADAPTER_FILE).items()}
     return ResumePoint(round_index, dict(sorted(state.items())), rows, ledger, optimizer, path)

@@ -17,7 +17,8 @@ import torch
 from fedft import wire
 from fedft.config import FedftConfig
 from fedft.exchange import wire_dtype
-from fedft.lora_aggregate import LORA_A, LORA_B, b_only, truncate_to_rank
+from fedft.lora_aggregate import LORA_A, LORA_B, adapter_rank, b_only, truncate_to_rank
+from fedft.privacy.dpfedavg import adapter_delta, update_norm
 
 
 class OutgoingDataError(RuntimeError):
@@ -70,21 +71,17 @@ def reply_problem(cfg: FedftConfig, global_state: dict[str, torch.Tensor],
         return f"layers have different ranks {sorted(ranks)}"
     bound = cfg.strategy.max_update_norm
     if bound > 0:
-        norm = update_norm(cfg, global_state, reply, ranks.pop())
+        norm = change_norm(cfg, global_state, reply, ranks.pop())
         if norm > bound:
             return f"update norm {norm:.4g} above strategy.max_update_norm = {bound:g}"
     return None
 
 
-def update_norm(cfg: FedftConfig, global_state: dict[str, torch.Tensor], reply: dict[str, torch.Tensor],
+def change_norm(cfg: FedftConfig, global_state: dict[str, torch.Tensor], reply: dict[str, torch.Tensor],
                 rank: int) -> float:
     """L2 norm of what the reply changes: the reply itself under DP-FedAvg (it is a delta),
     else the reply minus the global adapter cut to the client's rank."""
     if cfg.privacy.user_level:
-        return float(torch.sqrt(sum((v.double() ** 2).sum() for v in reply.values())))
-    base = truncate_to_rank(global_state, rank) if rank < _rank(global_state) else global_state
-    return float(torch.sqrt(sum(((v.double() - base[k].double()) ** 2).sum() for k, v in reply.items())))
-
-
-def _rank(state: dict[str, torch.Tensor]) -> int:
-    return next(v.shape[0] for k, v in state.items() if f".{LORA_A}." in k)
+        return update_norm(reply)
+    base = truncate_to_rank(global_state, rank) if rank < adapter_rank(global_state) else global_state
+    return update_norm(adapter_delta(reply, base))

@@ -42,8 +42,9 @@ def planned_sample_size(cfg: FedftConfig, num_nodes: int) -> int:
     return max(int(num_nodes * cfg.strategy.fraction_train), cfg.strategy.min_train_nodes)
 
 
-def _eval_metrics(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k.startswith("eval_")}
+def _eval_metrics(metrics: dict) -> dict:
+    """The held-out metrics a row records (an evaluator's result less its sample answers)."""
+    return {k: v for k, v in metrics.items() if k.startswith("eval_")}
 
 
 def run_federation(
@@ -65,11 +66,11 @@ def run_federation(
     point = load_resume_point(out_dir, cfg) if resume else None
     if point is None:
         state, first_round = evaluator.initial_state, 1
-        privacy = PrivacyBookkeeper(cfg.privacy, out_dir / LEDGER_FILE) if accounted else None
     else:
         state, first_round = point.state, point.round + 1
-        privacy = PrivacyBookkeeper(cfg.privacy, out_dir / LEDGER_FILE, point.ledger_rows or []) if accounted else None
         strategy.restore_server_optimizer(point.optimizer_state)
+    resume_rows = None if point is None else point.ledger_rows or []
+    privacy = PrivacyBookkeeper(cfg.privacy, out_dir / LEDGER_FILE, resume_rows) if accounted else None
     random.seed(cfg.seed + first_round - 1)  # Flower's node sampling draws from the global RNG
     progress(f"fedft: {cfg.strategy.name} over {cfg.simulation.num_supernodes} clients, "
              f"{num_rounds} rounds; adapter {adapter_nbytes(state) / 1e6:.2f} MB")
@@ -78,7 +79,7 @@ def run_federation(
         t0 = time.time()
         base_metrics = evaluator(state)
         row0 = {"round": 0, "train_loss": None, "bytes_up": 0, "bytes_down": 0, "clients": 0,
-                "seconds": time.time() - t0, **{k: v for k, v in base_metrics.items() if k != "samples"}}
+                "seconds": time.time() - t0, **_eval_metrics(base_metrics)}
         recorder.add_round(row0)
         progress(format_progress(row0, num_rounds) + "  (base model)")
         final_metrics, evaluated_round = base_metrics, 0
@@ -92,8 +93,8 @@ def run_federation(
     completed = first_round - 1
     for round_index in range(first_round, num_rounds + 1):
         t0 = time.time()
+        num_nodes = len(list(grid.get_node_ids()))
         if privacy is not None:
-            num_nodes = len(list(grid.get_node_ids()))
             refusal = privacy.refuse_round(round_index, num_nodes, planned_sample_size(cfg, num_nodes))
             if refusal:
                 progress(refusal)
@@ -104,8 +105,8 @@ def run_federation(
         replies = list(grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout_s))
         arrays, _ = strategy.aggregate_train(round_index, replies)
         replied = strategy.last
-        poisson = cfg.privacy.user_level and cfg.privacy.client_sampling == "poisson"
-        too_few = arrays is None or (len(replied.node_ids) < cfg.strategy.min_train_nodes and not poisson)
+        too_few = arrays is None or (len(replied.node_ids) < cfg.strategy.min_train_nodes
+                                     and not cfg.privacy.poisson_clients)
         if too_few and replied.refusals and len(replied.refusals) == len(replied.failures):
             progress(f"round {round_index}: {len(replied.refusals)} of {len(messages)} clients declined "
                      f"(record-level privacy limits reached) and too few remain "
@@ -140,9 +141,8 @@ def run_federation(
         if replied.discarded_energy is not None:
             row["svd_discarded_energy"] = replied.discarded_energy
         if privacy is not None:
-            ledger_row = privacy.record_round(round_index, replied.sampled, replied.node_ids,
-                                              len(list(grid.get_node_ids())), replied.clipped_fraction,
-                                              replied.record_level, replied.refusals)
+            ledger_row = privacy.record_round(round_index, replied.sampled, replied.node_ids, num_nodes,
+                                              replied.clipped_fraction, replied.record_level, replied.refusals)
             row.update({"epsilon_user_rdp": ledger_row.epsilon_user_rdp,
                         "epsilon_user_pld": ledger_row.epsilon_user_pld,
                         "clipped_fraction": ledger_row.clipped_fraction,
@@ -152,7 +152,7 @@ def run_federation(
         if _should_evaluate(cfg, round_index):
             final_metrics = evaluator(state)
             evaluated_round = round_index
-            row.update({k: v for k, v in final_metrics.items() if k != "samples"})
+            row.update(_eval_metrics(final_metrics))
         row["seconds"] = time.time() - t0
         ledger_rows = [r.to_dict() for r in privacy.rows] if privacy is not None else None
         extras = checkpoint_extras(round_index, cfg, recorder.rows + [row], ledger_rows,
@@ -167,7 +167,7 @@ def run_federation(
 
     if completed and evaluated_round != completed:  # stopped early (a privacy budget)
         final_metrics = evaluator(state)
-        recorder.amend_last({k: v for k, v in final_metrics.items() if k != "samples"})
+        recorder.amend_last(_eval_metrics(final_metrics))
     save_adapter(evaluator.model, state, out_dir / "adapter")
     canary_audit = None
     if cfg.privacy.canaries:

@@ -74,12 +74,12 @@ class AdapterAggregation:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.num_nodes = len(messages)
         privacy = self.fedft_cfg.privacy
-        if privacy.client_sampling == "poisson":  # each client independently with probability q
+        if privacy.poisson_clients:  # each client independently with probability q
             coin = (random.SystemRandom() if privacy.noise_seed < 0
                     else random.Random(privacy.noise_seed * 7_919 + server_round))
             messages = [m for m in messages if coin.random() < privacy.client_sampling_rate]
         self.sampled = [m.metadata.dst_node_id for m in messages]
-        ranks = getattr(self, "node_ranks", {})
+        ranks = self.node_ranks
         shaped = []
         for message in messages:
             node = message.metadata.dst_node_id
@@ -101,20 +101,19 @@ class AdapterAggregation:
                       if str(m.error.reason or "").startswith(wire.DECLINED)],
         )
         cfg = self.fedft_cfg
-        poisson = cfg.privacy.user_level and cfg.privacy.client_sampling == "poisson"
-        if not valid and not poisson:  # (a Poisson round may be empty: its update is noise alone)
-            return None, None
-        accepted = []
+        poisson = cfg.privacy.poisson_clients
+        accepted, states = [], []
         for m in valid:  # server-side validation: a bad update is named and left out
-            problem = reply_problem(cfg, self.global_state, m.content[wire.ARRAYS].to_torch_state_dict())
+            state = m.content[wire.ARRAYS].to_torch_state_dict()
+            problem = reply_problem(cfg, self.global_state, state)
             if problem is None:
                 accepted.append(m)
+                states.append(state)
             else:
                 self.last.rejected.append(f"node {m.metadata.src_node_id}: {problem}")
         valid = accepted
-        if not valid and not poisson:
+        if not valid and not poisson:  # (a Poisson round may be empty: its update is noise alone)
             return None, None
-        states = [m.content[wire.ARRAYS].to_torch_state_dict() for m in valid]
         weights = [float(m.content[wire.METRICS][wire.NUM_EXAMPLES]) for m in valid]
         losses = [float(m.content[wire.METRICS][wire.TRAIN_LOSS]) for m in valid]
         if cfg.privacy.user_level:  # equal weights, fixed denominator: see fedft.privacy.dpfedavg
@@ -139,8 +138,7 @@ class AdapterAggregation:
         self.last.node_ids = [m.metadata.src_node_id for m in valid]
         self.last.ranks = {m.metadata.src_node_id: int(m.content[wire.METRICS].get(wire.LORA_RANK, 0))
                            for m in valid}
-        self.node_ranks = {**getattr(self, "node_ranks", {}),
-                           **{n: r for n, r in self.last.ranks.items() if r > 0}}
+        self.node_ranks.update({n: r for n, r in self.last.ranks.items() if r > 0})
         self.last.bytes_up = sum(payload_bytes(m.content) for m in valid)
         self.last.num_examples = int(sum(weights))
         self.last.train_loss = (sum(w * l for w, l in zip(weights, losses)) / sum(weights)
@@ -205,9 +203,9 @@ def make_strategy(cfg: FedftConfig) -> AdapterAggregation:
 
 
 def _make_strategy(cfg: FedftConfig) -> AdapterAggregation:
-    poisson = cfg.privacy.user_level and cfg.privacy.client_sampling == "poisson"
     common = dict(
-        fraction_train=1.0 if poisson else cfg.strategy.fraction_train,  # Poisson thins all nodes
+        # with Poisson client sampling every node gets a message, then configure_train thins them
+        fraction_train=1.0 if cfg.privacy.poisson_clients else cfg.strategy.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=cfg.strategy.min_train_nodes,
         min_evaluate_nodes=0,

@@ -68,12 +68,17 @@ num_cpus = 1
 """
 
 
-@pytest.fixture
-def tiny_config_path(tiny_model_dir, tmp_path) -> Path:
+def write_tiny_setup(directory: Path, model_dir: Path, train_rows: list[dict] | None = None) -> Path:
+    """Two institutions' training rows (24 each unless given), held-out rows and tiny.toml."""
     from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
 
-    write_jsonl(make_demo_rows(2, 24, 0.9, seed=0), tmp_path / "train.jsonl")
-    write_jsonl(make_eval_rows(2, seed=1), tmp_path / "eval.jsonl")
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_TOML.format(model=tiny_model_dir))
+    write_jsonl(train_rows or make_demo_rows(2, 24, 0.9, seed=0), directory / "train.jsonl")
+    write_jsonl(make_eval_rows(2, seed=1), directory / "eval.jsonl")
+    path = directory / "tiny.toml"
+    path.write_text(TINY_TOML.format(model=model_dir))
     return path
+
+
+@pytest.fixture
+def tiny_config_path(tiny_model_dir, tmp_path) -> Path:
+    return write_tiny_setup(tmp_path, tiny_model_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedft.config import load_config
 from fedft.data import read_jsonl
-from fedft.demo import build_char_tokenizer, make_demo_rows, make_eval_rows, write_jsonl
+from fedft.demo import build_char_tokenizer, make_demo_rows, make_eval_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "simulations" / "data" / "demo"

@@ -20,14 +20,11 @@ Z, C = 0.5, 0.05
 
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory, tiny_model_dir):
-    from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
     from simulations.runner import simulate
-    from tests.conftest import TINY_TOML
+    from tests.conftest import write_tiny_setup
 
     d = tmp_path_factory.mktemp("dp")
-    write_jsonl(make_demo_rows(2, 24, 0.9, seed=0), d / "train.jsonl")
-    write_jsonl(make_eval_rows(2, seed=1), d / "eval.jsonl")
-    (d / "tiny.toml").write_text(TINY_TOML.format(model=tiny_model_dir))
+    write_tiny_setup(d, tiny_model_dir)
     # a budget between the epsilon after 2 rounds and after 3: the run must stop after round 2
     common = dict(num_clients=2, sampling_rate=1.0, noise_multiplier=Z, sampling="fixed", delta=1e-5)
     from fedft.privacy.ledger import LedgerRow, with_epsilons
@@ -120,16 +117,14 @@ def test_privacy_report_command_passes_an_honest_ledger_and_flags_an_edited_one(
 @pytest.fixture(scope="module")
 def dpsgd_run(tmp_path_factory, tiny_model_dir):
     """Both mechanisms on; institution 0 holds 16 rows (q = 1/2), institution 1 holds 40 (q = 1/5)."""
-    from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
+    from fedft.demo import make_demo_rows
     from simulations.runner import simulate
-    from tests.conftest import TINY_TOML
+    from tests.conftest import write_tiny_setup
 
     d = tmp_path_factory.mktemp("dpsgd")
     rows = make_demo_rows(2, 40, 0.9, seed=0)
     small = [r for r in rows if r["institution"] == "inst0"][:16]
-    write_jsonl(small + [r for r in rows if r["institution"] == "inst1"], d / "train.jsonl")
-    write_jsonl(make_eval_rows(2, seed=1), d / "eval.jsonl")
-    (d / "tiny.toml").write_text(TINY_TOML.format(model=tiny_model_dir))
+    write_tiny_setup(d, tiny_model_dir, small + [r for r in rows if r["institution"] == "inst1"])
     cfg = load_config(d / "tiny.toml", [
         "strategy.num_rounds=3", "strategy.eval_every=0", "strategy.min_train_nodes=1",
         "privacy.user_level=true", f"privacy.noise_multiplier={Z}", f"privacy.clip_norm={C}",
@@ -167,16 +162,11 @@ def test_dp_sgd_and_dp_fedavg_still_train_the_adapter(dpsgd_run):
     assert any(not torch.equal(first[k], last[k]) for k in first)
 
 
-def test_poisson_client_sampling_is_accounted_with_rdp_and_pld(tmp_path, tiny_model_dir):
-    from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
+def test_poisson_client_sampling_is_accounted_with_rdp_and_pld(tmp_path, tiny_config_path):
     from fedft.privacy import accounting
     from simulations.runner import simulate
-    from tests.conftest import TINY_TOML
 
-    write_jsonl(make_demo_rows(2, 24, 0.9, seed=0), tmp_path / "train.jsonl")
-    write_jsonl(make_eval_rows(2, seed=1), tmp_path / "eval.jsonl")
-    (tmp_path / "tiny.toml").write_text(TINY_TOML.format(model=tiny_model_dir))
-    cfg = load_config(tmp_path / "tiny.toml", [
+    cfg = load_config(tiny_config_path, [
         "strategy.num_rounds=3", "strategy.eval_every=0", "privacy.user_level=true",
         f"privacy.noise_multiplier={Z}", f"privacy.clip_norm={C}", "privacy.client_sampling=poisson",
         "privacy.client_sampling_rate=0.5", "privacy.noise_seed=2"])

@@ -23,13 +23,10 @@ def _run(config_path, out, overrides=()):
 @pytest.fixture(scope="module")
 def fedavg_run(tmp_path_factory, tiny_model_dir):
     # module-scoped copy of the tiny config so the Ray run happens once for several tests
-    from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
-    from tests.conftest import TINY_TOML
+    from tests.conftest import write_tiny_setup
 
     d = tmp_path_factory.mktemp("sim")
-    write_jsonl(make_demo_rows(2, 24, 0.9, seed=0), d / "train.jsonl")
-    write_jsonl(make_eval_rows(2, seed=1), d / "eval.jsonl")
-    (d / "tiny.toml").write_text(TINY_TOML.format(model=tiny_model_dir))
+    write_tiny_setup(d, tiny_model_dir)
     summary = _run(d / "tiny.toml", d / "run")
     return d, summary
 
