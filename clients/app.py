@@ -9,6 +9,7 @@ metrics named in ``fedft.wire``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedft import wire
 from fedft.client import ClientDeclined, run_client_round
+from fedft.config import FedftConfig, config_from_dict, config_to_dict
 from fedft.validate import check_outgoing
 
 DECLINED_CODE = 1001  # an application error code for "declined by the client"
@@ -68,6 +70,24 @@ def _remember(context: Context, path: Path | None, history: list) -> None:
     if path is not None:
         atomic_write_json(path, record)
 
+def node_settings(cfg: FedftConfig, node) -> FedftConfig:
+    """The server's config with this institution's own device and base-model location.
+
+    ``--node-config "device='cuda:1'"`` places this client's model on a GPU of its choosing
+    (or ``cpu``); ``model-path`` names where this institution keeps the same base model.
+    The values are checked like config fields, so a typo names the node-config key.
+    """
+    model = cfg.model
+    if wire.NODE_DEVICE in node:
+        model = dataclasses.replace(model, device=str(node[wire.NODE_DEVICE]))
+    if wire.NODE_MODEL_PATH in node:
+        model = dataclasses.replace(model, path=str(node[wire.NODE_MODEL_PATH]))
+    if model == cfg.model:
+        return cfg
+    data = config_to_dict(dataclasses.replace(cfg, model=model))
+    return config_from_dict(data, source="--node-config")
+
+
 app = ClientApp()
 
 
@@ -75,8 +95,8 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """One round of local QLoRA training from the global adapter in ``msg``."""
     config = msg.content[wire.CONFIG]
-    cfg = wire.decode_config(str(config[wire.CONFIG_JSON]))
     node = context.node_config
+    cfg = node_settings(wire.decode_config(str(config[wire.CONFIG_JSON])), node)
     partition_id = int(node[wire.PARTITION_ID]) if wire.PARTITION_ID in node else None
     data_path = str(node[wire.DATA_PATH]) if wire.DATA_PATH in node else None
     node_rank = int(node[wire.NODE_LORA_RANK]) if wire.NODE_LORA_RANK in node else None

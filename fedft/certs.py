@@ -16,6 +16,8 @@ import ipaddress
 import os
 from pathlib import Path
 
+SUPERLINK_PORT = 8000  # Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTPS port
+
 FILES = {
     "ca.crt": "the CA certificate: copy to every institution (flower-supernode --root-certificates)",
     "ca.key": "the CA private key: keep it offline at the coordinator, never copy it",
@@ -100,8 +102,35 @@ def explain(paths: dict[str, Path], hosts: list[str]) -> str:
     lines = [f"wrote a CA and a SuperLink certificate for {', '.join(hosts)}:"]
     lines += [f"  {paths[name]}  {what}" for name, what in FILES.items()]
     lines += ["coordinator:",
-              f"  flower-superlink --ssl-ca-certfile {paths['ca.crt']} --ssl-certfile {paths['server.crt']} "
+              f"  flower-superlink --host 0.0.0.0 --port {SUPERLINK_PORT} --enable-supernode-auth "
+              f"--ssl-ca-certfile {paths['ca.crt']} --ssl-certfile {paths['server.crt']} "
               f"--ssl-keyfile {paths['server.key']}",
               "each institution (after copying ca.crt to it):",
-              f"  flower-supernode --superlink {hosts[0]}:9092 --root-certificates ca.crt ..."]
+              f"  flower-supernode --superlink {hosts[0]}:{SUPERLINK_PORT} --root-certificates ca.crt ..."]
     return "\n".join(lines)
+
+
+def make_node_key(out_dir: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode authentication key pair: ``NAME`` (private, OpenSSH, 0600) and ``NAME.pub``.
+
+    EC P-384 (a NIST curve, as Flower requires; the same as ``ssh-keygen -t ecdsa -b 384``).
+    The institution keeps ``NAME`` (``flower-supernode --auth-supernode-private-key``) and
+    sends ``NAME.pub`` to the coordinator, who registers it with ``flwr supernode register``.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"node key name {name!r} must be a plain file name")
+    out_dir = Path(out_dir)
+    private, public = out_dir / name, out_dir / f"{name}.pub"
+    existing = [str(p) for p in (private, public) if p.exists()]
+    if existing:
+        raise FileExistsError(f"{existing} already exist; refusing to overwrite a node key")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                      serialization.NoEncryption()), private=True)
+    _write(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                 serialization.PublicFormat.OpenSSH) + b"\n", private=False)
+    return private, public

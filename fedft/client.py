@@ -205,8 +205,11 @@ def check_simulation_data(cfg: FedftConfig) -> list[int]:
     Returns the number of rows per client; raises ``DataError`` / ``PartitionError`` for a
     bad row (with its file and line), a missing column or an empty partition.
     """
+    from fedft.config import ConfigError
     from fedft.data import read_jsonl
 
+    if not cfg.data.train_files:  # a deployment's coordinator config has none; a simulation needs them
+        raise ConfigError("data.train_files is empty; a simulation or baseline needs at least one JSONL file")
     read_jsonl(cfg.data.eval_file)
     parts = partition_dataset(load_dataset_files(cfg.data.train_files), cfg.data,
                               cfg.simulation.num_supernodes)

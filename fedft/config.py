@@ -323,8 +323,6 @@ def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
     for name, predicate, allowed in RANGES:
         if not predicate(get(name)):
             fail(name, allowed)
-    if not cfg.data.train_files:
-        fail("data.train_files", "at least one JSONL file")
     if not cfg.data.eval_file:
         fail("data.eval_file", "a held-out JSONL file")
     device = cfg.model.device

@@ -40,6 +40,8 @@ DATA_PATH = "data-path"
 NODE_LORA_RANK = "lora-rank"  # deployment: this institution's LoRA rank (<= lora.r)
 NODE_MAX_EPSILON = "max-epsilon"  # this institution's record-level privacy limit
 NODE_STATE_DIR = "state-dir"  # where this institution keeps its DP-SGD spend across runs
+NODE_DEVICE = "device"  # this institution's device: cpu, cuda, cuda:N (overrides model.device)
+NODE_MODEL_PATH = "model-path"  # where this institution keeps the base model (overrides model.path)
 DP_SGD_HISTORY = "fedft-dp-sgd-history"  # node state: the DP-SGD rounds this client ran
 
 

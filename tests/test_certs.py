@@ -16,7 +16,8 @@ def test_certificates_chain_to_the_ca_and_name_the_hosts(tmp_path, capsys):
 
     assert main(["certs", "superlink.example.org", "127.0.0.1", "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
-    assert "flower-superlink --ssl-ca-certfile" in out and "--root-certificates" in out
+    assert "flower-superlink --host 0.0.0.0 --port 8000 --enable-supernode-auth --ssl-ca-certfile" in out
+    assert "--superlink superlink.example.org:8000 --root-certificates" in out
     ca = x509.load_pem_x509_certificate((tmp_path / "c" / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((tmp_path / "c" / "server.crt").read_bytes())
     server.verify_directly_issued_by(ca)
@@ -74,3 +75,23 @@ def test_a_tls_handshake_succeeds_with_the_ca_and_fails_without_it(tmp_path):
             pass
     thread.join(timeout=5)
     listener.close()
+
+
+def test_node_keys_are_what_flower_registers_and_loads(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    from fedft.certs import make_node_key
+
+    private, public = make_node_key(tmp_path / "keys", "hospital-a")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    key = load_ssh_private_key(private.read_bytes(), None)  # as flower-supernode reads it
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert try_load_public_key(public)  # as `flwr supernode register` reads it (exits on a bad key)
+    try:
+        make_node_key(tmp_path / "keys", "hospital-a")
+    except FileExistsError as err:
+        assert "hospital-a" in str(err)
+    else:
+        raise AssertionError("an existing node key was overwritten")

@@ -89,3 +89,15 @@ def test_every_shipped_config_loads():
     for path in configs:
         cfg = load_config(path)
         assert cfg.data.train_files, path
+
+
+def test_a_coordinator_config_needs_no_training_files_but_a_simulation_does(tiny_config_path):
+    from fedft.client import check_simulation_data
+
+    text = tiny_config_path.read_text().replace('train_files = ["train.jsonl"]\n', "")
+    path = tiny_config_path.with_name("coordinator.toml")
+    path.write_text(text)
+    cfg = load_config(path)  # a deployment's server names no institution's data
+    assert cfg.data.train_files == ()
+    with pytest.raises(ConfigError, match="data.train_files"):
+        check_simulation_data(cfg)

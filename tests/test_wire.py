@@ -46,3 +46,18 @@ def test_fedft_never_imports_flwr():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_institution_picks_its_own_device_and_base_model_location(tiny_config_path):
+    import pytest
+
+    from clients.app import node_settings
+    from fedft.config import ConfigError, load_config
+
+    cfg = load_config(tiny_config_path)
+    assert node_settings(cfg, {"data-path": "x.jsonl"}) is cfg
+    placed = node_settings(cfg, {"device": "cuda:1", "model-path": "/models/llama"})
+    assert placed.model.device == "cuda:1" and placed.model.path == "/models/llama"
+    assert placed.lora == cfg.lora and placed.train == cfg.train
+    with pytest.raises(ConfigError, match="node-config.*model.device"):
+        node_settings(cfg, {"device": "gpu0"})
