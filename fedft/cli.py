@@ -5,7 +5,8 @@ point; everything registered here works without Flower: ``fedft demo data`` writ
 demo's institutions' JSONL, ``fedft demo build-base`` rebuilds the embedded base model,
 ``fedft compare RUN_DIR ...`` tabulates and plots finished runs side by side,
 ``fedft privacy report RUN_DIR`` audits a run's privacy ledger, ``fedft certs HOST ...``
-creates TLS certificates for a deployment.
+creates TLS certificates for a deployment, ``fedft export RUN_DIR --out DIR [--merge]`` writes
+a run's adapter (PEFT format) or one merged standalone model.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 
 from fedft.config import ConfigError, load_config
 from fedft.data import DataError
+from fedft.export import EXPORT_DTYPES, STAGE_DIRS, ExportError
 from fedft.partition import PartitionError
 
-USER_ERRORS = (ConfigError, DataError, PartitionError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, PartitionError, ExportError, FileNotFoundError)
 
 DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "simulations" / "data" / "demo"
 
@@ -94,6 +96,14 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fedft.export import export_run
+
+    export_run(Path(args.run_dir), Path(args.out), merge=args.merge, dtype=args.dtype,
+               stage=args.stage, device=args.device)
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="fedft", description="Federated QLoRA fine-tuning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +141,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument("--plot", help="where to write the epsilon plot (default RUN_DIR/privacy_epsilon.png)")
     report.set_defaults(handler=_privacy_report)
+    export = commands.add_parser(
+        "export", help="write a run's adapter (PEFT format) or, with --merge, one standalone model")
+    export.add_argument("run_dir", help="a finished run directory (summary.json, adapter/)")
+    export.add_argument("--out", required=True, help="a new (or empty) directory for the export")
+    export.add_argument("--merge", action="store_true",
+                        help="merge the adapter into the (dequantized) base: a model that loads with "
+                             "AutoModelForCausalLM.from_pretrained alone")
+    export.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="fp32",
+                        help="dtype of the written tensors (merging is always done in fp32); default fp32")
+    export.add_argument("--stage", choices=list(STAGE_DIRS),
+                        help="which adapter (default: dpo if RUN_DIR/dpo/adapter exists, else sft)")
+    export.add_argument("--device", default="cpu", help="where to load and merge the base (cpu, cuda, auto)")
+    export.set_defaults(handler=_export)
     return parser, commands
 
 
