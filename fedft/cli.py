@@ -5,7 +5,7 @@ point; everything registered here works without Flower: ``fedft demo data`` writ
 demo's institutions' JSONL, ``fedft demo build-base`` rebuilds the embedded base model,
 ``fedft compare RUN_DIR ...`` tabulates and plots finished runs side by side,
 ``fedft privacy report RUN_DIR`` audits a run's privacy ledger, ``fedft certs HOST ...``
-creates TLS certificates for a deployment, ``fedft export RUN_DIR --out DIR [--merge]`` writes
+creates TLS certificates for a deployment and ``fedft node-key NAME`` a SuperNode's key pair, ``fedft export RUN_DIR --out DIR [--merge]`` writes
 a run's adapter (PEFT format) or one merged standalone model.
 """
 
@@ -40,10 +40,14 @@ def _demo_data(args: argparse.Namespace) -> int:
     from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
 
     out = Path(args.out)
-    write_jsonl(make_demo_rows(args.institutions, args.rows, args.own_share, seed=args.seed),
-                out / "train.jsonl")
+    rows = make_demo_rows(args.institutions, args.rows, args.own_share, seed=args.seed)
+    write_jsonl(rows, out / "train.jsonl")
     write_jsonl(make_eval_rows(args.eval_rows, seed=args.seed + 1), out / "eval.jsonl")
     print(f"wrote {out / 'train.jsonl'} and {out / 'eval.jsonl'}")
+    if args.per_institution:  # what each institution of a deployment would hold on its own
+        for name in sorted({row["institution"] for row in rows}):
+            write_jsonl([row for row in rows if row["institution"] == name], out / f"{name}.jsonl")
+            print(f"wrote {out / f'{name}.jsonl'}")
     return 0
 
 
@@ -96,6 +100,19 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_key(args: argparse.Namespace) -> int:
+    from fedft.certs import make_node_key
+
+    try:
+        private, public = make_node_key(Path(args.out), args.name)
+    except (FileExistsError, ValueError) as err:
+        print(f"fedft: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {private} (keep it here: flower-supernode --auth-supernode-private-key {private})")
+    print(f"wrote {public} (send it to the coordinator: flwr supernode register {public.name} <superlink>)")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from fedft.export import export_run
 
@@ -117,6 +134,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                       help="share of an institution's rows drawn from its own task")
     data.add_argument("--eval-rows", type=int, default=100, help="held-out rows per task")
     data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--per-institution", action="store_true",
+                      help="also write one INSTITUTION.jsonl per institution (for a deployment)")
     data.set_defaults(handler=_demo_data)
     base = demo_commands.add_parser("build-base", help="pretrain the tiny demo Llama")
     base.add_argument("--out", required=True)
@@ -132,6 +151,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     certs.add_argument("--out", default="certificates", help="directory for ca.crt, ca.key, server.crt, server.key")
     certs.add_argument("--days", type=int, default=365, help="validity in days")
     certs.set_defaults(handler=_certs)
+    node_key = commands.add_parser("node-key", help="create a SuperNode authentication key pair")
+    node_key.add_argument("name", help="file name of the private key (the public key gets .pub)")
+    node_key.add_argument("--out", default="keys", help="directory for the key pair")
+    node_key.set_defaults(handler=_node_key)
     privacy = commands.add_parser("privacy", help="audit a run's privacy ledger")
     privacy_commands = privacy.add_subparsers(dest="privacy_command", required=True)
     report = privacy_commands.add_parser(

@@ -43,3 +43,21 @@ def test_empty_partition_fails_before_anything_runs(tiny_config_path, tmp_path):
                     "--set", "strategy.min_train_nodes=2")
     assert result.returncode == 2 and "cannot fill 100 client partitions" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_demo_data_per_institution_and_node_keys(tmp_path, capsys):
+    from fedft.cli import main
+    from fedft.data import read_jsonl
+
+    assert main(["demo", "data", "--out", str(tmp_path / "d"), "--institutions", "2", "--rows", "5",
+                 "--eval-rows", "1", "--per-institution"]) == 0
+    pooled = read_jsonl(tmp_path / "d" / "train.jsonl")
+    own = [read_jsonl(tmp_path / "d" / f"inst{i}.jsonl") for i in range(2)]
+    def content(rows):
+        return [row["messages"] for row in rows]
+
+    assert [len(rows) for rows in own] == [5, 5] and content(own[0] + own[1]) == content(pooled)
+    assert {row["institution"] for row in own[1]} == {"inst1"}
+    assert main(["node-key", "hospital-a", "--out", str(tmp_path / "k")]) == 0
+    assert "flwr supernode register hospital-a.pub" in capsys.readouterr().out
+    assert main(["node-key", "hospital-a", "--out", str(tmp_path / "k")]) == 2  # never overwrites a key
