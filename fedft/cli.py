@@ -5,8 +5,9 @@ point; everything registered here works without Flower: ``fedft demo data`` writ
 demo's institutions' JSONL, ``fedft demo build-base`` rebuilds the embedded base model,
 ``fedft compare RUN_DIR ...`` tabulates and plots finished runs side by side,
 ``fedft privacy report RUN_DIR`` audits a run's privacy ledger, ``fedft certs HOST ...``
-creates TLS certificates for a deployment and ``fedft node-key NAME`` a SuperNode's key pair, ``fedft export RUN_DIR --out DIR [--merge]`` writes
-a run's adapter (PEFT format) or one merged standalone model.
+creates TLS certificates for a deployment and ``fedft node-key NAME`` a SuperNode's key
+pair, ``fedft export RUN_DIR --out DIR [--merge]`` writes a run's adapter (PEFT format) or one merged standalone model, ``fedft report RUN_DIR
+[--evaluate]`` writes a run's report.md, report.json and plots (evaluating every stage first).
 """
 
 from __future__ import annotations
@@ -121,6 +122,30 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fedft.run_report import REPORT_JSON, REPORT_MD, ReportError, build_report
+
+    run_dir = Path(args.run_dir)
+    if not args.evaluate and (args.compare or args.general_text or args.pairs):
+        print("fedft: error: --compare, --general-text and --pairs need --evaluate", file=sys.stderr)
+        return 2
+    try:
+        if args.evaluate:
+            from fedft.stage_eval import evaluate_run
+
+            evaluate_run(run_dir, compare=[Path(d) for d in args.compare], num_samples=args.samples,
+                         general_text=Path(args.general_text) if args.general_text else None,
+                         pairs_file=Path(args.pairs) if args.pairs else None)
+        report = build_report(run_dir)
+    except ReportError as err:
+        print(f"fedft: error: {err}", file=sys.stderr)
+        return 2
+    for line in report["omitted"]:
+        print(f"omitted: {line}")
+    print(f"wrote {run_dir / REPORT_MD}, {run_dir / REPORT_JSON} and {len(report['plots'])} plot(s)")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="fedft", description="Federated QLoRA fine-tuning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +202,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                         help="which adapter (default: dpo if RUN_DIR/dpo/adapter exists, else sft)")
     export.add_argument("--device", default="cpu", help="where to load and merge the base (cpu, cuda, auto)")
     export.set_defaults(handler=_export)
+    report_cmd = commands.add_parser(
+        "report", help="write RUN_DIR/report.md, report.json and plots from the run's files")
+    report_cmd.add_argument("run_dir", help="a finished run directory (summary.json, metrics.jsonl, ...)")
+    report_cmd.add_argument("--evaluate", action="store_true",
+                            help="first score every stage (base, federated, dpo, --compare runs) into "
+                                 "RUN_DIR/evaluation.json (loads the model)")
+    report_cmd.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR",
+                            help="with --evaluate: also score these runs' adapters (a centralized or "
+                                 "local-only baseline of the same base model)")
+    report_cmd.add_argument("--general-text", help="with --evaluate: text file (.txt lines or .jsonl "
+                                                   "'text') for the forgetting probe; default: the demo's")
+    report_cmd.add_argument("--pairs", help="with --evaluate: held-out preference pairs (JSONL); "
+                                            "default: dpo.eval_path, or the demo's")
+    report_cmd.add_argument("--samples", type=int, default=5, help="generated samples kept per stage")
+    report_cmd.set_defaults(handler=_report)
     return parser, commands
 
 
