@@ -17,7 +17,7 @@ def test_committed_demo_data_is_what_the_generator_writes(tmp_path):
     from fedft.cli import main
 
     assert main(["demo", "data", "--out", str(tmp_path)]) == 0
-    for name in ("train.jsonl", "eval.jsonl"):
+    for name in ("train.jsonl", "eval.jsonl", "prefs-train.jsonl", "prefs-eval.jsonl"):
         assert (tmp_path / name).read_text() == (DEMO_DATA / name).read_text(), name
 
 
