@@ -38,13 +38,15 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
+    from fedft.demo import make_demo_rows, make_eval_rows, write_demo_preferences, write_jsonl
 
     out = Path(args.out)
     rows = make_demo_rows(args.institutions, args.rows, args.own_share, seed=args.seed)
+    eval_rows = make_eval_rows(args.eval_rows, seed=args.seed + 1)
     write_jsonl(rows, out / "train.jsonl")
-    write_jsonl(make_eval_rows(args.eval_rows, seed=args.seed + 1), out / "eval.jsonl")
-    print(f"wrote {out / 'train.jsonl'} and {out / 'eval.jsonl'}")
+    write_jsonl(eval_rows, out / "eval.jsonl")
+    prefs = write_demo_preferences(out, rows, eval_rows, seed=args.seed)  # for the DPO stage
+    print(f"wrote {out / 'train.jsonl'}, {out / 'eval.jsonl'}, {prefs[0]} and {prefs[1]}")
     if args.per_institution:  # what each institution of a deployment would hold on its own
         for name in sorted({row["institution"] for row in rows}):
             write_jsonl([row for row in rows if row["institution"] == name], out / f"{name}.jsonl")

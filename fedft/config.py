@@ -168,6 +168,41 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class DpoConfig:
+    """The centralized DPO stage run on the federated adapter after the last round.
+
+    The policy starts from the federated SFT adapter; the reference is that adapter,
+    frozen. Preference files are JSONL rows {"prompt", "chosen", "rejected", "task"}.
+    """
+
+    enabled: bool = False
+    train_path: str = ""  # preference pairs to train on
+    eval_path: str = ""  # held-out pairs: preference accuracy before and after DPO
+    beta: float = 0.1  # strength of the pull towards the reference (higher: stay closer)
+    steps: int = 80  # optimizer steps (the demo: ~1 min on 2 CPU cores)
+    batch_size: int = 16  # pairs per step
+    learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"  # constant | linear | cosine
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    sft_weight: float = 3.0  # adds this times the chosen answers' mean token NLL (RPO); 0 = pure DPO
+    max_length: int = 128  # tokens of prompt + answer
+    eval_max_pairs: int = 200  # held-out pairs scored (drawn evenly when there are more)
+    log_every: int = 10  # progress line every N steps
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the end of a run scores and writes (RUN_DIR/evaluation.json, report.md/json, plots)."""
+
+    evaluate_stages: bool = True  # score base, federated (and DPO) models on the held-out data
+    general_text: str = ""  # text the base knew, for the forgetting probe (.txt lines or .jsonl "text");
+    # empty: the demo's own probe for the demo base, none otherwise
+    samples: int = 5  # generated answers shown per stage
+
+
+@dataclass(frozen=True)
 class FedftConfig:
     """The whole run."""
 
@@ -179,6 +214,8 @@ class FedftConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
     def model_path(self) -> str:
@@ -194,6 +231,8 @@ SECTIONS: dict[str, type] = {
     "strategy": StrategyConfig,
     "simulation": SimulationConfig,
     "privacy": PrivacyConfig,
+    "dpo": DpoConfig,
+    "report": ReportConfig,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.quantization": ("nf4", "int8", "none"),
@@ -205,6 +244,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy.server_optimizer": ("none", "fedadam", "fedyogi", "fedavgm"),
     "strategy.wire_dtype": ("float32", "float16"),
     "privacy.client_sampling": ("fixed", "poisson"),
+    "dpo.lr_schedule": ("constant", "linear", "cosine"),
 }
 # (field, predicate, what is allowed)
 RANGES: list[tuple[str, Any, str]] = [
@@ -249,8 +289,19 @@ RANGES: list[tuple[str, Any, str]] = [
     ("simulation.num_supernodes", lambda v: v >= 1, "an integer >= 1"),
     ("simulation.num_cpus", lambda v: v > 0, "a number > 0"),
     ("simulation.num_gpus", lambda v: v >= 0, "a number >= 0"),
+    ("dpo.beta", lambda v: v > 0, "a number > 0"),
+    ("dpo.steps", lambda v: v >= 1, "an integer >= 1"),
+    ("dpo.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("dpo.learning_rate", lambda v: v > 0, "a number > 0"),
+    ("dpo.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("dpo.max_grad_norm", lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
+    ("dpo.sft_weight", lambda v: v >= 0, "a number >= 0 (0: pure DPO)"),
+    ("dpo.max_length", lambda v: v >= 8, "an integer >= 8"),
+    ("dpo.eval_max_pairs", lambda v: v >= 1, "an integer >= 1"),
+    ("dpo.log_every", lambda v: v >= 1, "an integer >= 1"),
+    ("report.samples", lambda v: v >= 0, "an integer >= 0"),
 ]
-PATH_FIELDS = ("data.train_files", "data.eval_file")
+PATH_FIELDS = ("data.train_files", "data.eval_file", "dpo.train_path", "dpo.eval_path", "report.general_text")
 
 
 def _where(source: str | None, lines: list[str], section: str | None, key: str) -> str:
@@ -364,6 +415,12 @@ def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
     if cfg.strategy.server_optimizer != "none" and cfg.strategy.aggregation == "svd":
         fail("strategy.server_optimizer", "'none' with strategy.aggregation = 'svd': the SVD re-factors "
              "A and B every round, so their round-to-round difference is no pseudo-gradient")
+    if cfg.dpo.enabled:
+        for name in ("dpo.train_path", "dpo.eval_path"):
+            if not get(name):
+                fail(name, "a preference JSONL file (rows with prompt, chosen, rejected) when dpo.enabled")
+        if cfg.dpo.warmup_steps >= cfg.dpo.steps:
+            fail("dpo.warmup_steps", f"fewer than dpo.steps = {cfg.dpo.steps}")
 
 
 def config_from_dict(raw: dict, *, source: str | None = None, text: str = "") -> FedftConfig:
@@ -423,6 +480,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:
+    dpo = raw.get("dpo")
+    if isinstance(dpo, dict):
+        dpo = {k: (str((base / v).resolve()) if k in ("train_path", "eval_path") and isinstance(v, str) and v
+                   else v) for k, v in dpo.items()}
+        raw = {**raw, "dpo": dpo}
+    report = raw.get("report")
+    if isinstance(report, dict) and isinstance(report.get("general_text"), str) and report["general_text"]:
+        raw = {**raw, "report": {**report, "general_text": str((base / report["general_text"]).resolve())}}
     data = raw.get("data")
     if not isinstance(data, dict):
         return raw

@@ -62,6 +62,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return candidates[-1].parent if candidates else None
 
 
+POST_FEDERATION_SECTIONS = ("dpo", "report")  # may change between a run and its resumption
+
+
 def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(saved) | set(current)):
@@ -83,7 +86,11 @@ def load_resume_point(run_dir: Path, cfg: FedftConfig) -> ResumePoint:
                                 "to resume from")
     round_index = int(json.loads((path / META_FILE).read_text())["round"])
     saved = json.loads((path / CONFIG_FILE).read_text())
-    differences = _config_differences(saved, config_to_dict(cfg))
+    current = config_to_dict(cfg)
+    for after_the_rounds in POST_FEDERATION_SECTIONS:  # do not change what the rounds compute
+        saved.pop(after_the_rounds, None)
+        current.pop(after_the_rounds, None)
+    differences = _config_differences(saved, current)
     if differences:
         raise ConfigError(f"cannot resume {run_dir} from {path.name}: the config differs: "
                           + "; ".join(differences[:5]))

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from fedft import wire
 from fedft.config import FedftConfig
 from fedft.evaluate import HeldOutEvaluator
+from fedft.final_stages import run_final_stages, write_report
 from fedft.resume import checkpoint_extras, load_resume_point
 from fedft.privacy.bookkeeping import LEDGER_FILE, PrivacyBookkeeper
 from fedft.model import adapter_nbytes, save_adapter
@@ -190,7 +191,12 @@ def run_federation(
                  f"epsilon {'-' if formal is None else f'{formal:.2f}'}); mean exposure "
                  f"{canary_audit['mean_exposure_bits'] or 0:.2f} of {canary_audit['max_possible_exposure_bits']:.0f} bits")
     recorder.write_summary(summary)
-    progress(f"done in {summary['wall_seconds']:.0f}s: exact match "
+    progress(f"federated rounds done in {summary['wall_seconds']:.0f}s: exact match "
              f"{100 * summary['final']['eval_exact_match']:.1f}% (base "
              f"{100 * summary['base']['eval_exact_match']:.1f}%); adapter in {out_dir / 'adapter'}")
+    added = run_final_stages(cfg, out_dir, state, progress)
+    if added:
+        summary.update(added)
+        recorder.write_summary(summary)
+    write_report(out_dir, progress)
     return summary

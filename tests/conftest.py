@@ -65,6 +65,8 @@ eval_every = 1
 [simulation]
 num_supernodes = 2
 num_cpus = 1
+[report]
+evaluate_stages = false  # tests that need the stage evaluation turn it on
 """
 
 

@@ -25,10 +25,39 @@ def fedavg_run(tmp_path_factory, tiny_model_dir):
     # module-scoped copy of the tiny config so the Ray run happens once for several tests
     from tests.conftest import write_tiny_setup
 
+    from fedft.demo import make_preference_rows, write_jsonl
+
     d = tmp_path_factory.mktemp("sim")
     write_tiny_setup(d, tiny_model_dir)
-    summary = _run(d / "tiny.toml", d / "run")
+    write_jsonl(make_preference_rows(4, seed=0), d / "prefs-train.jsonl")
+    write_jsonl(make_preference_rows(2, seed=1), d / "prefs-eval.jsonl")
+    # the whole pipeline: federated rounds, the DPO stage, every stage evaluated, the report
+    summary = _run(d / "tiny.toml", d / "run", [
+        "dpo.enabled=true", f"dpo.train_path={d / 'prefs-train.jsonl'}", f"dpo.eval_path={d / 'prefs-eval.jsonl'}",
+        "dpo.steps=3", "dpo.batch_size=4", "report.evaluate_stages=true", "report.samples=2"])
     return d, summary
+
+
+def test_the_run_ends_with_dpo_every_stage_evaluated_and_a_report(fedavg_run):
+    from fedft.run_report import build_report
+
+    d, summary = fedavg_run
+    run = d / "run"
+    assert (run / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert summary["dpo"]["steps"] == 3 and summary["evaluation_wall_s"] > 0
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["stage_order"] == ["base", "federated", "dpo"]
+    for stage in evaluation["stages"].values():
+        assert {"loss", "perplexity", "exact_match", "pref_accuracy", "reward_margin"} <= stage.keys()
+    assert evaluation["stages"]["base"]["pref_accuracy"] == 0.5  # the base is its own reference
+    report = json.loads((run / "report.json").read_text())
+    text = (run / "report.md").read_text()
+    for stage in ("base", "federated", "dpo"):
+        assert stage in text
+    assert build_report(run) == report  # `fedft report RUN_DIR` rebuilds the same from the files
+    assert report["plots"]
+    for plot in report["plots"].values():
+        assert (run / plot).stat().st_size > 0
 
 
 def test_two_clients_two_rounds_loss_falls_and_adapter_changes(fedavg_run):
