@@ -270,8 +270,11 @@ def sample_lines(samples: dict[str, list[dict]]) -> list[str]:
     """One small table of generated samples per stage."""
     if not samples:
         return ["No generated samples recorded."]
+    from fedft.stage_eval import ordered_stage_names
+
     lines = []
-    for stage, rows in samples.items():
+    for stage in ordered_stage_names(samples):
+        rows = samples[stage]
         lines += [f"**{stage}**", "", "| prompt | reference | prediction |", "| --- | --- | --- |"]
         lines += [f"| {_cell(r.get('prompt', r.get('prompt_source', '')))} | `{_cell(r['reference'])}` "
                   f"| `{_cell(r['prediction'])}` |" for r in rows]
