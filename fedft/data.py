@@ -12,8 +12,10 @@ tokenizer's chat template when it has one; the loss sees only the answer's token
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -54,30 +56,36 @@ def _row_to_messages(row: dict, where: str) -> list[dict]:
     )
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read and normalise a JSONL file: rows of ``messages`` + metadata + ``source`` (file:line)."""
+def json_lines(path: str | Path, kind: str = "data file") -> Iterator[tuple[str, Any]]:
+    """``(file:line, parsed value)`` for each non-blank line; a missing file or bad JSON raises
+    ``DataError`` naming the place. ``kind`` names the file in messages."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    rows = []
+        raise DataError(f"{kind} {path} does not exist")
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                raw = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
-            if not isinstance(raw, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-            row = {"messages": _row_to_messages(raw, where), "source": where}
-            for key, value in raw.items():
-                if key not in ("messages", "instruction", "input", "output"):
-                    if not isinstance(value, (str, int, float, bool)) and value is not None:
-                        raise DataError(f"{where}: extra column {key!r} must be a scalar")
-                    row[key] = value
-            rows.append(row)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read and normalise a JSONL file: rows of ``messages`` + metadata + ``source`` (file:line)."""
+    rows = []
+    for where, raw in json_lines(path):
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        row = {"messages": _row_to_messages(raw, where), "source": where}
+        for key, value in raw.items():
+            if key not in ("messages", "instruction", "input", "output"):
+                if not isinstance(value, (str, int, float, bool)) and value is not None:
+                    raise DataError(f"{where}: extra column {key!r} must be a scalar")
+                row[key] = value
+        rows.append(row)
     if not rows:
         raise DataError(f"data file {path} has no rows")
     return rows

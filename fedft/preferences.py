@@ -14,11 +14,10 @@ where they start). Nothing here trains a model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedft.data import ROLES, DataError, prompt_and_completion
+from fedft.data import ROLES, DataError, json_lines, prompt_and_completion
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 
@@ -89,20 +88,7 @@ def pair_from_row(raw, where: str) -> PreferencePair:
 
 def read_preference_jsonl(path: str | Path) -> list[PreferencePair]:
     """Read a preference JSONL file; a bad row raises ``DataError`` naming file:line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"preference file {path} does not exist")
-    pairs = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
-            pairs.append(pair_from_row(raw, where))
+    pairs = [pair_from_row(raw, where) for where, raw in json_lines(path, "preference file")]
     if not pairs:
         raise DataError(f"preference file {path} has no rows")
     return pairs
