@@ -480,26 +480,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:
-    dpo = raw.get("dpo")
-    if isinstance(dpo, dict):
-        dpo = {k: (str((base / v).resolve()) if k in ("train_path", "eval_path") and isinstance(v, str) and v
-                   else v) for k, v in dpo.items()}
-        raw = {**raw, "dpo": dpo}
-    report = raw.get("report")
-    if isinstance(report, dict) and isinstance(report.get("general_text"), str) and report["general_text"]:
-        raw = {**raw, "report": {**report, "general_text": str((base / report["general_text"]).resolve())}}
-    data = raw.get("data")
-    if not isinstance(data, dict):
-        return raw
-    data = dict(data)
-    if isinstance(data.get("train_files"), str):
-        data["train_files"] = [data["train_files"]]
-    if isinstance(data.get("train_files"), list):
-        data["train_files"] = [str((base / p).resolve()) if isinstance(p, str) else p
-                               for p in data["train_files"]]
-    if isinstance(data.get("eval_file"), str) and data["eval_file"]:
-        data["eval_file"] = str((base / data["eval_file"]).resolve())
-    return {**raw, "data": data}
+    """Every field of ``PATH_FIELDS`` made absolute against ``base`` (a lone train file becomes a list)."""
+    def resolve(value: Any) -> Any:
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return str((base / value).resolve()) if isinstance(value, str) and value else value
+
+    raw = dict(raw)
+    for name in PATH_FIELDS:
+        section, key = name.split(".")
+        part = raw.get(section)
+        if not isinstance(part, dict) or key not in part:
+            continue
+        value = part[key]
+        if name == "data.train_files" and isinstance(value, str):
+            value = [value]
+        raw[section] = {**part, key: resolve(value)}
+    return raw
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> FedftConfig:
