@@ -70,6 +70,7 @@ def _remember(context: Context, path: Path | None, history: list) -> None:
     if path is not None:
         atomic_write_json(path, record)
 
+
 def node_settings(cfg: FedftConfig, node) -> FedftConfig:
     """The server's config with this institution's own device and base-model location.
 

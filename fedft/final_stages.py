@@ -5,8 +5,8 @@ saved (and the run's summary.json written, so a failure here loses no federated 
 with ``dpo.enabled`` it preference-tunes the federated adapter (``fedft.dpo``), then scores
 the base, the federated SFT adapter and the DPO adapter on the same held-out data
 (``fedft.stage_eval``, unless ``report.evaluate_stages`` is off). ``write_report`` then
-writes RUN_DIR/report.md, report.json and the plots (``fedft.run_report``). ``fedft report RUN_DIR`` rebuilds the report from the same files.
-Nothing here imports flwr.
+writes RUN_DIR/report.md, report.json and the plots (``fedft.run_report``); ``fedft report
+RUN_DIR`` rebuilds the report from the same files. Nothing here imports flwr.
 """
 
 from __future__ import annotations
