@@ -216,7 +216,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     report_cmd.add_argument("--general-text", help="with --evaluate: text file (.txt lines or .jsonl "
                                                    "'text') for the forgetting probe; default: the demo's")
     report_cmd.add_argument("--pairs", help="with --evaluate: held-out preference pairs (JSONL); "
-                                            "default: dpo.eval_path, or the demo's")
+                                            "default: the run's dpo/pairs-eval.jsonl, else dpo.eval_path, or the demo's")
     report_cmd.add_argument("--samples", type=int, default=5, help="generated samples kept per stage")
     report_cmd.set_defaults(handler=_report)
     return parser, commands

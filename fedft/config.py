@@ -172,7 +172,9 @@ class DpoConfig:
     """The centralized DPO stage run on the federated adapter after the last round.
 
     The policy starts from the federated SFT adapter; the reference is that adapter,
-    frozen. Preference files are JSONL rows {"prompt", "chosen", "rejected", "task"}.
+    frozen. Preference files are JSONL rows {"prompt", "chosen", "rejected", "task"}; with
+    ``rejected_from = "model"`` each rejected answer is replaced by the federated model's
+    own most probable wrong answer (``fedft.model_pairs``) before training and scoring.
     """
 
     enabled: bool = False
@@ -186,6 +188,10 @@ class DpoConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # 0 disables clipping
     sft_weight: float = 3.0  # adds this times the chosen answers' mean token NLL (RPO); 0 = pure DPO
+    rejected_from: str = "file"  # file | model: the federated model's own most probable wrong answers
+    samples: int = 8  # with rejected_from = "model": answers sampled per prompt (besides the greedy one)
+    temperature: float = 1.0  # ... at this temperature
+    negatives_per_prompt: int = 1  # ... training pairs per prompt (held-out pairs always use 1)
     max_length: int = 128  # tokens of prompt + answer
     eval_max_pairs: int = 200  # held-out pairs scored (drawn evenly when there are more)
     log_every: int = 10  # progress line every N steps
@@ -245,6 +251,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy.wire_dtype": ("float32", "float16"),
     "privacy.client_sampling": ("fixed", "poisson"),
     "dpo.lr_schedule": ("constant", "linear", "cosine"),
+    "dpo.rejected_from": ("file", "model"),
 }
 # (field, predicate, what is allowed)
 RANGES: list[tuple[str, Any, str]] = [
@@ -297,6 +304,9 @@ RANGES: list[tuple[str, Any, str]] = [
     ("dpo.max_grad_norm", lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
     ("dpo.sft_weight", lambda v: v >= 0, "a number >= 0 (0: pure DPO)"),
     ("dpo.max_length", lambda v: v >= 8, "an integer >= 8"),
+    ("dpo.samples", lambda v: v >= 1, "an integer >= 1"),
+    ("dpo.temperature", lambda v: v > 0, "a number > 0"),
+    ("dpo.negatives_per_prompt", lambda v: v >= 1, "an integer >= 1"),
     ("dpo.eval_max_pairs", lambda v: v >= 1, "an integer >= 1"),
     ("dpo.log_every", lambda v: v >= 1, "an integer >= 1"),
     ("report.samples", lambda v: v >= 0, "an integer >= 0"),

@@ -24,7 +24,7 @@ def run_final_stages(cfg: FedftConfig, out_dir: Path, federated_state: dict[str,
                      progress: Callable[[str], None] = print) -> dict:
     """DPO (when enabled) and the stage evaluation; returns what to add to summary.json."""
     from fedft.model import cached_peft_model
-    from fedft.stage_eval import evaluate_stages, stage_inputs
+    from fedft.stage_eval import evaluate_stages, run_pairs_path, stage_inputs, write_evaluation
 
     out_dir = Path(out_dir)
     added: dict = {}
@@ -40,11 +40,11 @@ def run_final_stages(cfg: FedftConfig, out_dir: Path, federated_state: dict[str,
         started = time.time()
         _, tokenizer = cached_peft_model(cfg)
         general = Path(cfg.report.general_text) if cfg.report.general_text else None
-        inputs = stage_inputs(cfg, tokenizer, general_text=general)
-        inputs.pop("sources")
+        inputs = stage_inputs(cfg, tokenizer, general_text=general, pairs_file=run_pairs_path(out_dir))
+        sources = inputs.pop("sources")
         progress(f"evaluating {', '.join(stages)} on the held-out data ...")
-        evaluate_stages(cfg, stages, out_dir=out_dir, num_samples=cfg.report.samples, progress=progress,
-                        **inputs)
+        evaluation = evaluate_stages(cfg, stages, num_samples=cfg.report.samples, progress=progress, **inputs)
+        write_evaluation(out_dir, {**evaluation, **sources})
         added["evaluation_wall_s"] = round(time.time() - started, 2)
     return added
 

@@ -21,7 +21,8 @@ from fedft.checkpoint import atomic_write_json, atomic_write_text
 REPORT_MD, REPORT_JSON = "report.md", "report.json"
 PLOTS = {"curves": "report_curves.png", "stages": "report_stage_accuracy.png",
          "preferences": "report_preferences.png"}
-STAGE_METRICS = ("loss", "perplexity", "exact_match", "pref_accuracy", "reward_margin", "general_perplexity")
+STAGE_METRICS = ("loss", "perplexity", "exact_match", "pref_accuracy", "reward_margin", "likelihood_accuracy",
+                 "general_perplexity")
 
 
 class ReportError(ValueError):
@@ -129,14 +130,19 @@ def stages_from_summary(summary: dict, dpo_summary: dict | None) -> list[dict]:
                 "exact_match_by_task": m.get("eval_exact_match_by_task", {})}
 
     rows = [row("base", summary["base"]), row(final_stage_name(summary), summary["final"])]
-    if dpo_summary:
-        rows[0].update(pref_accuracy=0.5, reward_margin=0.0)  # rewards are measured against the base
-        rows[1].update(pref_accuracy=dpo_summary.get("pref_accuracy_before"),
-                       reward_margin=dpo_summary.get("reward_margin_before"))
+    if dpo_summary:  # its rewards are measured against the final stage, DPO's reference
+        keys = ("pref_accuracy", "reward_margin", "likelihood_accuracy")
+        rows[1].update({k: dpo_summary.get(f"{k}_before") for k in keys})
         rows.append({"stage": "dpo", "source": "dpo/summary.json",
-                     "pref_accuracy": dpo_summary.get("pref_accuracy_after"),
-                     "reward_margin": dpo_summary.get("reward_margin_after")})
+                     **{k: dpo_summary.get(f"{k}_after") for k in keys}})
     return rows
+
+
+def preference_reference(summary: dict, evaluation: dict | None) -> str | None:
+    """The stage whose log-probs the implicit rewards are measured against."""
+    if evaluation:
+        return evaluation.get("preference_reference") or ("base" if evaluation.get("preference_pairs") else None)
+    return final_stage_name(summary)
 
 
 def group_columns(stages: list[dict], institutions: dict | None) -> list[dict]:
@@ -195,6 +201,7 @@ def assemble_report(run_name: str, summary: dict, metrics: list[dict] | None, ev
         "clients": cfg.get("simulation", {}).get("num_supernodes"),
         "base_model": cfg.get("model", {}).get("path"),
         "stage_table_source": "evaluation.json" if evaluation else "summary.json",
+        "preference_reference": preference_reference(summary, evaluation),
         "stages": stages,
         "institutions": institutions,
         "columns": group_columns(stages, institutions),
@@ -239,13 +246,14 @@ def stage_table(report: dict) -> list[str]:
     """The markdown stage table."""
     columns = report["columns"]
     head = ["stage", "loss", "perplexity", "exact match", *[c["label"] for c in columns],
-            "pref. accuracy", "reward margin", "general-text perplexity"]
+            "pref. accuracy", "reward margin", "chosen ranked first", "general-text perplexity"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for s in report["stages"]:
         groups = [_pct((s.get(c["key"]) or {}).get(c["name"])) for c in columns]
         cells = [s["stage"], _fmt(s.get("loss"), "{:.3f}"), _fmt(s.get("perplexity"), "{:.2f}"),
                  f"**{_pct(s.get('exact_match'))}**", *groups, _pct(s.get("pref_accuracy")),
-                 _fmt(s.get("reward_margin"), "{:.3f}"), _fmt(s.get("general_perplexity"), "{:.2f}")]
+                 _fmt(s.get("reward_margin"), "{:.3f}"), _pct(s.get("likelihood_accuracy")),
+                 _fmt(s.get("general_perplexity"), "{:.2f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -289,6 +297,12 @@ def report_markdown(report: dict) -> str:
              f"Strategy {report['strategy']}, {report['rounds']} rounds, {report['clients']} clients, "
              f"base model `{report['base_model']}`. Stage table from {report['stage_table_source']}.", "",
              "## Stages", "", *stage_table(report), ""]
+    if any(s.get("pref_accuracy") is not None for s in report["stages"]):
+        lines += [f"Preference accuracy: share of held-out pairs whose implicit reward beta * log(pi / pi_ref) "
+                  f"prefers the chosen answer, with pi_ref the {report['preference_reference']} model (which "
+                  "therefore scores 50%, ties counting one half); reward margin: the mean reward difference. "
+                  "Chosen ranked first: share of pairs where the model itself gives the chosen answer the "
+                  "higher log-probability (no reference).", ""]
     if report["institutions"]:
         lines += ["Per-institution columns: exact match on the task the institution mostly holds ("
                   + ", ".join(f"{i}: {v['task']} {100 * v['share']:.0f}% of {v['rows']} rows"
@@ -391,13 +405,18 @@ def plot_stage_accuracy(report: dict, path: Path) -> None:
 
 
 def plot_preferences(report: dict, path: Path) -> None:
-    """Bars: held-out preference accuracy per stage, with the base's 50% line."""
+    """Bars per stage: implicit-reward preference accuracy and chosen-ranked-first share."""
     plt = _pyplot()
     stages = [s for s in report["stages"] if s.get("pref_accuracy") is not None]
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(stages)), 4))
-    ax.bar([s["stage"] for s in stages], [100 * s["pref_accuracy"] for s in stages], color="tab:purple")
-    ax.axhline(50, color="grey", linestyle="--", label="base (chance)")
-    ax.set(ylabel="preference accuracy (%)", ylim=(0, 105), title="preference accuracy by stage")
+    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(stages)), 4))
+    xs = range(len(stages))
+    ax.bar([x - 0.2 for x in xs], [100 * s["pref_accuracy"] for s in stages], width=0.4, color="tab:purple",
+           label=f"implicit reward vs {report.get('preference_reference')}")
+    ax.bar([x + 0.2 for x in xs], [100 * (s.get("likelihood_accuracy") or 0) for s in stages], width=0.4,
+           color="tab:olive", label="chosen ranked first (no reference)")
+    ax.set_xticks(list(xs), [s["stage"] for s in stages])
+    ax.axhline(50, color="grey", linestyle="--", label="the reference itself (50%)")
+    ax.set(ylabel="held-out pairs (%)", ylim=(0, 105), title="preference accuracy by stage")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)

@@ -3,8 +3,10 @@
 For each model state, ``evaluate_stages`` measures: answer loss and perplexity (exp of the
 mean answer-token loss) on the held-out SFT set; exact match overall, per task and, when
 the training data says which institution mostly holds which task, per institution;
-preference accuracy and mean reward margin against the base (``fedft.dpo.preference_metrics``,
-optional: skipped when that module is absent); a forgetting probe (perplexity on general
+preference accuracy and mean reward margin of DPO's implicit reward against one reference
+for all stages (the run's federated or centralized SFT adapter, the DPO reference, which
+so scores 50%; the base model when there is neither) and the reference-free likelihood
+accuracy (``fedft.dpo.preference_scores``; skipped when that module is absent); a forgetting probe (perplexity on general
 text the base model knew); and a few generated samples. The result is written atomically
 to ``RUN_DIR/evaluation.json``. ``evaluate_run`` does the same from a finished run's files.
 A state of ``None`` is the base model: the seeded initial adapter, whose B = 0 makes it
@@ -169,19 +171,26 @@ class EvalData:
     institutions: dict[str, dict]
     beta: float
     num_samples: int
+    reference: str = "base"  # the stage whose log-probs define the implicit reward
+    reference_logps: tuple | None = None  # its (chosen, rejected) log-probs on ``pairs``
 
 
-def _preference_metrics():
-    """``fedft.dpo.preference_metrics`` if the DPO stage is installed, else None."""
+def _preference_scoring():
+    """(``scored_logps``, ``preference_scores``) of ``fedft.dpo`` if it is installed, else None."""
     try:
-        from fedft.dpo import preference_metrics
+        from fedft.dpo import preference_scores, scored_logps
     except ImportError:
         return None
-    return preference_metrics
+    return scored_logps, preference_scores
 
 
-def score_state(model, tokenizer, state: dict[str, torch.Tensor], data: EvalData) -> dict:
-    """Every metric of one adapter state (loaded into ``model``)."""
+def score_state(model, tokenizer, state: dict[str, torch.Tensor], data: EvalData,
+                is_reference: bool = False) -> dict:
+    """Every metric of one adapter state (loaded into ``model``).
+
+    ``is_reference``: this state is the preference reference, whose log-probs are
+    ``data.reference_logps`` already (re-scoring could differ in the last digits).
+    """
     from fedft.model import set_adapter_state
 
     set_adapter_state(model, state)
@@ -193,10 +202,13 @@ def score_state(model, tokenizer, state: dict[str, torch.Tensor], data: EvalData
                "exact_match_by_task": by_task}
     if data.institutions:
         metrics["exact_match_by_institution"] = by_institution(by_task, data.institutions)
-    scorer = _preference_metrics()
-    if data.pairs and scorer is not None:
-        prefs = scorer(model, data.pairs, pad_id, beta=data.beta)
-        metrics.update({k: prefs[k] for k in ("pref_accuracy", "reward_margin", "pref_accuracy_by_task")})
+    scoring = _preference_scoring()
+    if data.pairs and scoring is not None and data.reference_logps is not None:
+        scored_logps, preference_scores = scoring
+        policy = data.reference_logps if is_reference else scored_logps(model, data.pairs, pad_id)
+        prefs = preference_scores(policy, data.reference_logps, [p.task for p in data.pairs], data.beta)
+        metrics.update({k: prefs[k] for k in ("pref_accuracy", "reward_margin", "likelihood_accuracy",
+                                              "pref_accuracy_by_task")})
     if data.general:
         general = answer_loss(model, data.general, pad_id)
         metrics.update({"general_loss": general, "general_perplexity": perplexity(general)})
@@ -209,7 +221,8 @@ def score_state(model, tokenizer, state: dict[str, torch.Tensor], data: EvalData
     return metrics
 
 
-def score_stage(model, tokenizer, state: StageState, initial: dict[str, torch.Tensor], data: EvalData) -> dict:
+def score_stage(model, tokenizer, state: StageState, initial: dict[str, torch.Tensor], data: EvalData,
+                is_reference: bool = False) -> dict:
     """One stage: ``None`` is the base, a list is several adapters (metrics averaged)."""
     started = time.time()
     if isinstance(state, list):
@@ -221,7 +234,7 @@ def score_stage(model, tokenizer, state: StageState, initial: dict[str, torch.Te
         if own:
             metrics["exact_match_own_model_by_institution"] = own
     else:
-        metrics = score_state(model, tokenizer, initial if state is None else state, data)
+        metrics = score_state(model, tokenizer, initial if state is None else state, data, is_reference)
     metrics["seconds"] = time.time() - started
     return metrics
 
@@ -240,6 +253,30 @@ def training_institutions(cfg: FedftConfig) -> dict[str, dict]:
     column = cfg.data.partition_by if cfg.data.partition == "natural" else "institution"
     rows = [row for p in paths for row in read_jsonl(p)]
     return institution_tasks(rows, column, cfg.data.task_column)
+
+
+def reference_stage(stages: dict[str, StageState]) -> str:
+    """The stage implicit rewards are measured against: the SFT model DPO starts from, else the base."""
+    for name in ("federated", "centralized"):
+        if isinstance(stages.get(name), dict):
+            return name
+    return "base"
+
+
+def with_reference(model, tokenizer, stages: dict[str, StageState], initial: dict[str, torch.Tensor],
+                   data: EvalData) -> EvalData:
+    """``data`` with the reference stage's log-probs on the pairs (unchanged without pairs)."""
+    import dataclasses
+
+    from fedft.model import set_adapter_state
+
+    scoring = _preference_scoring()
+    if not data.pairs or scoring is None:
+        return data
+    name = reference_stage(stages)
+    set_adapter_state(model, initial if name == "base" else stages[name])
+    logps = scoring[0](model, data.pairs, tokenizer.pad_token_id)
+    return dataclasses.replace(data, reference=name, reference_logps=logps)
 
 
 def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_examples: list[Example],
@@ -261,7 +298,7 @@ def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_exa
     model, tokenizer = cached_peft_model(cfg)
     previous, initial = get_adapter_state(model), initial_adapter_state(cfg)
     notes = list(notes or [])
-    if pairs and _preference_metrics() is None:
+    if pairs and _preference_scoring() is None:
         notes.append("preference metrics skipped: fedft.dpo is not available")
     data = EvalData(
         examples=eval_examples, pairs=list(pairs or []),
@@ -271,8 +308,10 @@ def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_exa
     )
     results = {}
     try:
+        data = with_reference(model, tokenizer, stages, initial, data)
         for name in ordered_stage_names(stages):
-            results[name] = score_stage(model, tokenizer, stages[name], initial, data)
+            results[name] = score_stage(model, tokenizer, stages[name], initial, data,
+                                        is_reference=name == data.reference)
             progress(stage_line(name, results[name]))
     finally:
         set_adapter_state(model, previous)
@@ -280,7 +319,8 @@ def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_exa
         "stages": results,
         "stage_order": list(results),
         "eval_examples": len(eval_examples),
-        "preference_pairs": len(data.pairs) if _preference_metrics() is not None else 0,
+        "preference_pairs": len(data.pairs) if data.reference_logps is not None else 0,
+        "preference_reference": data.reference if data.reference_logps is not None else None,
         "general_texts": len(data.general),
         "institutions": data.institutions,
         "beta": data.beta,
@@ -297,7 +337,8 @@ def stage_line(name: str, m: dict) -> str:
     parts = [f"eval {name:<12} loss {m['loss']:.3f} (ppl {m['perplexity']:.2f})",
              f"exact match {100 * m['exact_match']:.1f}%"]
     if "pref_accuracy" in m:
-        parts.append(f"pref acc {100 * m['pref_accuracy']:.1f}% margin {m['reward_margin']:.3f}")
+        parts.append(f"pref acc {100 * m['pref_accuracy']:.1f}% margin {m['reward_margin']:.3f} "
+                     f"chosen first {100 * m['likelihood_accuracy']:.1f}%")
     if "general_perplexity" in m:
         parts.append(f"general ppl {m['general_perplexity']:.2f}")
     parts.append(f"{m['seconds']:.1f}s")
@@ -437,6 +478,14 @@ def default_general_texts(cfg: FedftConfig, path: Path | None) -> tuple[list[str
     return [], None
 
 
+def run_pairs_path(run_dir: Path) -> Path | None:
+    """The held-out pairs a run's DPO stage built from its model's answers, if it did."""
+    from fedft.dpo import MODEL_PAIR_FILES
+
+    path = Path(run_dir) / "dpo" / MODEL_PAIR_FILES[1]
+    return path if path.is_file() else None
+
+
 def default_pairs_path(cfg: FedftConfig, path: Path | None) -> Path | None:
     """The named pairs file, else dpo.eval_path, else the demo's held-out pairs for the demo base."""
     if path is not None:
@@ -492,6 +541,7 @@ def evaluate_run(run_dir: Path, *, compare: list[Path] = (), general_text: Path 
             label = name if name not in stages else f"{name} ({other_dir.name})"
             stages[label], sources[label] = state, str(other_dir)
     _, tokenizer = cached_peft_model(cfg)
+    pairs_file = pairs_file or run_pairs_path(run_dir)
     inputs = stage_inputs(cfg, tokenizer, general_text=general_text, pairs_file=pairs_file)
     files = inputs.pop("sources")
     evaluation = evaluate_stages(cfg, stages, num_samples=num_samples, progress=progress, **inputs)

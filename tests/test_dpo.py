@@ -15,7 +15,7 @@ from fedft.config import ConfigError, load_config
 from fedft.data import DataError, tokenize_row
 from fedft.demo import (TASKS, build_char_tokenizer, make_demo_preferences, make_demo_rows,
                         make_eval_rows)
-from fedft.dpo import (REFERENCE_ADAPTER, dpo_loss, pair_batch, pair_logps, preference_metrics,
+from fedft.dpo import (REFERENCE_ADAPTER, dpo_loss, pair_batch, pair_logps, preference_metrics, scored_logps,
                        run_dpo_stage, sequence_logps, train_dpo)
 from fedft.preferences import read_preference_jsonl, tokenize_pair
 
@@ -279,16 +279,19 @@ def test_preference_metrics_base_is_chance_and_stage_writes_adapter_history_summ
     assert summary["steps"] == 6 and summary["final_train_loss"] == history[-1]["loss"]
     assert json.loads((dpo_dir / "summary.json").read_text()) == summary
     set_adapter_state(model, start)
-    before = preference_metrics(model, pairs, tokenizer.pad_token_id, beta=cfg.dpo.beta)
-    assert summary["pref_accuracy_before"] == pytest.approx(before["pref_accuracy"])
+    reference = scored_logps(model, pairs, tokenizer.pad_token_id)  # DPO's reference: the start adapter
+    assert summary["pref_accuracy_before"] == 0.5 and summary["reward_margin_before"] == 0.0
+    before = preference_metrics(model, pairs, tokenizer.pad_token_id, beta=cfg.dpo.beta, reference=reference)
+    assert summary["likelihood_accuracy_before"] == pytest.approx(before["likelihood_accuracy"])
     # the saved adapter is the DPO adapter the cached model holds now
     from safetensors.torch import load_file
 
     saved = load_file(dpo_dir / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(saved[k].float(), held[k]) for k in held)
     set_adapter_state(model, {k: v.float() for k, v in saved.items()})
-    after = preference_metrics(model, pairs, tokenizer.pad_token_id, beta=cfg.dpo.beta)
+    after = preference_metrics(model, pairs, tokenizer.pad_token_id, beta=cfg.dpo.beta, reference=reference)
     assert summary["pref_accuracy_after"] == pytest.approx(after["pref_accuracy"])
+    assert summary["reward_margin_after"] == pytest.approx(after["reward_margin"], abs=0.02)
     assert any(not torch.equal(held[k], start[k]) for k in start)
 
 

@@ -34,7 +34,8 @@ def fedavg_run(tmp_path_factory, tiny_model_dir):
     # the whole pipeline: federated rounds, the DPO stage, every stage evaluated, the report
     summary = _run(d / "tiny.toml", d / "run", [
         "dpo.enabled=true", f"dpo.train_path={d / 'prefs-train.jsonl'}", f"dpo.eval_path={d / 'prefs-eval.jsonl'}",
-        "dpo.steps=3", "dpo.batch_size=4", "report.evaluate_stages=true", "report.samples=2"])
+        "dpo.steps=3", "dpo.batch_size=4", "dpo.rejected_from=model", "dpo.samples=2",
+        "report.evaluate_stages=true", "report.samples=2"])
     return d, summary
 
 
@@ -47,9 +48,13 @@ def test_the_run_ends_with_dpo_every_stage_evaluated_and_a_report(fedavg_run):
     assert summary["dpo"]["steps"] == 3 and summary["evaluation_wall_s"] > 0
     evaluation = json.loads((run / "evaluation.json").read_text())
     assert evaluation["stage_order"] == ["base", "federated", "dpo"]
+    # scored on the held-out pairs the DPO stage built from the federated model's own answers
+    assert evaluation["preference_file"] == str(run / "dpo" / "pairs-eval.jsonl")
+    assert summary["dpo"]["rejected_from"] == "model" and summary["dpo"]["eval_path"] == evaluation["preference_file"]
     for stage in evaluation["stages"].values():
-        assert {"loss", "perplexity", "exact_match", "pref_accuracy", "reward_margin"} <= stage.keys()
-    assert evaluation["stages"]["base"]["pref_accuracy"] == 0.5  # the base is its own reference
+        assert {"loss", "perplexity", "exact_match", "pref_accuracy", "reward_margin",
+                "likelihood_accuracy"} <= stage.keys()
+    assert evaluation["stages"]["federated"]["pref_accuracy"] == 0.5  # DPO's reference scores itself 50%
     report = json.loads((run / "report.json").read_text())
     text = (run / "report.md").read_text()
     for stage in ("base", "federated", "dpo"):

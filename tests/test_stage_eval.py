@@ -20,6 +20,7 @@ from fedft.checkpoint import atomic_write_json
 from fedft.config import config_to_dict, load_config
 from fedft.data import DataError, load_dataset_files, tokenize_dataset
 from fedft.demo import make_preference_rows, pretraining_text, write_jsonl
+from fedft.dpo import pair_logps
 from fedft.evaluate import answer_loss, load_eval_examples
 from fedft.model import cached_peft_model, get_adapter_state, initial_adapter_state, save_adapter
 from fedft.stage_eval import (DEMO_GENERAL_FILE, DEMO_PRETRAIN_LINES, DEMO_PRETRAIN_SEED, EVALUATION_FILE,
@@ -98,7 +99,18 @@ def test_base_is_the_model_with_its_adapter_disabled(setup, evaluation):
     with model.disable_adapter():
         reference = answer_loss(model, setup["examples"], pad)
     assert base["loss"] == pytest.approx(reference, rel=1e-4)
-    assert base["pref_accuracy"] == 0.5 and base["reward_margin"] == 0.0  # rewards are against the base
+    with model.disable_adapter():
+        chosen, rejected = pair_logps(model, setup["pairs"], pad)
+    gaps = chosen - rejected
+    assert base["likelihood_accuracy"] == pytest.approx(((gaps > 0).float() + 0.5 * (gaps == 0).float()).mean().item())
+
+
+def test_rewards_are_measured_against_the_sft_stage(evaluation):
+    result = evaluation[0]
+    assert result["preference_reference"] == "federated"
+    federated = result["stages"]["federated"]
+    assert federated["pref_accuracy"] == 0.5 and federated["reward_margin"] == 0.0  # the reference itself
+    assert set(federated["pref_accuracy_by_task"].values()) == {0.5}
 
 
 def test_a_trained_adapter_changes_the_metrics(evaluation):
@@ -106,7 +118,7 @@ def test_a_trained_adapter_changes_the_metrics(evaluation):
     base, trained = stages["base"], stages["federated"]
     assert trained["loss"] < base["loss"] - 0.05  # eight steps on the task rows: 4.61 -> 4.52 measured
     assert abs(trained["general_loss"] - base["general_loss"]) > 1e-2
-    assert abs(trained["reward_margin"]) > 1e-3
+    assert abs(stages["base"]["reward_margin"]) > 1e-3  # the base against the trained reference
 
 
 def test_per_task_and_per_institution_keys(evaluation):
