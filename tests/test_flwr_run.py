@@ -27,7 +27,7 @@ def test_flwr_run_on_a_local_simulation_connection(tmp_path):
     )
     out = tmp_path / "run"
     overrides = ("simulation.num_supernodes=2 strategy.min_train_nodes=2 strategy.num_rounds=1 train.local_steps=1 "
-                 "data.eval_max_examples=4 data.partition=iid")
+                 "data.eval_max_examples=4 data.partition=iid dpo.enabled=false report.evaluate_stages=false")
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     try:
         proc = subprocess.run(
