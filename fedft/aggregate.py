@@ -2,7 +2,12 @@
 
 ``fedavg`` is the example-weighted average of each tensor (McMahan et al. 2017). Applied
 to LoRA it averages A and B separately, which is what every federated LLM framework ships;
-it is kept as the baseline for exact aggregators. No I/O, no randomness, no flwr.
+it is kept as the baseline for exact aggregators. ``trimmed_mean`` and ``coordinate_median``
+are the Byzantine-robust alternatives of Yin et al. 2018 (arXiv:1803.01498): per coordinate,
+drop the ``k`` largest and smallest client values and average the rest, or take the median,
+so up to ``k`` (or just under half) arbitrary replies cannot drag the result past the honest
+ones' range. They ignore example counts, as the robustness argument needs. No I/O, no
+randomness, no flwr.
 """
 
 from __future__ import annotations
@@ -29,16 +34,51 @@ def fedavg(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) 
     shares = normalized_weights(weights)
     if len(shares) != len(states):
         raise ValueError(f"{len(states)} client states but {len(shares)} weights")
+    out = {}
+    for key in same_tensors(states):
+        acc = torch.zeros_like(states[0][key], dtype=torch.float64)
+        for share, state in zip(shares, states):
+            acc += share * state[key].to(torch.float64)
+        out[key] = acc.to(torch.float32)
+    return out
+
+
+def same_tensors(states: Sequence[dict[str, torch.Tensor]]) -> list[str]:
+    """The tensor names every client sent, after checking all sent the same names and shapes."""
+    if not states:
+        raise ValueError("no client updates to aggregate")
     keys = list(states[0])
     for i, state in enumerate(states[1:], start=1):
         if list(state) != keys:
             raise ValueError(f"client {i} sent tensors {sorted(set(state) ^ set(keys))[:3]} that differ from client 0")
+        for key in keys:
+            if state[key].shape != states[0][key].shape:
+                raise ValueError(f"tensor {key}: shape {tuple(state[key].shape)} differs from "
+                                 f"{tuple(states[0][key].shape)}")
+    return keys
+
+
+def trimmed_count(num_clients: int, trim_fraction: float) -> int:
+    """k = floor(trim_fraction * n) values cut from each end; at least one value must remain."""
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    return int(trim_fraction * num_clients)
+
+
+def trimmed_mean(states: Sequence[dict[str, torch.Tensor]], trim_fraction: float) -> dict[str, torch.Tensor]:
+    """Per coordinate: the mean of the client values left after cutting the k lowest and k highest."""
+    k = trimmed_count(len(states), trim_fraction)
     out = {}
-    for key in keys:
-        acc = torch.zeros_like(states[0][key], dtype=torch.float64)
-        for share, state in zip(shares, states):
-            if state[key].shape != acc.shape:
-                raise ValueError(f"tensor {key}: shape {tuple(state[key].shape)} differs from {tuple(acc.shape)}")
-            acc += share * state[key].to(torch.float64)
-        out[key] = acc.to(torch.float32)
+    for key in same_tensors(states):
+        stacked, _ = torch.sort(torch.stack([s[key].to(torch.float64) for s in states]), dim=0)
+        out[key] = stacked[k:len(states) - k].mean(dim=0).to(torch.float32)
+    return out
+
+
+def coordinate_median(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per coordinate: the median of the client values (the mean of the middle two for an even count)."""
+    out = {}
+    for key in same_tensors(states):
+        stacked = torch.stack([s[key].to(torch.float64) for s in states])
+        out[key] = torch.quantile(stacked, 0.5, dim=0).to(torch.float32) if len(states) > 1 else stacked[0].float()
     return out

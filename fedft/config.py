@@ -128,6 +128,8 @@ class StrategyConfig:
     server_tau: float = 1e-3  # FedAdam/FedYogi adaptivity
     wire_dtype: str = "float32"  # float32 | float16 for adapter tensors in both directions
     max_update_norm: float = 0.0  # replies changing the adapter by more (L2) are rejected; 0 = no bound
+    robust: str = "none"  # none | trimmed_mean | median: coordinate-wise, unweighted, instead of the mean
+    trim_fraction: float = 0.25  # trimmed_mean: share of clients cut at each end of every coordinate
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy.aggregation": ("fedavg", "ffa", "svd"),
     "strategy.server_optimizer": ("none", "fedadam", "fedyogi", "fedavgm"),
     "strategy.wire_dtype": ("float32", "float16"),
+    "strategy.robust": ("none", "trimmed_mean", "median"),
     "privacy.client_sampling": ("fixed", "poisson"),
     "dpo.lr_schedule": ("constant", "linear", "cosine"),
     "dpo.rejected_from": ("file", "model"),
@@ -265,6 +268,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("strategy.server_beta2", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("strategy.server_tau", lambda v: v > 0, "a number > 0"),
     ("strategy.max_update_norm", lambda v: v >= 0, "a number >= 0 (0: no bound)"),
+    ("strategy.trim_fraction", lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"),
     ("privacy.clip_norm", lambda v: v > 0, "a number > 0"),
     ("privacy.noise_multiplier", lambda v: v >= 0, "a number >= 0"),
     ("privacy.delta", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
@@ -404,6 +408,16 @@ def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
     if cfg.privacy.client_sampling == "poisson" and not cfg.privacy.user_level:
         fail("privacy.client_sampling", "'fixed' unless privacy.user_level is on (Poisson sampling of "
              "clients exists for the user-level accounting)")
+    if cfg.strategy.robust != "none":
+        if cfg.strategy.aggregation == "svd":
+            fail("strategy.robust", "'none' with strategy.aggregation = 'svd' (robust statistics apply "
+                 "coordinate-wise to the tensors sent; the SVD re-factors their products)")
+        if cfg.privacy.user_level:
+            fail("strategy.robust", "'none' with privacy.user_level (DP-FedAvg's noise is calibrated to the "
+                 "mean of the clipped updates)")
+        if ranks:
+            fail("strategy.robust", "'none' with lora.client_ranks (zero-padded smaller ranks would "
+                 "look like outliers)")
     if cfg.privacy.user_level:
         if cfg.strategy.aggregation == "svd":
             fail("strategy.aggregation", "'fedavg' or 'ffa' with privacy.user_level (noise is added to "

@@ -3,9 +3,9 @@
 Pure functions over adapter states, shared by the Flower strategies and the tests:
 ``downlink_state`` (the global adapter cut to a client's rank, B only under FFA-LoRA, in the
 wire dtype), ``reply_to_full_state`` (a reply back to a float32 adapter the aggregators
-understand) and ``aggregate_replies`` (fedavg / ffa / svd plus the per-round diagnostics:
-the naive average's error against the exact mean of products and the SVD's discarded
-energy). No flwr, no I/O.
+understand) and ``aggregate_replies`` (fedavg / ffa / svd, or a robust trimmed mean /
+median, plus the per-round diagnostics: the naive average's error against the exact mean of
+products and the SVD's discarded energy). No flwr, no I/O.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedft.aggregate import fedavg
+from fedft.aggregate import coordinate_median, fedavg, trimmed_mean
 from fedft.config import FedftConfig
 from fedft.lora_aggregate import (LORA_A, adapter_rank, b_only, ffa_aggregate, naive_aggregation_error,
                                   pad_to_rank, svd_aggregate, truncate_to_rank)
@@ -72,6 +72,11 @@ def aggregate_replies(
         a_norms = {k: float(v.norm(dim=1).mean()) for k, v in global_state.items() if f".{LORA_A}." in k}
         result = svd_aggregate(full, weights, rank=cfg.lora.r, a_row_norms=a_norms)
         return AggregateResult(result.state, error, result.discarded_energy)
+    robust = cfg.strategy.robust
+    if robust != "none":  # FFA's A is the same frozen tensor on every client, so robust statistics keep it
+        state = (coordinate_median(padded) if robust == "median"
+                 else trimmed_mean(padded, cfg.strategy.trim_fraction))
+        return AggregateResult(state, error, None)
     if name == "ffa":
         return AggregateResult(ffa_aggregate(full, weights, frozen_a=global_state), error, None)
     return AggregateResult(fedavg(padded, weights), error, None)  # HetLoRA zero-padding if ranks differ

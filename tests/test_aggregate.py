@@ -33,3 +33,47 @@ def test_fedavg_of_identical_states_is_that_state():
 def test_fedavg_refuses_inconsistent_input(states, weights, fragment):
     with pytest.raises(ValueError, match=fragment):
         fedavg(states, weights)
+
+
+# ------------------------------------------------------------------ robust aggregation
+
+def _clients(*values):
+    return [{"w": torch.tensor(v, dtype=torch.float32)} for v in values]
+
+
+def test_trimmed_mean_and_median_by_hand():
+    from fedft.aggregate import coordinate_median, trimmed_mean
+
+    states = _clients([1.0, -4.0], [2.0, 0.0], [3.0, 1.0], [100.0, 2.0])
+    # k = floor(0.25 * 4) = 1 cut at each end of every coordinate: (2 + 3) / 2 and (0 + 1) / 2
+    assert torch.equal(trimmed_mean(states, 0.25)["w"], torch.tensor([2.5, 0.5]))
+    assert torch.equal(coordinate_median(states)["w"], torch.tensor([2.5, 0.5]))
+    five = _clients([1.0], [2.0], [3.0], [4.0], [1000.0])
+    assert coordinate_median(five)["w"].item() == 3.0 and trimmed_mean(five, 0.2)["w"].item() == 3.0
+    # nothing cut: the unweighted mean
+    assert torch.allclose(trimmed_mean(states, 0.0)["w"], fedavg(states, [1, 1, 1, 1])["w"])
+
+
+def test_one_attacker_cannot_drag_robust_aggregates_out_of_the_honest_range():
+    from fedft.aggregate import coordinate_median, trimmed_mean
+
+    generator = torch.Generator().manual_seed(0)
+    honest = [{"w": torch.randn(50, generator=generator) * 0.1 + 1.0} for _ in range(4)]
+    attacker = {"w": torch.full((50,), -1e6)}
+    low = torch.stack([h["w"] for h in honest]).min(dim=0).values
+    high = torch.stack([h["w"] for h in honest]).max(dim=0).values
+    states = honest + [attacker]
+    for result in (trimmed_mean(states, 0.2), coordinate_median(states)):
+        assert bool(((result["w"] >= low) & (result["w"] <= high)).all())
+    assert fedavg(states, [1] * 5)["w"].max() < -1e5  # the mean is dragged along
+
+
+def test_robust_aggregation_refuses_bad_input():
+    from fedft.aggregate import coordinate_median, trimmed_mean
+
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        trimmed_mean(_clients([1.0], [2.0]), 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        coordinate_median(_clients([1.0], [1.0, 2.0]))
+    with pytest.raises(ValueError, match="no client updates"):
+        coordinate_median([])

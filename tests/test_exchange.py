@@ -56,3 +56,25 @@ def test_aggregate_replies_reports_error_and_energy(tiny_config_path):
     assert adapter_rank(naive.state) == 4 and naive.discarded_energy is None and naive.naive_error > 0
     exact = aggregate_replies(_with(cfg, aggregation="svd"), adapter(4, 0), replies, weights)
     assert adapter_rank(exact.state) == 4 and 0 < exact.discarded_energy < 1
+
+
+def test_robust_aggregation_keeps_ffa_a_frozen_and_is_checked_in_the_config(tiny_config_path):
+    import pytest
+
+    from fedft.config import ConfigError
+    from fedft.lora_aggregate import LORA_A
+
+    cfg = _with(load_config(tiny_config_path), aggregation="ffa", robust="median")
+    start = adapter(4, 0)
+    replies = [{k: (v if f".{LORA_A}." in k else v + i) for k, v in start.items()} for i in (1.0, 2.0, 30.0)]
+    result = aggregate_replies(cfg, start, replies, [5.0, 1.0, 1.0]).state
+    for key, value in start.items():
+        # A stays the shared frozen one; B moves by the median change (2), whatever the weights
+        assert torch.equal(result[key], value if f".{LORA_A}." in key else value + 2.0), key
+    for overrides, field in ((["strategy.robust=median", "strategy.aggregation=svd"], "strategy.robust"),
+                             (["strategy.robust=trimmed_mean", "privacy.user_level=true", "privacy.clip_norm=1",
+                               "privacy.noise_multiplier=1"], "strategy.robust"),
+                             (["strategy.trim_fraction=0.5"], "strategy.trim_fraction"),
+                             (["strategy.robust=mean"], "strategy.robust")):
+        with pytest.raises(ConfigError, match=field):
+            load_config(tiny_config_path, overrides)
