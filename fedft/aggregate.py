@@ -65,9 +65,8 @@ def trimmed_count(num_clients: int, trim_fraction: float) -> int:
     return int(trim_fraction * num_clients)
 
 
-def trimmed_mean(states: Sequence[dict[str, torch.Tensor]], trim_fraction: float) -> dict[str, torch.Tensor]:
+def _mean_between(states: Sequence[dict[str, torch.Tensor]], k: int) -> dict[str, torch.Tensor]:
     """Per coordinate: the mean of the client values left after cutting the k lowest and k highest."""
-    k = trimmed_count(len(states), trim_fraction)
     out = {}
     for key in same_tensors(states):
         stacked, _ = torch.sort(torch.stack([s[key].to(torch.float64) for s in states]), dim=0)
@@ -75,10 +74,11 @@ def trimmed_mean(states: Sequence[dict[str, torch.Tensor]], trim_fraction: float
     return out
 
 
+def trimmed_mean(states: Sequence[dict[str, torch.Tensor]], trim_fraction: float) -> dict[str, torch.Tensor]:
+    """Per coordinate: the mean of the client values left after cutting the k lowest and k highest."""
+    return _mean_between(states, trimmed_count(len(states), trim_fraction))
+
+
 def coordinate_median(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Per coordinate: the median of the client values (the mean of the middle two for an even count)."""
-    out = {}
-    for key in same_tensors(states):
-        stacked = torch.stack([s[key].to(torch.float64) for s in states])
-        out[key] = torch.quantile(stacked, 0.5, dim=0).to(torch.float32) if len(states) > 1 else stacked[0].float()
-    return out
+    return _mean_between(states, (len(states) - 1) // 2)
