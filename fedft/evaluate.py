@@ -39,6 +39,17 @@ def answer_loss(model, examples: list[Example], pad_id: int, batch_size: int = 3
     return total / max(1, count)
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id prompts padded on the left, as generation needs."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention[row, width - len(prompt):] = 1
+    return input_ids, attention
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, examples: list[Example], batch_size: int = 32) -> list[str]:
     """Greedy answers to each example's prompt (left-padded batches, stop at EOS)."""
@@ -48,12 +59,8 @@ def generate_answers(model, tokenizer, examples: list[Example], batch_size: int 
     answers = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        width = max(len(e.prompt_ids) for e in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, e in enumerate(chunk):
-            input_ids[row, width - len(e.prompt_ids):] = torch.tensor(e.prompt_ids)
-            attention[row, width - len(e.prompt_ids):] = 1
+        input_ids, attention = left_padded([e.prompt_ids for e in chunk], pad_id)
+        width = input_ids.shape[1]
         longest_answer = max(len(e.input_ids) - len(e.prompt_ids) for e in chunk)
         output = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device),

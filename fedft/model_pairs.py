@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedft.evaluate import left_padded
 from fedft.preferences import PreferencePair, TokenizedPair, tokenize_pair
 
 ORIGIN_MODEL, ORIGIN_FILE = "model", "file"
@@ -46,16 +47,6 @@ class SamplingSettings:
     extra_tokens: int = 8  # new tokens allowed beyond the longest reference in a batch
 
 
-def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def sample_answers(model, tokenizer, pairs: list[TokenizedPair], settings: SamplingSettings) -> list[list[str]]:
     """Per pair: the greedy answer, then ``settings.samples`` sampled answers to its prompt.
@@ -71,7 +62,7 @@ def sample_answers(model, tokenizer, pairs: list[TokenizedPair], settings: Sampl
     with eval_mode(model):
         for index, start in enumerate(range(0, len(pairs), settings.batch_size)):
             chunk = pairs[start:start + settings.batch_size]
-            ids, mask = _left_padded([p.chosen_ids[:p.prompt_len] for p in chunk], pad_id)
+            ids, mask = left_padded([p.chosen_ids[:p.prompt_len] for p in chunk], pad_id)
             ids, mask, width = ids.to(device), mask.to(device), ids.shape[1]
             longest = max(len(p.chosen_ids) - p.prompt_len for p in chunk) + settings.extra_tokens
             common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=longest, pad_token_id=pad_id,
