@@ -6,7 +6,7 @@ the training data says which institution mostly holds which task, per institutio
 preference accuracy and mean reward margin of DPO's implicit reward against one reference
 for all stages (the run's federated or centralized SFT adapter, the DPO reference, which
 so scores 50%; the base model when there is neither) and the reference-free likelihood
-accuracy (``fedft.dpo.preference_scores``; skipped when that module is absent); a forgetting probe (perplexity on general
+accuracy (``fedft.dpo.preference_scores``); a forgetting probe (perplexity on general
 text the base model knew); and a few generated samples. The result is written atomically
 to ``RUN_DIR/evaluation.json``. ``evaluate_run`` does the same from a finished run's files.
 A state of ``None`` is the base model: the seeded initial adapter, whose B = 0 makes it
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -36,6 +35,8 @@ import torch
 from fedft.checkpoint import atomic_write_json
 from fedft.config import FedftConfig
 from fedft.data import DataError, Example
+from fedft.dpo import MODEL_PAIR_FILES, preference_scores, scored_logps
+from fedft.dpo import load_pairs as load_preference_pairs
 from fedft.evaluate import answer_loss, exact_match, generate_answers
 
 EVALUATION_FILE = "evaluation.json"
@@ -172,24 +173,21 @@ class EvalData:
     beta: float
     num_samples: int
     reference: str = "base"  # the stage whose log-probs define the implicit reward
+    reference_state: dict[str, torch.Tensor] | None = None  # its adapter tensors
     reference_logps: tuple | None = None  # its (chosen, rejected) log-probs on ``pairs``
 
 
-def _preference_scoring():
-    """(``scored_logps``, ``preference_scores``) of ``fedft.dpo`` if it is installed, else None."""
-    try:
-        from fedft.dpo import preference_scores, scored_logps
-    except ImportError:
-        return None
-    return scored_logps, preference_scores
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor] | None) -> bool:
+    """Whether two adapter states hold the same tensors (names and values)."""
+    return b is not None and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def score_state(model, tokenizer, state: dict[str, torch.Tensor], data: EvalData,
-                is_reference: bool = False) -> dict:
+def score_state(model, tokenizer, state: dict[str, torch.Tensor], data: EvalData) -> dict:
     """Every metric of one adapter state (loaded into ``model``).
 
-    ``is_reference``: this state is the preference reference, whose log-probs are
-    ``data.reference_logps`` already (re-scoring could differ in the last digits).
+    A state equal to the preference reference takes its log-probs, ``data.reference_logps``:
+    on the CPU, re-scoring the same 4-bit model after other adapters were loaded can differ
+    by a few hundredths, which would turn the reference's exact ties into wins and losses.
     """
     from fedft.model import set_adapter_state
 
@@ -202,9 +200,8 @@ def score_state(model, tokenizer, state: dict[str, torch.Tensor], data: EvalData
                "exact_match_by_task": by_task}
     if data.institutions:
         metrics["exact_match_by_institution"] = by_institution(by_task, data.institutions)
-    scoring = _preference_scoring()
-    if data.pairs and scoring is not None and data.reference_logps is not None:
-        scored_logps, preference_scores = scoring
+    if data.pairs:
+        is_reference = same_state(state, data.reference_state)
         policy = data.reference_logps if is_reference else scored_logps(model, data.pairs, pad_id)
         prefs = preference_scores(policy, data.reference_logps, [p.task for p in data.pairs], data.beta)
         metrics.update({k: prefs[k] for k in ("pref_accuracy", "reward_margin", "likelihood_accuracy",
@@ -221,8 +218,7 @@ def score_state(model, tokenizer, state: dict[str, torch.Tensor], data: EvalData
     return metrics
 
 
-def score_stage(model, tokenizer, state: StageState, initial: dict[str, torch.Tensor], data: EvalData,
-                is_reference: bool = False) -> dict:
+def score_stage(model, tokenizer, state: StageState, initial: dict[str, torch.Tensor], data: EvalData) -> dict:
     """One stage: ``None`` is the base, a list is several adapters (metrics averaged)."""
     started = time.time()
     if isinstance(state, list):
@@ -234,7 +230,7 @@ def score_stage(model, tokenizer, state: StageState, initial: dict[str, torch.Te
         if own:
             metrics["exact_match_own_model_by_institution"] = own
     else:
-        metrics = score_state(model, tokenizer, initial if state is None else state, data, is_reference)
+        metrics = score_state(model, tokenizer, initial if state is None else state, data)
     metrics["seconds"] = time.time() - started
     return metrics
 
@@ -270,13 +266,13 @@ def with_reference(model, tokenizer, stages: dict[str, StageState], initial: dic
 
     from fedft.model import set_adapter_state
 
-    scoring = _preference_scoring()
-    if not data.pairs or scoring is None:
+    if not data.pairs:
         return data
     name = reference_stage(stages)
-    set_adapter_state(model, initial if name == "base" else stages[name])
-    logps = scoring[0](model, data.pairs, tokenizer.pad_token_id)
-    return dataclasses.replace(data, reference=name, reference_logps=logps)
+    state = initial if name == "base" else stages[name]
+    set_adapter_state(model, state)
+    logps = scored_logps(model, data.pairs, tokenizer.pad_token_id)
+    return dataclasses.replace(data, reference=name, reference_state=state, reference_logps=logps)
 
 
 def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_examples: list[Example],
@@ -298,8 +294,6 @@ def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_exa
     model, tokenizer = cached_peft_model(cfg)
     previous, initial = get_adapter_state(model), initial_adapter_state(cfg)
     notes = list(notes or [])
-    if pairs and _preference_scoring() is None:
-        notes.append("preference metrics skipped: fedft.dpo is not available")
     data = EvalData(
         examples=eval_examples, pairs=list(pairs or []),
         general=text_examples(general_texts or [], tokenizer, cfg.data.max_length),
@@ -310,8 +304,7 @@ def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_exa
     try:
         data = with_reference(model, tokenizer, stages, initial, data)
         for name in ordered_stage_names(stages):
-            results[name] = score_stage(model, tokenizer, stages[name], initial, data,
-                                        is_reference=name == data.reference)
+            results[name] = score_stage(model, tokenizer, stages[name], initial, data)
             progress(stage_line(name, results[name]))
     finally:
         set_adapter_state(model, previous)
@@ -319,8 +312,8 @@ def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_exa
         "stages": results,
         "stage_order": list(results),
         "eval_examples": len(eval_examples),
-        "preference_pairs": len(data.pairs) if data.reference_logps is not None else 0,
-        "preference_reference": data.reference if data.reference_logps is not None else None,
+        "preference_pairs": len(data.pairs),
+        "preference_reference": data.reference if data.pairs else None,
         "general_texts": len(data.general),
         "institutions": data.institutions,
         "beta": data.beta,
@@ -417,13 +410,8 @@ def read_general_texts(path: Path) -> list[str]:
 
 
 def load_pairs(path: Path, tokenizer, max_length: int, max_pairs: int | None, seed: int) -> list:
-    """Tokenized preference pairs of ``path`` (at most ``max_pairs``, drawn evenly)."""
-    from fedft.preferences import read_preference_jsonl, tokenize_pair
-
-    pairs = read_preference_jsonl(path)
-    if max_pairs is not None and len(pairs) > max_pairs:
-        pairs = [pairs[i] for i in sorted(random.Random(seed).sample(range(len(pairs)), max_pairs))]
-    return [tokenize_pair(p, tokenizer, max_length) for p in pairs]
+    """Tokenized preference pairs of ``path`` (at most ``max_pairs``, drawn evenly, as DPO draws them)."""
+    return load_preference_pairs(str(path), tokenizer, max_length, max_pairs, seed)[1]
 
 
 def load_adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -480,8 +468,6 @@ def default_general_texts(cfg: FedftConfig, path: Path | None) -> tuple[list[str
 
 def run_pairs_path(run_dir: Path) -> Path | None:
     """The held-out pairs a run's DPO stage built from its model's answers, if it did."""
-    from fedft.dpo import MODEL_PAIR_FILES
-
     path = Path(run_dir) / "dpo" / MODEL_PAIR_FILES[1]
     return path if path.is_file() else None
 
