@@ -16,10 +16,10 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedft import wire
-from fedft.client import ClientDeclined, run_client_round
+from fedft.federated import wire
+from fedft.federated.client_round import ClientDeclined, run_client_round
 from fedft.config import FedftConfig, config_from_dict, config_to_dict
-from fedft.validate import check_outgoing
+from fedft.federated.validate import check_outgoing
 
 DECLINED_CODE = 1001  # an application error code for "declined by the client"
 
@@ -59,7 +59,7 @@ def _dp_history(context: Context, path: Path | None) -> list:
 
 
 def _remember(context: Context, path: Path | None, history: list) -> None:
-    from fedft.checkpoint import atomic_write_json
+    from fedft.rundir import atomic_write_json
 
     record = {
         "sample_rate": [h.sample_rate for h in history],

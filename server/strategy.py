@@ -21,11 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-from fedft import wire
+from fedft.federated import wire
 from fedft.config import FedftConfig
-from fedft.exchange import aggregate_replies, downlink_state, private_aggregate
+from fedft.federated.exchange import aggregate_replies, downlink_state, private_aggregate
 from fedft.privacy.dpfedavg import secure_generator
-from fedft.validate import reply_problem
+from fedft.federated.validate import reply_problem
 
 
 def payload_bytes(content: RecordDict) -> int:

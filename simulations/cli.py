@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedft.cli import add_config_arguments, build_parser, config_from_args, run
+from simulations.commands import add_config_arguments, build_parser, config_from_args, run
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -13,10 +13,10 @@ import logging
 import os
 from pathlib import Path
 
-from fedft.baselines import run_centralized, run_local
-from fedft.client import check_simulation_data
+from fedft.run.baselines import run_centralized, run_local
+from fedft.data.partition import check_simulation_data
 from fedft.config import ConfigError, FedftConfig
-from fedft.report import SUMMARY_FILE
+from fedft.rundir import SUMMARY_FILE
 
 
 def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False, resume: bool = False) -> dict:

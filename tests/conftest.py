@@ -15,7 +15,7 @@ def write_tiny_model(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedft.demo import build_char_tokenizer
+    from fedft.demo.base import build_char_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
@@ -72,7 +72,7 @@ evaluate_stages = false  # tests that need the stage evaluation turn it on
 
 def write_tiny_setup(directory: Path, model_dir: Path, train_rows: list[dict] | None = None) -> Path:
     """Two institutions' training rows (24 each unless given), held-out rows and tiny.toml."""
-    from fedft.demo import make_demo_rows, make_eval_rows, write_jsonl
+    from fedft.demo.tasks import make_demo_rows, make_eval_rows, write_jsonl
 
     write_jsonl(train_rows or make_demo_rows(2, 24, 0.9, seed=0), directory / "train.jsonl")
     write_jsonl(make_eval_rows(2, seed=1), directory / "eval.jsonl")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedft.aggregate import fedavg
+from fedft.federated.aggregate import fedavg
 
 
 def test_fedavg_weights_by_examples_hand_computed():
@@ -42,7 +42,7 @@ def _clients(*values):
 
 
 def test_trimmed_mean_and_median_by_hand():
-    from fedft.aggregate import coordinate_median, trimmed_mean
+    from fedft.federated.aggregate import coordinate_median, trimmed_mean
 
     states = _clients([1.0, -4.0], [2.0, 0.0], [3.0, 1.0], [100.0, 2.0])
     # k = floor(0.25 * 4) = 1 cut at each end of every coordinate: (2 + 3) / 2 and (0 + 1) / 2
@@ -55,7 +55,7 @@ def test_trimmed_mean_and_median_by_hand():
 
 
 def test_one_attacker_cannot_drag_robust_aggregates_out_of_the_honest_range():
-    from fedft.aggregate import coordinate_median, trimmed_mean
+    from fedft.federated.aggregate import coordinate_median, trimmed_mean
 
     generator = torch.Generator().manual_seed(0)
     honest = [{"w": torch.randn(50, generator=generator) * 0.1 + 1.0} for _ in range(4)]
@@ -69,7 +69,7 @@ def test_one_attacker_cannot_drag_robust_aggregates_out_of_the_honest_range():
 
 
 def test_robust_aggregation_refuses_bad_input():
-    from fedft.aggregate import coordinate_median, trimmed_mean
+    from fedft.federated.aggregate import coordinate_median, trimmed_mean
 
     with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
         trimmed_mean(_clients([1.0], [2.0]), 0.5)

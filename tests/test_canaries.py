@@ -38,8 +38,9 @@ def test_canaries_are_deterministic_and_about_half_are_inserted(tiny_config_path
 def test_a_model_trained_on_its_canaries_exposes_them():
     from pathlib import Path
 
-    from fedft.model import cached_peft_model, get_adapter_state
-    from fedft.train import train_local
+    from fedft.model.load import cached_peft_model
+    from fedft.model.adapter import get_adapter_state
+    from fedft.train.local import train_local
 
     demo = Path(__file__).resolve().parent.parent / "simulations" / "demo.toml"
     cfg = load_config(demo, ["privacy.canaries=16", "privacy.canary_repeats=8", "train.local_steps=60"])

@@ -42,7 +42,7 @@ def test_certs_refuse_to_overwrite_keys(tmp_path, capsys):
 
 
 def test_a_tls_handshake_succeeds_with_the_ca_and_fails_without_it(tmp_path):
-    from fedft.certs import make_certificates
+    from fedft.deploy.certs import make_certificates
 
     paths = make_certificates(tmp_path, ["127.0.0.1"])
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -82,7 +82,7 @@ def test_node_keys_are_what_flower_registers_and_loads(tmp_path):
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
     from flwr.cli.supernode.register import try_load_public_key
 
-    from fedft.certs import make_node_key
+    from fedft.deploy.certs import make_node_key
 
     private, public = make_node_key(tmp_path / "keys", "hospital-a")
     assert stat.S_IMODE(private.stat().st_mode) == 0o600

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from fedft.checkpoint import (atomic_directory, atomic_write_json, atomic_write_jsonl,
-                              read_jsonl_rows)
+from fedft.rundir import atomic_directory, atomic_write_json, atomic_write_jsonl, read_jsonl_rows
 
 
 def test_json_and_jsonl_round_trip_and_leave_no_temp_files(tmp_path):

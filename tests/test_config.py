@@ -92,7 +92,7 @@ def test_every_shipped_config_loads():
 
 
 def test_a_coordinator_config_needs_no_training_files_but_a_simulation_does(tiny_config_path):
-    from fedft.client import check_simulation_data
+    from fedft.data.partition import check_simulation_data
 
     text = tiny_config_path.read_text().replace('train_files = ["train.jsonl"]\n', "")
     path = tiny_config_path.with_name("coordinator.toml")

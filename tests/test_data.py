@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from fedft.data import (IGNORE_INDEX, DataError, collate, load_dataset_files, read_jsonl,
-                        tokenize_row)
-from fedft.demo import build_char_tokenizer
+from fedft.data.rows import IGNORE_INDEX, DataError, collate, load_dataset_files, read_jsonl, tokenize_row
+from fedft.demo.base import build_char_tokenizer
 
 
 @pytest.fixture(scope="module")

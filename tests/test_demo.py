@@ -6,15 +6,16 @@ from collections import Counter
 from pathlib import Path
 
 from fedft.config import load_config
-from fedft.data import read_jsonl
-from fedft.demo import build_char_tokenizer, make_demo_rows, make_eval_rows
+from fedft.data.rows import read_jsonl
+from fedft.demo.base import build_char_tokenizer
+from fedft.demo.tasks import make_demo_rows, make_eval_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "simulations" / "data" / "demo"
 
 
 def test_committed_demo_data_is_what_the_generator_writes(tmp_path):
-    from fedft.cli import main
+    from simulations.commands import main
 
     assert main(["demo", "data", "--out", str(tmp_path)]) == 0
     for name in ("train.jsonl", "eval.jsonl", "prefs-train.jsonl", "prefs-eval.jsonl"):
@@ -57,7 +58,7 @@ def test_tokenizer_round_trips_text_and_saves(tmp_path):
 def test_the_demo_base_does_not_solve_the_tasks():
     import dataclasses
 
-    from fedft.evaluate import HeldOutEvaluator
+    from fedft.eval.held_out import HeldOutEvaluator
 
     cfg = load_config(ROOT / "simulations" / "demo.toml")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_max_examples=48))

@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from fedft.config import ConfigError, load_config
-from fedft.data import DataError, tokenize_row
-from fedft.demo import (TASKS, build_char_tokenizer, make_demo_preferences, make_demo_rows,
-                        make_eval_rows)
-from fedft.dpo import (REFERENCE_ADAPTER, dpo_loss, pair_batch, pair_logps, preference_metrics, scored_logps,
-                       run_dpo_stage, sequence_logps, train_dpo)
-from fedft.preferences import read_preference_jsonl, tokenize_pair
+from fedft.data.rows import DataError, tokenize_row
+from fedft.demo.tasks import TASKS, make_demo_rows, make_eval_rows
+from fedft.demo.base import build_char_tokenizer
+from fedft.demo.pairs import make_demo_preferences
+from fedft.align.dpo import REFERENCE_ADAPTER, train_dpo
+from fedft.score.preference import dpo_loss, pair_batch, pair_logps, preference_metrics, scored_logps, sequence_logps
+from fedft.align.stage import run_dpo_stage
+from fedft.data.preferences import read_preference_jsonl, tokenize_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "simulations" / "data" / "demo"
@@ -109,7 +111,7 @@ def _prompt(row: dict) -> str:
 
 
 def _correct_answer(task: str, source: str) -> str:
-    from fedft.demo import MONTHS, UNITS
+    from fedft.demo.tasks import MONTHS, UNITS
 
     if task == "date":
         month, day, year = source.split()
@@ -188,7 +190,7 @@ def _dpo_config(tiny_config_path: Path, tmp_path: Path, *overrides: str):
 
 def _perturbed_adapter(model, seed: int = 1) -> dict[str, torch.Tensor]:
     """A non-trivial 'federated' adapter: the seeded init with random B (so policy != base)."""
-    from fedft.model import get_adapter_state
+    from fedft.model.adapter import get_adapter_state
 
     generator = torch.Generator().manual_seed(seed)
     return {k: (torch.randn(v.shape, generator=generator) * 0.05 if "lora_B" in k else v)
@@ -199,7 +201,8 @@ def test_reference_is_the_frozen_start_adapter_while_the_policy_moves(tiny_confi
     from peft import get_peft_model_state_dict
     from trl.trainer.utils import use_adapter
 
-    from fedft.model import get_adapter_state, load_peft_model, load_tokenizer, set_adapter_state
+    from fedft.model.adapter import get_adapter_state, set_adapter_state
+    from fedft.model.load import load_peft_model, load_tokenizer
 
     cfg = _dpo_config(tiny_config_path, tmp_path)
     model, tokenizer = load_peft_model(cfg), load_tokenizer(cfg)
@@ -254,12 +257,12 @@ def test_reference_is_the_frozen_start_adapter_while_the_policy_moves(tiny_confi
 
 
 def test_preference_metrics_base_is_chance_and_stage_writes_adapter_history_summary(tiny_config_path, tmp_path):
-    from fedft.model import cached_peft_model, initial_adapter_state
+    from fedft.model.load import cached_peft_model, initial_adapter_state
 
     cfg = _dpo_config(tiny_config_path, tmp_path)
     model, tokenizer = cached_peft_model(cfg)
     pairs = [tokenize_pair(p, tokenizer, cfg.dpo.max_length) for p in read_preference_jsonl(cfg.dpo.eval_path)]
-    from fedft.model import set_adapter_state
+    from fedft.model.adapter import set_adapter_state
 
     set_adapter_state(model, initial_adapter_state(cfg))  # LoRA B = 0: the policy is the base
     base = preference_metrics(model, pairs, tokenizer.pad_token_id)
@@ -267,7 +270,7 @@ def test_preference_metrics_base_is_chance_and_stage_writes_adapter_history_summ
 
     start = _perturbed_adapter(model)
     summary = run_dpo_stage(cfg, start, tmp_path / "run", log=lambda line: None)
-    from fedft.model import get_adapter_state
+    from fedft.model.adapter import get_adapter_state
 
     held = get_adapter_state(model)
     assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
@@ -320,7 +323,7 @@ def test_dpo_section_validates_and_resolves_paths(tiny_config_path):
 
 
 def test_sft_weight_adds_the_chosen_answers_nll_to_the_training_loss(tiny_config_path, tmp_path):
-    from fedft.model import load_peft_model, load_tokenizer
+    from fedft.model.load import load_peft_model, load_tokenizer
 
     cfg = _dpo_config(tiny_config_path, tmp_path, "dpo.steps=1", "dpo.sft_weight=1.0")
     model, tokenizer = load_peft_model(cfg), load_tokenizer(cfg)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedft.client import client_examples
+from fedft.federated.client_round import client_examples
 from fedft.config import load_config
-from fedft.data import collate
-from fedft.model import cached_peft_model, get_adapter_state
-from fedft.privacy.dpsgd import per_example_loss, sample_rate, train_local_dp
+from fedft.data.rows import collate
+from fedft.model.load import cached_peft_model
+from fedft.model.adapter import get_adapter_state
+from fedft.score.answers import per_example_loss
+from fedft.privacy.dpsgd import sample_rate, train_local_dp
 
 
 def _setup(tiny_config_path, *extra):
@@ -49,7 +51,7 @@ def test_the_privacy_unit_is_one_sequence(tiny_config_path):
 
 
 def test_calibrated_noise_meets_the_client_target(tiny_config_path):
-    from fedft.client import record_epsilon
+    from fedft.federated.client_round import record_epsilon
     from fedft.privacy.dpsgd import DpSgdRound, noise_for_client
 
     cfg = load_config(tiny_config_path, ["privacy.record_level=true", "privacy.dp_sgd_target_epsilon=3.0",
@@ -64,7 +66,7 @@ def _per_sample_grads(cfg, examples_count=4):
     """How many trainable tensors get a per-sample gradient under Opacus hooks, of how many."""
     from opacus import PrivacyEngine
 
-    from fedft.model import load_peft_model, load_tokenizer
+    from fedft.model.load import load_peft_model, load_tokenizer
     from fedft.privacy.dpsgd import _Indices
 
     model, tokenizer = load_peft_model(cfg), load_tokenizer(cfg)

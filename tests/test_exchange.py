@@ -6,11 +6,11 @@ import dataclasses
 
 import torch
 
-from fedft.client import config_for_rank, received_to_start_state, reply_state
+from fedft.federated.client_round import config_for_rank, received_to_start_state, reply_state
 from fedft.config import load_config
-from fedft.exchange import aggregate_replies, downlink_state
-from fedft.lora_aggregate import adapter_rank, b_only
-from fedft.model import initial_adapter_state
+from fedft.federated.exchange import aggregate_replies, downlink_state
+from fedft.federated.lora_aggregate import adapter_rank, b_only
+from fedft.model.load import initial_adapter_state
 from tests.test_lora_aggregate import adapter
 
 
@@ -62,7 +62,7 @@ def test_robust_aggregation_keeps_ffa_a_frozen_and_is_checked_in_the_config(tiny
     import pytest
 
     from fedft.config import ConfigError
-    from fedft.lora_aggregate import LORA_A
+    from fedft.federated.lora_aggregate import LORA_A
 
     cfg = _with(load_config(tiny_config_path), aggregation="ffa", robust="median")
     start = adapter(4, 0)

@@ -16,11 +16,12 @@ import sys
 import pytest
 import torch
 
-from fedft.checkpoint import atomic_write_json
-from fedft.cli import main
+from fedft.rundir import atomic_write_json
+from simulations.commands import main
 from fedft.config import config_to_dict, load_config
-from fedft.export import METADATA_FILE, ExportError, export_run, read_export_metadata
-from fedft.model import get_adapter_state, load_peft_model, save_adapter, set_adapter_state
+from fedft.run.export import METADATA_FILE, ExportError, export_run, read_export_metadata
+from fedft.model.adapter import get_adapter_state, save_adapter, set_adapter_state
+from fedft.model.load import load_peft_model
 from tests.conftest import write_tiny_setup
 
 # Measured max |merged - training model| on these logits: ~3e-6 (float32 rounding of W + BA).
@@ -123,7 +124,7 @@ def test_adapter_export_loads_with_peft_and_gives_the_same_logits(trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedft.model import DTYPES, quantization_config
+    from fedft.model.load import DTYPES, quantization_config
 
     cfg, out = trained["cfg"], trained["root"] / "adapter-only"
     export_run(trained["run"], out, progress=lambda _: None)

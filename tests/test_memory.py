@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedft.memory import COMMON_MODELS, DecoderShape, base_weight_bytes, client_memory, lora_parameters
+from fedft.model.memory import COMMON_MODELS, DecoderShape, base_weight_bytes, client_memory, lora_parameters
 
 
 def _small_llama(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedft.config import load_config
-from fedft.model import (LOAD_COUNTS, _cache_key, cached_peft_model, clear_model_cache, get_adapter_state,
-                         load_peft_model, save_adapter, set_adapter_state)
+from fedft.model.load import LOAD_COUNTS, _cache_key, cached_peft_model, clear_model_cache, load_peft_model
+from fedft.model.adapter import get_adapter_state, save_adapter, set_adapter_state
 
 
 @pytest.fixture
@@ -50,7 +50,8 @@ def test_cache_loads_the_base_once_per_process(cfg):
 
 
 def test_initial_adapter_is_the_seeded_init_even_after_the_cached_model_changed(cfg):
-    from fedft.model import initial_adapter_state, set_adapter_state
+    from fedft.model.load import initial_adapter_state
+    from fedft.model.adapter import set_adapter_state
 
     clear_model_cache()
     model, _ = cached_peft_model(cfg)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fedft.config import ConfigError, load_config
-from fedft.dpo import MODEL_PAIR_FILES, preference_scores, run_dpo_stage
-from fedft.model_pairs import (ORIGIN_FILE, ORIGIN_MODEL, SamplingSettings, model_error_rows, rows_from_answers,
-                               sample_answers, wrong_answers)
-from fedft.preferences import pair_from_row, tokenize_pair
+from fedft.align.stage import MODEL_PAIR_FILES, run_dpo_stage
+from fedft.score.preference import preference_scores
+from fedft.align.pairs import ORIGIN_FILE, ORIGIN_MODEL, SamplingSettings, model_error_rows, rows_from_answers, sample_answers, wrong_answers
+from fedft.data.preferences import pair_from_row, tokenize_pair
 from tests.test_dpo import _dpo_config, _perturbed_adapter
 
 
@@ -61,7 +61,8 @@ def test_preference_scores_by_hand():
 
 
 def _tiny(tiny_config_path, tmp_path, *overrides):
-    from fedft.model import cached_peft_model, set_adapter_state
+    from fedft.model.load import cached_peft_model
+    from fedft.model.adapter import set_adapter_state
 
     cfg = _dpo_config(tiny_config_path, tmp_path, *overrides)
     model, tokenizer = cached_peft_model(cfg)
@@ -99,7 +100,7 @@ def test_model_rows_hold_answers_the_model_gave_and_sampling_is_reproducible(tin
 def test_the_dpo_stage_trains_on_pairs_built_from_the_model(tiny_config_path, tmp_path):
     cfg, *_ = _tiny(tiny_config_path, tmp_path, "dpo.rejected_from=model", "dpo.samples=2",
                     "dpo.negatives_per_prompt=2")
-    from fedft.model import cached_peft_model
+    from fedft.model.load import cached_peft_model
 
     model, _ = cached_peft_model(cfg)
     summary = run_dpo_stage(cfg, _perturbed_adapter(model), tmp_path / "run", log=lambda line: None)

@@ -8,7 +8,7 @@ import pytest
 from datasets import Dataset
 
 from fedft.config import DataConfig
-from fedft.partition import PartitionError, partition_dataset
+from fedft.data.partition import PartitionError, partition_dataset
 
 
 def _rows(n_per_inst: dict[str, int]) -> Dataset:

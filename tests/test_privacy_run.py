@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from fedft.config import load_config
 from fedft.privacy.bookkeeping import LEDGER_FILE
 from fedft.privacy.ledger import audit, next_user_epsilon, read_ledger
-from fedft.report import load_metrics
+from fedft.rundir import load_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_privacy_report_command_passes_an_honest_ledger_and_flags_an_edited_one(
 @pytest.fixture(scope="module")
 def dpsgd_run(tmp_path_factory, tiny_model_dir):
     """Both mechanisms on; institution 0 holds 16 rows (q = 1/2), institution 1 holds 40 (q = 1/5)."""
-    from fedft.demo import make_demo_rows
+    from fedft.demo.tasks import make_demo_rows
     from simulations.runner import simulate
     from tests.conftest import write_tiny_setup
 
@@ -137,7 +137,7 @@ def dpsgd_run(tmp_path_factory, tiny_model_dir):
 
 
 def test_dp_sgd_charges_each_client_for_the_rounds_it_trained_and_a_client_declines_at_its_limit(dpsgd_run):
-    from fedft.client import record_epsilon
+    from fedft.federated.client_round import record_epsilon
     from fedft.privacy.dpsgd import DpSgdRound
 
     rows = read_ledger(dpsgd_run / LEDGER_FILE)

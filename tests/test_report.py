@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fedft.checkpoint import atomic_write_json
-from fedft.report import (RunRecorder, comparison_markdown, comparison_rows, load_metrics,
-                          plot_comparison)
+from fedft.rundir import atomic_write_json
+from fedft.run.recorder import RunRecorder
+from fedft.report.compare import comparison_markdown, comparison_rows, plot_comparison
+from fedft.rundir import load_metrics
 
 
 def _metrics(em, date, units):

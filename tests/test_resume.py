@@ -14,7 +14,7 @@ import pytest
 
 from fedft.privacy.bookkeeping import LEDGER_FILE
 from fedft.privacy.ledger import audit, read_ledger
-from fedft.report import load_metrics
+from fedft.rundir import load_metrics
 
 pytestmark = pytest.mark.slow
 

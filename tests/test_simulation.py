@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedft.config import load_config
-from fedft.report import load_metrics
+from fedft.rundir import load_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,8 @@ def fedavg_run(tmp_path_factory, tiny_model_dir):
     # module-scoped copy of the tiny config so the Ray run happens once for several tests
     from tests.conftest import write_tiny_setup
 
-    from fedft.demo import make_preference_rows, write_jsonl
+    from fedft.demo.pairs import make_preference_rows
+    from fedft.demo.tasks import write_jsonl
 
     d = tmp_path_factory.mktemp("sim")
     write_tiny_setup(d, tiny_model_dir)
@@ -40,7 +41,7 @@ def fedavg_run(tmp_path_factory, tiny_model_dir):
 
 
 def test_the_run_ends_with_dpo_every_stage_evaluated_and_a_report(fedavg_run):
-    from fedft.run_report import build_report
+    from fedft.report.markdown import build_report
 
     d, summary = fedavg_run
     run = d / "run"

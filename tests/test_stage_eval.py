@@ -12,22 +12,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from fedft.checkpoint import atomic_write_json
+from fedft.rundir import atomic_write_json
 from fedft.config import config_to_dict, load_config
-from fedft.data import DataError, load_dataset_files, tokenize_dataset
-from fedft.demo import make_preference_rows, pretraining_text, write_jsonl
-from fedft.dpo import pair_logps
-from fedft.evaluate import answer_loss, load_eval_examples
-from fedft.model import cached_peft_model, get_adapter_state, initial_adapter_state, save_adapter
-from fedft.stage_eval import (DEMO_GENERAL_FILE, DEMO_PRETRAIN_LINES, DEMO_PRETRAIN_SEED, EVALUATION_FILE,
-                              demo_general_texts, evaluate_run, evaluate_stages, institution_tasks,
-                              load_adapter_state, load_pairs, own_model_scores, read_general_texts,
-                              sample_indices)
-from fedft.train import train_local
+from fedft.data.rows import DataError, load_dataset_files, tokenize_dataset
+from fedft.demo.pairs import make_preference_rows
+from fedft.demo.base import pretraining_text
+from fedft.demo.tasks import write_jsonl
+from fedft.score.preference import pair_logps
+from fedft.score.answers import answer_loss
+from fedft.eval.held_out import load_eval_examples
+from fedft.model.load import cached_peft_model, initial_adapter_state
+from fedft.model.adapter import get_adapter_state, save_adapter
+from fedft.eval.inputs import evaluate_run, load_adapter_state, load_pairs, read_general_texts
+from fedft.demo.general import DEMO_PRETRAIN_LINES, DEMO_PRETRAIN_SEED, demo_general_texts
+from fedft.rundir import EVALUATION_FILE
+from fedft.eval.stages import evaluate_stages, institution_tasks, own_model_scores, sample_indices
+from fedft.train.local import train_local
 from tests.conftest import write_tiny_setup
 
 TASKS = {"date", "units", "json", "snake"}
@@ -201,6 +206,9 @@ def test_general_text_errors_name_the_file_and_line(tmp_path):
         read_general_texts(bad)
     with pytest.raises(DataError, match="does not exist"):
         read_general_texts(tmp_path / "missing.txt")
+
+
+DEMO_GENERAL_FILE = Path(__file__).resolve().parent.parent / "simulations" / "data" / "demo" / "general.jsonl"
 
 
 def test_demo_probe_is_held_out_from_the_base_pretraining_text():

@@ -7,10 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from fedft.client import client_examples
+from fedft.federated.client_round import client_examples
 from fedft.config import TrainConfig, load_config
-from fedft.model import cached_peft_model, get_adapter_state
-from fedft.train import lr_multiplier, train_local
+from fedft.model.load import cached_peft_model
+from fedft.model.adapter import get_adapter_state
+from fedft.train.local import lr_multiplier, train_local
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ def test_schedule_spans_rounds():
 
 
 def test_gradient_checkpointing_on_the_4bit_base_still_trains_the_adapter(tiny_config_path):
-    from fedft.model import load_peft_model, load_tokenizer
+    from fedft.model.load import load_peft_model, load_tokenizer
 
     cfg = load_config(tiny_config_path, ["model.gradient_checkpointing=true", "train.local_steps=3"])
     model, tokenizer = load_peft_model(cfg), load_tokenizer(cfg)

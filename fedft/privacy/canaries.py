@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from fedft.config import FedftConfig
-from fedft.data import Example, collate, tokenize_row
+from fedft.data.rows import Example, collate, tokenize_row
 
 SECRET_DIGITS = 6
 CANDIDATES = 255  # alternatives per canary: exposure is at most log2(256) = 8 bits
@@ -70,7 +70,7 @@ def canary_training_examples(cfg: FedftConfig, tokenizer) -> list[Example]:
 
 def secret_losses(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 64) -> list[float]:
     """The model's mean loss on each row's answer (the secret), one value per row."""
-    from fedft.privacy.dpsgd import per_example_loss
+    from fedft.score.answers import per_example_loss
 
     examples = [tokenize_row(r, tokenizer, max_length) for r in rows]
     device = next(model.parameters()).device

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-
 import torch
-
 from fedft.config import FedftConfig
-from fedft.data import Example, collate
-from fedft.model import get_adapter_state, set_adapter_state
+from fedft.data.rows import Example, collate
+from fedft.model.adapter import get_adapter_state, set_adapter_state
 from fedft.privacy import accounting
-from fedft.train import LocalResult, lr_multiplier
+from fedft.train.local import LocalResult, lr_multiplier
+from fedft.score.answers import per_example_loss
 
 
 @dataclass(frozen=True)
@@ -70,16 +69,6 @@ class _Indices(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return (torch.tensor(i),)
-
-
-def per_example_loss(model, batch: dict) -> torch.Tensor:
-    """Each example's mean next-token loss over its own completion tokens, shape (batch,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
-    counts = (labels != -100).sum(dim=1).clamp(min=1)
-    return token_loss.sum(dim=1) / counts
 
 
 def train_local_dp(

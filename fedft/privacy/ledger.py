@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from fedft.checkpoint import atomic_write_jsonl
+from fedft.rundir import atomic_write_jsonl
 from fedft.privacy import accounting
 
 USER_LEVEL = "user-dp-fedavg"

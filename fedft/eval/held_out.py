@@ -1,0 +1,57 @@
+"""Held-out evaluation: token loss on answers and exact match of greedy generations.
+
+``evaluate_model`` scores a model on tokenized held-out examples: mean answer-token loss,
+exact match overall and per task (the ``data.task_column`` value of each row). Exact match
+compares the stripped generated text with the stripped reference answer. Read-only: the
+model's weights are never changed here.
+"""
+
+from __future__ import annotations
+
+from fedft.data.rows import Example
+from fedft.score.answers import answer_loss, exact_match, generate_answers
+
+
+def evaluate_model(model, tokenizer, examples: list[Example], batch_size: int = 32) -> dict:
+    """Loss, exact match and per-task exact match on held-out examples."""
+    predictions = generate_answers(model, tokenizer, examples, batch_size)
+    overall, by_task = exact_match(predictions, examples)
+    return {
+        "eval_loss": answer_loss(model, examples, tokenizer.pad_token_id, batch_size),
+        "eval_exact_match": overall,
+        "eval_exact_match_by_task": by_task,
+        "samples": [
+            {"prompt_source": e.source, "reference": e.reference, "prediction": p}
+            for e, p in list(zip(examples, predictions))[:5]
+        ],
+    }
+
+
+def load_eval_examples(cfg, tokenizer) -> list[Example]:
+    """The held-out set, tokenized; at most ``data.eval_max_examples`` rows, drawn evenly."""
+    import random
+
+    from fedft.data.rows import load_dataset_files, tokenize_dataset
+
+    rows = load_dataset_files([cfg.data.eval_file])
+    indices = list(range(len(rows)))
+    if len(indices) > cfg.data.eval_max_examples:
+        indices = sorted(random.Random(cfg.data.seed).sample(indices, cfg.data.eval_max_examples))
+    return tokenize_dataset(rows.select(indices), tokenizer, cfg.data.max_length, cfg.data.task_column)
+
+
+class HeldOutEvaluator:
+    """Scores adapter states on the held-out set with one cached model."""
+
+    def __init__(self, cfg) -> None:
+        from fedft.model.load import cached_peft_model, initial_adapter_state
+
+        self.model, self.tokenizer = cached_peft_model(cfg)
+        self.examples = load_eval_examples(cfg, self.tokenizer)
+        self.initial_state = initial_adapter_state(cfg)
+
+    def __call__(self, state) -> dict:
+        from fedft.model.adapter import set_adapter_state
+
+        set_adapter_state(self.model, state)
+        return evaluate_model(self.model, self.tokenizer, self.examples)

@@ -1,0 +1,197 @@
+"""One client's side of a round, without Flower: its data (prepared once) and its training.
+
+``client_examples`` loads and tokenizes a client's data the first time it is asked and
+keeps it for the life of the process: a simulated client takes its partition of the
+configured training files (``partition_id``); a deployed institution reads its own file
+(``data_path``). ``run_client_round`` trains the cached model from the global adapter.
+The Flower ClientApp and the local-only baseline both call these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import torch
+from fedft.config import ConfigError, FedftConfig
+from fedft.data.rows import DataError, Example, load_dataset_files, tokenize_dataset
+from fedft.federated.lora_aggregate import LORA_A, adapter_rank, b_only, truncate_to_rank
+from fedft.model.load import cached_peft_model, initial_adapter_state
+from fedft.federated.exchange import wire_dtype
+from fedft.privacy.dpfedavg import adapter_delta, clip_update, secure_generator
+from fedft.data.partition import partition_dataset
+from fedft.train.local import LocalResult, train_local
+
+_EXAMPLES: dict = {}
+_LOCK = threading.Lock()
+
+
+def client_examples(
+    cfg: FedftConfig, tokenizer, *, partition_id: int | None = None, data_path: str | None = None
+) -> list[Example]:
+    """This client's tokenized training examples, built once per process."""
+    p = cfg.privacy
+    key = (cfg.data, cfg.simulation.num_supernodes, cfg.model_path, partition_id, data_path,
+           cfg.seed, p.canaries, p.canary_client, p.canary_repeats)
+    with _LOCK:
+        if key not in _EXAMPLES:
+            if data_path:
+                rows = load_dataset_files([data_path])
+            elif partition_id is not None:
+                parts = partition_dataset(
+                    load_dataset_files(cfg.data.train_files), cfg.data, cfg.simulation.num_supernodes
+                )
+                if not 0 <= partition_id < len(parts):
+                    raise DataError(f"partition-id {partition_id} is outside 0..{len(parts) - 1}")
+                rows = parts[partition_id]
+            else:
+                raise DataError("a client needs either a partition-id (simulation) or a data-path")
+            examples = tokenize_dataset(rows, tokenizer, cfg.data.max_length, cfg.data.task_column)
+            if not examples:
+                raise DataError(f"client {partition_id if data_path is None else data_path} has no examples")
+            if p.canaries and data_path is None and partition_id == p.canary_client:
+                from fedft.privacy.canaries import canary_training_examples
+
+                examples = examples + canary_training_examples(cfg, tokenizer)  # audit only
+            _EXAMPLES[key] = examples
+        return _EXAMPLES[key]
+
+
+def client_seed(cfg: FedftConfig, round_index: int, client_index: int) -> int:
+    """A distinct, reproducible seed for each (run seed, round, client)."""
+    return (cfg.seed * 1_000_003 + round_index * 10_007 + client_index) % (2**31)
+
+
+def client_rank(cfg: FedftConfig, partition_id: int | None = None, node_rank: int | None = None) -> int:
+    """This client's LoRA rank: its node config's, else its simulated partition's, else lora.r."""
+    if node_rank is not None:
+        rank, where = node_rank, "node config lora-rank"
+    elif partition_id is not None and cfg.lora.client_ranks:
+        rank, where = cfg.lora.client_ranks[partition_id], f"lora.client_ranks[{partition_id}]"
+    else:
+        return cfg.lora.r
+    if not 1 <= rank <= cfg.lora.r:
+        raise ConfigError(f"{where} = {rank} is not allowed; expected 1..lora.r = {cfg.lora.r}")
+    if rank != cfg.lora.r and cfg.strategy.aggregation == "ffa":
+        raise ConfigError(f"{where} = {rank}: strategy.aggregation = 'ffa' needs every client at rank {cfg.lora.r}")
+    return rank
+
+
+def config_for_rank(cfg: FedftConfig, rank: int) -> FedftConfig:
+    """The config of a client training rank ``rank``: alpha scales with it, so alpha / r is shared."""
+    if rank == cfg.lora.r:
+        return cfg
+    lora = dataclasses.replace(cfg.lora, r=rank, alpha=cfg.lora.alpha * rank / cfg.lora.r)
+    return dataclasses.replace(cfg, lora=lora)
+
+
+def received_to_start_state(cfg: FedftConfig, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter a client starts its round from, given what the server sent.
+
+    Tensors arrive in the wire dtype and are trained in float32. Under FFA-LoRA only B
+    travels: A is the shared seeded initialisation every client already holds. A global
+    adapter of higher rank than this client's is truncated to its first components.
+    """
+    state = {k: v.to(torch.float32) for k, v in received.items()}
+    if cfg.strategy.aggregation == "ffa":
+        initial = initial_adapter_state(cfg)
+        state = {**{k: v for k, v in initial.items() if f".{LORA_A}." in k}, **b_only(state)}
+    if adapter_rank(state) > cfg.lora.r:
+        state = truncate_to_rank(state, cfg.lora.r)
+    return state
+
+
+def reply_state(cfg: FedftConfig, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What leaves the client: B only under FFA-LoRA, in the configured wire dtype."""
+    state = b_only(trained) if cfg.strategy.aggregation == "ffa" else trained
+    return {k: v.to(wire_dtype(cfg)) for k, v in state.items()}
+
+
+def private_reply(
+    cfg: FedftConfig, start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """DP-FedAvg: the update (trained - start) on the tensors that travel, clipped to C here.
+
+    Clipping happens before anything leaves the institution, so the server never holds
+    an unclipped update.
+    """
+    sent = reply_state(cfg, trained)
+    return clip_update(adapter_delta(sent, start), cfg.privacy.clip_norm)
+
+
+class ClientDeclined(Exception):
+    """The client refuses this round (its record-level privacy limit would be exceeded)."""
+
+
+def record_epsilon(history: list, delta: float) -> float:
+    """A client's cumulative record-level epsilon (RDP) over its DP-SGD rounds."""
+    from fedft.privacy import accounting
+
+    if not history:
+        return 0.0
+    events = [(accounting.record_level_round_event(h.sample_rate, h.noise_multiplier, h.steps), 1)
+              for h in history]
+    return accounting.epsilon(events, delta, "rdp")
+
+
+def check_record_budget(cfg: FedftConfig, num_examples: int, history: list, max_epsilon: float | None) -> None:
+    """Raise ``ClientDeclined`` if one more DP-SGD round would take this client past its limit."""
+    from fedft.privacy.dpsgd import DpSgdRound, noise_for_client, sample_rate
+
+    limit = max_epsilon if max_epsilon is not None else cfg.privacy.client_max_epsilon
+    if not limit:
+        return
+    planned = DpSgdRound(sample_rate(cfg, num_examples), noise_for_client(cfg, num_examples),
+                         cfg.train.local_steps)
+    projected = record_epsilon(list(history) + [planned], cfg.privacy.delta)
+    if projected > limit:
+        raise ClientDeclined(
+            f"one more round would bring this client's record-level epsilon to {projected:.3f} > "
+            f"its limit {limit:g} (spent {record_epsilon(list(history), cfg.privacy.delta):.3f})")
+
+
+def run_client_round(
+    cfg: FedftConfig,
+    received_state: dict[str, torch.Tensor],
+    round_index: int,
+    *,
+    proximal_mu: float = 0.0,
+    partition_id: int | None = None,
+    data_path: str | None = None,
+    client_index: int = 0,
+    node_rank: int | None = None,
+    dp_history: list | None = None,
+    max_epsilon: float | None = None,
+    noise_generator: torch.Generator | None = None,
+) -> LocalResult:
+    """Train this client's cached model for one round from the server's adapter.
+
+    The returned ``state`` is the reply payload (``reply_state``); ``rank`` is this
+    client's LoRA rank, which the server needs for heterogeneous-rank aggregation.
+    """
+    cfg = config_for_rank(cfg, client_rank(cfg, partition_id, node_rank))
+    model, tokenizer = cached_peft_model(cfg)
+    examples = client_examples(cfg, tokenizer, partition_id=partition_id, data_path=data_path)
+    freeze_a = cfg.strategy.aggregation == "ffa"
+    for name, param in model.named_parameters():
+        if f".{LORA_A}." in name:
+            param.requires_grad = not freeze_a
+    start = received_to_start_state(cfg, received_state)
+    seed = client_seed(cfg, round_index, client_index)
+    if cfg.privacy.record_level:
+        from fedft.privacy.dpsgd import train_local_dp
+
+        check_record_budget(cfg, len(examples), dp_history or [], max_epsilon)
+        generator = noise_generator or secure_generator()
+        result, spent = train_local_dp(model, examples, tokenizer.pad_token_id, cfg, global_state=start,
+                                       round_index=round_index, noise_generator=generator, seed=seed)
+        result = dataclasses.replace(result, dp_sgd=spent)
+    else:
+        result = train_local(
+            model, examples, tokenizer.pad_token_id, cfg.train,
+            global_state=start, round_index=round_index,
+            total_rounds=cfg.strategy.num_rounds, proximal_mu=proximal_mu, seed=seed,
+        )
+    if cfg.privacy.user_level:
+        update, clipped = private_reply(cfg, start, result.state)
+        return dataclasses.replace(result, state=update, rank=cfg.lora.r, clipped=clipped)
+    return dataclasses.replace(result, state=reply_state(cfg, result.state), rank=cfg.lora.r)

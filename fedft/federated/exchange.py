@@ -1,0 +1,104 @@
+"""What the server sends each client and how it turns the replies into the next adapter.
+
+Pure functions over adapter states, shared by the Flower strategies and the tests:
+``downlink_state`` (the global adapter cut to a client's rank, B only under FFA-LoRA, in the
+wire dtype), ``reply_to_full_state`` (a reply back to a float32 adapter the aggregators
+understand) and ``aggregate_replies`` (fedavg / ffa / svd, or a robust trimmed mean /
+median, plus the per-round diagnostics: the naive average's error against the exact mean of
+products and the SVD's discarded energy). No flwr, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+import torch
+from fedft.federated.aggregate import coordinate_median, fedavg, trimmed_mean
+from fedft.config import FedftConfig
+from fedft.federated.lora_aggregate import LORA_A, adapter_rank, b_only, ffa_aggregate, naive_aggregation_error, pad_to_rank, svd_aggregate, truncate_to_rank
+
+
+def wire_dtype(cfg: FedftConfig) -> torch.dtype:
+    """The dtype adapter tensors travel in (Flower records carry no bfloat16)."""
+    return torch.float16 if cfg.strategy.wire_dtype == "float16" else torch.float32
+
+
+def downlink_state(
+    cfg: FedftConfig, global_state: dict[str, torch.Tensor], rank: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The part of the global adapter one client needs, as it travels."""
+    state = global_state
+    if rank is not None and rank < adapter_rank(state):
+        state = truncate_to_rank(state, rank)
+    if cfg.strategy.aggregation == "ffa":
+        state = b_only(state)
+    return {k: v.to(wire_dtype(cfg)) for k, v in state.items()}
+
+
+def reply_to_full_state(
+    cfg: FedftConfig, global_state: dict[str, torch.Tensor], reply: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A client's reply as a float32 adapter with A and B (A from the global one under FFA)."""
+    state = {k: v.to(torch.float32) for k, v in reply.items()}
+    if cfg.strategy.aggregation == "ffa":
+        state = {**{k: v for k, v in global_state.items() if f".{LORA_A}." in k}, **state}
+    return dict(sorted(state.items()))
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The next global adapter and what the round's aggregation cost in accuracy."""
+
+    state: dict[str, torch.Tensor]
+    naive_error: float | None  # ||mean(BA) - mean(B)mean(A)||_F / ||mean(BA)||_F (None: no replies)
+    discarded_energy: float | None  # svd only: share of sigma^2 cut by the rank limit
+
+
+def aggregate_replies(
+    cfg: FedftConfig,
+    global_state: dict[str, torch.Tensor],
+    replies: Sequence[dict[str, torch.Tensor]],
+    weights: Sequence[float],
+) -> AggregateResult:
+    """Combine the replies with ``strategy.aggregation`` into an adapter of rank ``lora.r``."""
+    full = [reply_to_full_state(cfg, global_state, r) for r in replies]
+    padded = [pad_to_rank(s, cfg.lora.r) for s in full]
+    error = naive_aggregation_error(padded, weights)
+    name = cfg.strategy.aggregation
+    if name == "svd":
+        a_norms = {k: float(v.norm(dim=1).mean()) for k, v in global_state.items() if f".{LORA_A}." in k}
+        result = svd_aggregate(full, weights, rank=cfg.lora.r, a_row_norms=a_norms)
+        return AggregateResult(result.state, error, result.discarded_energy)
+    robust = cfg.strategy.robust
+    if robust != "none":  # FFA's A is the same frozen tensor on every client, so robust statistics keep it
+        state = (coordinate_median(padded) if robust == "median"
+                 else trimmed_mean(padded, cfg.strategy.trim_fraction))
+        return AggregateResult(state, error, None)
+    if name == "ffa":
+        return AggregateResult(ffa_aggregate(full, weights, frozen_a=global_state), error, None)
+    return AggregateResult(fedavg(padded, weights), error, None)  # HetLoRA zero-padding if ranks differ
+
+
+def private_aggregate(
+    cfg: FedftConfig,
+    global_state: dict[str, torch.Tensor],
+    updates: Sequence[dict[str, torch.Tensor]],
+    num_sampled: float,
+    generator: torch.Generator,
+) -> AggregateResult:
+    """DP-FedAvg: global + (sum of clipped updates) / m + N(0, (z C / m)^2), equal weights.
+
+    ``updates`` are the clients' clipped deltas on the tensors that travel (B only under
+    FFA-LoRA); a sampled client that did not reply counts as a zero update (m stays fixed).
+    """
+    from fedft.privacy.dpfedavg import noisy_mean
+
+    p = cfg.privacy
+    noisy = noisy_mean([{k: v.to(torch.float32) for k, v in u.items()} for u in updates],
+                       num_sampled, p.clip_norm, p.noise_multiplier, generator,
+                       poisson=p.poisson_clients, template=downlink_state(cfg, global_state))
+    state = {k: v + noisy[k] if k in noisy else v for k, v in global_state.items()}
+    full = [reply_to_full_state(cfg, global_state, {k: global_state[k] + v for k, v in u.items()})
+            for u in updates]
+    error = naive_aggregation_error(full, [1.0] * len(full)) if full else None
+    return AggregateResult(dict(sorted(state.items())), error, None)

@@ -1,0 +1,86 @@
+"""What may leave a client, and which replies the server accepts: pure checks, no flwr.
+
+Client side, ``check_outgoing``: a reply carries only adapter tensors (names with
+``lora_A`` / ``lora_B``) and the scalar metrics in ``fedft.wire.REPLY_METRICS``; anything
+else is refused before it leaves the institution.
+
+Server side, ``reply_problem``: a reply whose tensor names differ from the adapter's, whose
+shapes are not a LoRA adapter of rank 1..lora.r, whose dtype is not the wire dtype, whose
+values are not finite, or whose update norm exceeds ``strategy.max_update_norm`` is named
+with its reason and left out of the aggregate.
+"""
+
+from __future__ import annotations
+
+import torch
+from fedft.federated import wire
+from fedft.config import FedftConfig
+from fedft.federated.exchange import wire_dtype
+from fedft.federated.lora_aggregate import LORA_A, LORA_B, adapter_rank, b_only, truncate_to_rank
+from fedft.privacy.dpfedavg import adapter_delta, update_norm
+
+
+class OutgoingDataError(RuntimeError):
+    """A client reply would carry something other than adapter tensors and allowed metrics."""
+
+
+def check_outgoing(record_names: dict[str, str], array_names: list[str], metric_names: list[str]) -> None:
+    """Refuse a reply with extra records, non-adapter arrays or non-whitelisted metrics.
+
+    ``record_names`` maps each record key of the reply to its kind ("arrays", "metrics",
+    "config").
+    """
+    allowed = {wire.ARRAYS: "arrays", wire.METRICS: "metrics"}
+    extra = {k: v for k, v in record_names.items() if allowed.get(k) != v}
+    if extra:
+        raise OutgoingDataError(f"refused to send records {sorted(extra)}: a reply carries only "
+                                f"'{wire.ARRAYS}' (adapter tensors) and '{wire.METRICS}'")
+    bad_arrays = [n for n in array_names if f".{LORA_A}." not in n and f".{LORA_B}." not in n]
+    if bad_arrays:
+        raise OutgoingDataError(f"refused to send non-adapter tensors {bad_arrays[:3]}")
+    bad_metrics = sorted(set(metric_names) - set(wire.REPLY_METRICS))
+    if bad_metrics:
+        raise OutgoingDataError(f"refused to send metrics {bad_metrics}; allowed: {list(wire.REPLY_METRICS)}")
+
+
+def reply_problem(cfg: FedftConfig, global_state: dict[str, torch.Tensor],
+                  reply: dict[str, torch.Tensor]) -> str | None:
+    """Why the server must not aggregate this reply, or None if it is acceptable."""
+    expected = b_only(global_state) if cfg.strategy.aggregation == "ffa" else global_state
+    if set(reply) != set(expected):
+        unexpected, missing = sorted(set(reply) - set(expected)), sorted(set(expected) - set(reply))
+        return f"unexpected tensors {unexpected[:3]}, missing {missing[:3]}"
+    ranks = set()
+    for key, tensor in reply.items():
+        like = expected[key]
+        if tensor.dtype != wire_dtype(cfg):
+            return f"{key}: dtype {tensor.dtype}, expected {wire_dtype(cfg)}"
+        if tensor.dim() != 2:
+            return f"{key}: shape {tuple(tensor.shape)} is not a matrix"
+        if f".{LORA_A}." in key:
+            fixed, rank = tensor.shape[1] == like.shape[1], tensor.shape[0]
+        else:
+            fixed, rank = tensor.shape[0] == like.shape[0], tensor.shape[1]
+        if not fixed or not 1 <= rank <= like.shape[0 if f".{LORA_A}." in key else 1]:
+            return f"{key}: shape {tuple(tensor.shape)} does not fit {tuple(like.shape)}"
+        ranks.add(rank)
+        if not torch.isfinite(tensor).all():
+            return f"{key}: non-finite values"
+    if len(ranks) > 1:
+        return f"layers have different ranks {sorted(ranks)}"
+    bound = cfg.strategy.max_update_norm
+    if bound > 0:
+        norm = change_norm(cfg, global_state, reply, ranks.pop())
+        if norm > bound:
+            return f"update norm {norm:.4g} above strategy.max_update_norm = {bound:g}"
+    return None
+
+
+def change_norm(cfg: FedftConfig, global_state: dict[str, torch.Tensor], reply: dict[str, torch.Tensor],
+                rank: int) -> float:
+    """L2 norm of what the reply changes: the reply itself under DP-FedAvg (it is a delta),
+    else the reply minus the global adapter cut to the client's rank."""
+    if cfg.privacy.user_level:
+        return update_norm(reply)
+    base = truncate_to_rank(global_state, rank) if rank < adapter_rank(global_state) else global_state
+    return update_norm(adapter_delta(reply, base))

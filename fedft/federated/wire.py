@@ -1,0 +1,54 @@
+"""The message contract between the fedft ServerApp and ClientApp, defined once.
+
+Both sides import these names; neither spells a key as a literal. A train message carries
+the global adapter (``ARRAYS``) and a config record with the round, the resolved fedft
+config as JSON (``CONFIG_JSON``) and, for FedProx, ``PROXIMAL_MU``. A reply carries the
+new adapter (``ARRAYS``) and a metric record with ``REPLY_METRICS``.
+Pure data: no flwr import, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from fedft.config import FedftConfig, config_from_dict, config_to_dict
+
+ARRAYS = "arrays"  # ArrayRecord key, both directions
+CONFIG = "config"  # ConfigRecord key, server -> client
+METRICS = "metrics"  # MetricRecord key, client -> server
+
+SERVER_ROUND = "server-round"
+CONFIG_JSON = "fedft-config"
+PROXIMAL_MU = "proximal-mu"
+
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_STEPS = "train-steps"
+LORA_RANK = "lora-rank"
+CLIPPED = "clipped"  # DP-FedAvg: 1 if the update was scaled down to the clip norm
+DP_SGD_SAMPLE_RATE = "dp-sgd-sample-rate"  # record-level DP: what this round spent
+DP_SGD_NOISE = "dp-sgd-noise-multiplier"
+DP_SGD_STEPS = "dp-sgd-steps"
+REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_STEPS, LORA_RANK, CLIPPED,
+                 DP_SGD_SAMPLE_RATE, DP_SGD_NOISE, DP_SGD_STEPS)
+DECLINED = "fedft-declined"  # reason prefix of an error reply: the client refused the round
+
+# Node config keys (simulation sets the first two; deployment sets data-path per institution).
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+DATA_PATH = "data-path"
+NODE_LORA_RANK = "lora-rank"  # deployment: this institution's LoRA rank (<= lora.r)
+NODE_MAX_EPSILON = "max-epsilon"  # this institution's record-level privacy limit
+NODE_STATE_DIR = "state-dir"  # where this institution keeps its DP-SGD spend across runs
+NODE_DEVICE = "device"  # this institution's device: cpu, cuda, cuda:N (overrides model.device)
+NODE_MODEL_PATH = "model-path"  # where this institution keeps the base model (overrides model.path)
+DP_SGD_HISTORY = "fedft-dp-sgd-history"  # node state: the DP-SGD rounds this client ran
+
+
+def encode_config(cfg: FedftConfig) -> str:
+    """The resolved config as a JSON string for a ConfigRecord."""
+    return json.dumps(config_to_dict(cfg), sort_keys=True)
+
+
+def decode_config(text: str) -> FedftConfig:
+    """Inverse of ``encode_config``; validates like a file would."""
+    return config_from_dict(json.loads(text), source="message config")

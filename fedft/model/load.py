@@ -1,0 +1,148 @@
+"""Load a causal LM (4-bit NF4, 8-bit or full precision), attach LoRA, move adapter tensors.
+
+``load_peft_model`` builds base + adapter through ``from_pretrained`` exactly as for any
+Hugging Face checkpoint. ``cached_peft_model`` keeps one loaded model per process and
+configuration, so a long-lived worker (a Ray actor in simulation) swaps adapter tensors
+between rounds instead of reloading and re-quantizing the base. Only adapter tensors
+(``get_adapter_state``) ever leave a client. No training loop lives here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+import torch
+from fedft.config import FedftConfig
+from fedft.model.adapter import get_adapter_state
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# How many times this process built each configuration (read by tests and logs).
+LOAD_COUNTS: Counter = Counter()
+_CACHE: dict = {}
+_INITIAL: dict = {}
+_CACHE_LOCK = threading.Lock()
+
+
+class MissingExtraError(ImportError):
+    """An optional heavy dependency is not installed; the message names the fix."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' picks the first CUDA device when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device = {spec!r} but CUDA is not available on this machine")
+    return device
+
+
+def quantization_config(cfg: FedftConfig):
+    """The bitsandbytes config for ``model.quantization`` (None for full precision)."""
+    if cfg.model.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:  # pragma: no cover - bitsandbytes is a core dependency
+        raise MissingExtraError(
+            f"model.quantization = {cfg.model.quantization!r} needs bitsandbytes: pip install bitsandbytes"
+        ) from err
+    if cfg.model.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=cfg.model.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[cfg.model.compute_dtype],
+    )
+
+
+def load_tokenizer(cfg: FedftConfig):
+    """The tokenizer of the base model, with a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.model_path, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_peft_model(cfg: FedftConfig):
+    """Base model (quantized as configured, on its device) with a fresh LoRA adapter.
+
+    The order matters: the base is placed on its device before ``get_peft_model``, or LoRA
+    weights may never receive gradients. LoRA init is seeded with ``cfg.seed``.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(cfg.model.device)
+    dtype = DTYPES[cfg.model.compute_dtype]
+    # Opacus loses per-sample gradients under non-reentrant checkpointing (silently)
+    reentrant = cfg.privacy.record_level
+    quant = quantization_config(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model_path,
+        quantization_config=quant,
+        dtype=dtype,
+        device_map={"": device},
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if quant is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+        )
+    elif cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+    targets = cfg.lora.target_modules
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if targets == ("all-linear",) else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(model, lora)
+    model.config.use_cache = False
+    return model
+
+
+def _cache_key(cfg: FedftConfig) -> tuple:
+    return (cfg.model_path, cfg.model, cfg.lora, cfg.seed, cfg.privacy.record_level)
+
+
+def cached_peft_model(cfg: FedftConfig):
+    """(model, tokenizer) for this configuration, loaded at most once per process."""
+    key = _cache_key(cfg)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            LOAD_COUNTS[key] += 1
+            model = load_peft_model(cfg)
+            _CACHE[key] = (model, load_tokenizer(cfg))
+            _INITIAL[key] = get_adapter_state(model)
+        return _CACHE[key]
+
+
+def initial_adapter_state(cfg: FedftConfig) -> dict[str, torch.Tensor]:
+    """The seeded LoRA initialisation of the cached model, as it was when loaded.
+
+    The cached model's adapter is overwritten every round, so a second run in the same
+    process must start from this copy, not from whatever the model last held.
+    """
+    cached_peft_model(cfg)
+    key = _cache_key(cfg)
+    return {k: v.clone() for k, v in _INITIAL[key].items()}
+
+
+def clear_model_cache() -> None:
+    """Drop every cached model (frees memory; the next call reloads)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+        _INITIAL.clear()

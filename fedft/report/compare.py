@@ -1,0 +1,89 @@
+"""What a run leaves behind: metrics.jsonl (one row per round), summary.json, curve plots.
+
+``RunRecorder`` rewrites metrics.jsonl atomically after every round, so a reader or a
+crash never sees half a row. ``plot_curves`` draws losses and exact match per round.
+Files only: nothing here trains or evaluates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from fedft.rundir import load_summary
+COMPARISON_FILE = "comparison.png"
+
+
+def comparison_rows(run_dirs: list[Path]) -> list[dict]:
+    """One row per run (and one for the base model of the first): exact match overall, per task."""
+    rows = []
+    for i, run_dir in enumerate(run_dirs):
+        summary = load_summary(run_dir)
+        if i == 0:
+            rows.append({"run": "base model", **_em(summary["base"])})
+        rows.append({"run": f"{_label(summary)} ({Path(run_dir).name})", **_em(summary["final"]),
+                     "bytes": summary["bytes_up_total"] + summary["bytes_down_total"],
+                     "up_per_client": summary.get("mean_bytes_up_per_client"),
+                     "aggregation_error": summary.get("mean_aggregation_error"),
+                     "svd_cut": summary.get("mean_svd_discarded_energy"),
+                     "seconds": summary["wall_seconds"]})
+    return rows
+
+
+def _label(summary: dict) -> str:
+    """'fedavg', or e.g. 'fedavg/svd+fedadam fp16' when a run changed the aggregation."""
+    label = summary["strategy"]
+    if summary.get("aggregation", "fedavg") != "fedavg":
+        label += f"/{summary['aggregation']}"
+    if summary.get("server_optimizer", "none") != "none":
+        label += f"+{summary['server_optimizer']}"
+    ranks = summary.get("config", {}).get("lora", {}).get("client_ranks")
+    if ranks:
+        label += " ranks " + ",".join(str(r) for r in ranks)
+    if summary.get("wire_dtype", "float32") != "float32":
+        label += f" {summary['wire_dtype']}"
+    return label
+
+
+def _em(metrics: dict) -> dict:
+    return {"exact_match": metrics["eval_exact_match"], "by_task": metrics["eval_exact_match_by_task"]}
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    """A markdown table of ``comparison_rows``."""
+    tasks = sorted({t for r in rows for t in r["by_task"]})
+    lines = ["| run | exact match | " + " | ".join(tasks)
+             + " | MB sent | KB up per client-round | naive-avg error | SVD cut | seconds |",
+             "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: | ---: | ---: | ---: |"]
+
+    def fmt(value, pattern: str) -> str:
+        return pattern.format(value) if value else "-"
+
+    for r in rows:
+        cells = [f"{100 * r['by_task'].get(t, 0):.0f}%" for t in tasks]
+        extra = [fmt(r.get("bytes", 0) / 1e6, "{:.0f}"), fmt((r.get("up_per_client") or 0) / 1e3, "{:.0f}"),
+                 fmt(r.get("aggregation_error"), "{:.3f}"), fmt(r.get("svd_cut"), "{:.3f}"),
+                 fmt(r.get("seconds"), "{:.0f}")]
+        lines.append(f"| {r['run']} | **{100 * r['exact_match']:.1f}%** | " + " | ".join(cells + extra) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(rows: list[dict], path: Path) -> None:
+    """Grouped bars: exact match per task for every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for r in rows for t in r["by_task"]}) + ["all"]
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(8, 1.8 * len(tasks)), 4))
+    for i, r in enumerate(rows):
+        values = [100 * r["by_task"].get(t, 0) for t in tasks[:-1]] + [100 * r["exact_match"]]
+        ax.bar([x + i * width for x in range(len(tasks))], values, width, label=r["run"])
+    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(tasks))], tasks)
+    ax.set(ylabel="held-out exact match (%)", ylim=(0, 105), title="exact match by task")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,467 @@
+"""The run report: RUN_DIR/report.md, report.json and plots, built only from the run's files.
+
+``build_report`` reads summary.json (required), metrics.jsonl, evaluation.json (from
+``fedft.stage_eval``), dpo/summary.json and dpo/history.jsonl, and privacy_ledger.jsonl
+when present, and writes: a stage table (loss, perplexity, exact match overall and per
+institution, preference accuracy, reward margin, general-text perplexity), training curves
+(federated rounds, DPO steps), per-institution exact match by stage, preference accuracy by
+stage, the audited privacy summary, bytes communicated, wall times and generated samples.
+A missing optional part is omitted with a line saying so. The same files always give the
+same report.json. Nothing here loads a model, trains or imports flwr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from fedft.rundir import atomic_write_json, atomic_write_text
+
+REPORT_MD, REPORT_JSON = "report.md", "report.json"
+PLOTS = {"curves": "report_curves.png", "stages": "report_stage_accuracy.png",
+         "preferences": "report_preferences.png"}
+STAGE_METRICS = ("loss", "perplexity", "exact_match", "pref_accuracy", "reward_margin", "likelihood_accuracy",
+                 "general_perplexity")
+
+
+class ReportError(ValueError):
+    """A run file cannot be read; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the run's files
+# ---------------------------------------------------------------------------------------
+
+def read_json(path: Path, *, required: bool = False) -> dict | None:
+    """A JSON file's content; None when absent and optional."""
+    if not path.exists():
+        if required:
+            raise FileNotFoundError(f"{path} does not exist: is {path.parent} a finished fedft run directory?")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+
+
+def read_jsonl(path: Path) -> list[dict] | None:
+    """A JSON-lines file's rows; None when absent."""
+    if not path.exists():
+        return None
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ReportError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+    return rows
+
+
+def privacy_summary(run_dir: Path) -> dict | None:
+    """Epsilon per mechanism, delta and the audit (every epsilon recomputed); None without a ledger."""
+    from fedft.privacy.bookkeeping import LEDGER_FILE
+    from fedft.privacy.audit import privacy_report
+
+    from fedft.privacy.ledger import LedgerError
+
+    if not (run_dir / LEDGER_FILE).exists():
+        return None
+    try:
+        report = privacy_report(run_dir)
+    except LedgerError as err:
+        raise ReportError(f"the privacy ledger cannot be audited: {err}") from err
+    rows, recomputed = report["rows"], report["recomputed"]
+    mechanisms = sorted({m for r in rows for m in r.get("mechanisms", [])})
+    last = recomputed[-1] if recomputed else {}
+    record = [e for r in recomputed for e in (r.get("record_level") or {}).values() if e is not None]
+    epsilon = {}
+    if last.get("epsilon_user_rdp") is not None:
+        epsilon["user-level (RDP)"] = last["epsilon_user_rdp"]
+    if last.get("epsilon_user_pld") is not None:
+        epsilon["user-level (PLD)"] = last["epsilon_user_pld"]
+    if record:
+        epsilon["record-level, largest client (DP-SGD)"] = max(record)
+    mismatches = report["mismatches"]
+    return {
+        "mechanisms": mechanisms, "epsilon": epsilon, "delta": rows[-1].get("delta") if rows else None,
+        "target_epsilon": report["target_epsilon"], "rounds": len(rows),
+        "audit": {"passed": not mismatches, "mismatches": len(mismatches),
+                  "first": [f"round {m['round']}: {m['field']} recorded {m['recorded']!r}, recomputed "
+                            f"{m['recomputed']!r}" for m in mismatches[:3]]},
+        "canary_audit": report["canary_audit"],
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Pure assembly
+# ---------------------------------------------------------------------------------------
+
+def _ppl(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def final_stage_name(summary: dict) -> str:
+    """What a run's final adapter is: local, centralized or federated."""
+    strategy = summary.get("strategy")
+    return strategy if strategy in ("local", "centralized") else "federated"
+
+
+def stages_from_evaluation(evaluation: dict) -> list[dict]:
+    """One row per evaluated stage, in evaluation order."""
+    sources = evaluation.get("stage_sources", {})
+    rows = []
+    for name in evaluation.get("stage_order", list(evaluation["stages"])):
+        metrics = evaluation["stages"][name]
+        row = {"stage": name, "source": sources.get(name)}
+        row.update({k: v for k, v in metrics.items() if k != "samples"})
+        rows.append(row)
+    return rows
+
+
+def stages_from_summary(summary: dict, dpo_summary: dict | None) -> list[dict]:
+    """Base and final stage from summary.json (and DPO's preference scores when present)."""
+    def row(stage: str, m: dict) -> dict:
+        return {"stage": stage, "source": "summary.json", "loss": m.get("eval_loss"),
+                "perplexity": _ppl(m.get("eval_loss")), "exact_match": m.get("eval_exact_match"),
+                "exact_match_by_task": m.get("eval_exact_match_by_task", {})}
+
+    rows = [row("base", summary["base"]), row(final_stage_name(summary), summary["final"])]
+    if dpo_summary:  # its rewards are measured against the final stage, DPO's reference
+        keys = ("pref_accuracy", "reward_margin", "likelihood_accuracy")
+        rows[1].update({k: dpo_summary.get(f"{k}_before") for k in keys})
+        rows.append({"stage": "dpo", "source": "dpo/summary.json",
+                     **{k: dpo_summary.get(f"{k}_after") for k in keys}})
+    return rows
+
+
+def preference_reference(summary: dict, evaluation: dict | None) -> str | None:
+    """The stage whose log-probs the implicit rewards are measured against."""
+    if evaluation:
+        return evaluation.get("preference_reference") or ("base" if evaluation.get("preference_pairs") else None)
+    return final_stage_name(summary)
+
+
+def group_columns(stages: list[dict], institutions: dict | None) -> list[dict]:
+    """Per-institution columns ('inst0 (date)') when known, else one per task."""
+    if institutions:
+        return [{"label": f"{inst} ({info['task']})", "key": "exact_match_by_institution", "name": inst}
+                for inst, info in institutions.items()]
+    tasks = sorted({t for s in stages for t in s.get("exact_match_by_task") or {}})
+    return [{"label": t, "key": "exact_match_by_task", "name": t} for t in tasks]
+
+
+def federated_curves(rows: list[dict]) -> dict:
+    """Per-round train loss, held-out loss and exact match (None where not measured)."""
+    return {key: [r.get(key) for r in rows]
+            for key in ("round", "train_loss", "eval_loss", "eval_exact_match")}
+
+
+def dpo_curves(history: list[dict]) -> dict:
+    """Per-step DPO loss, reward accuracy and reward margin."""
+    return {key: [r.get(key) for r in history] for key in ("step", "loss", "reward_accuracy", "reward_margin")}
+
+
+def wall_times(summary: dict, dpo_summary: dict | None, history: list[dict] | None,
+               evaluation: dict | None) -> dict:
+    """Seconds spent federated, in DPO and evaluating (None where unknown)."""
+    dpo = (dpo_summary or {}).get("wall_s")
+    if dpo is None and history:
+        dpo = history[-1].get("elapsed_s")
+    return {"federated": summary.get("wall_seconds"), "dpo": dpo,
+            "evaluation": (evaluation or {}).get("wall_s")}
+
+
+def assemble_report(run_name: str, summary: dict, metrics: list[dict] | None, evaluation: dict | None,
+                    dpo_summary: dict | None, history: list[dict] | None, privacy: dict | None) -> dict:
+    """report.json's content from the run's parsed files."""
+    omitted = []
+    if evaluation:
+        stages, institutions = stages_from_evaluation(evaluation), evaluation.get("institutions") or None
+    else:
+        stages, institutions = stages_from_summary(summary, dpo_summary), None
+        omitted.append("no evaluation.json: stage table from summary.json (no perplexity on general text, "
+                       "no per-institution scores); run `fedft report RUN_DIR --evaluate` for every metric")
+    if not metrics:
+        omitted.append("no metrics.jsonl: no federated training curves")
+    if not history:
+        omitted.append("no dpo/history.jsonl: no DPO stage curves")
+    if privacy is None:
+        omitted.append("no privacy_ledger.jsonl: this run was not differentially private")
+    if not any(s.get("pref_accuracy") is not None for s in stages):
+        omitted.append("no preference scores: no preference pairs were evaluated")
+    cfg = summary.get("config", {})
+    return {
+        "run": run_name,
+        "strategy": summary.get("strategy"),
+        "rounds": summary.get("rounds"),
+        "clients": cfg.get("simulation", {}).get("num_supernodes"),
+        "base_model": cfg.get("model", {}).get("path"),
+        "stage_table_source": "evaluation.json" if evaluation else "summary.json",
+        "preference_reference": preference_reference(summary, evaluation),
+        "stages": stages,
+        "institutions": institutions,
+        "columns": group_columns(stages, institutions),
+        "curves": {"federated": federated_curves(metrics) if metrics else None,
+                   "dpo": dpo_curves(history) if history else None},
+        "privacy": privacy,
+        "communication": {"bytes_up": summary.get("bytes_up_total", 0),
+                          "bytes_down": summary.get("bytes_down_total", 0)},
+        "wall_seconds": wall_times(summary, dpo_summary, history, evaluation),
+        "samples": sample_sets(evaluation, summary),
+        "notes": list((evaluation or {}).get("notes", [])),
+        "omitted": omitted,
+        "plots": {},
+    }
+
+
+def sample_sets(evaluation: dict | None, summary: dict) -> dict[str, list[dict]]:
+    """Generated samples per stage (from evaluation.json, else the final ones in summary.json)."""
+    if evaluation:
+        return {name: m.get("samples", []) for name, m in evaluation["stages"].items() if m.get("samples")}
+    final = summary.get("final", {}).get("samples")
+    return {final_stage_name(summary): final} if final else {}
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------
+
+def _fmt(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _pct(value) -> str:
+    return _fmt(None if value is None else 100 * value, "{:.1f}%")
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ⏎ ")
+
+
+def stage_table(report: dict) -> list[str]:
+    """The markdown stage table."""
+    columns = report["columns"]
+    head = ["stage", "loss", "perplexity", "exact match", *[c["label"] for c in columns],
+            "pref. accuracy", "reward margin", "chosen ranked first", "general-text perplexity"]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for s in report["stages"]:
+        groups = [_pct((s.get(c["key"]) or {}).get(c["name"])) for c in columns]
+        cells = [s["stage"], _fmt(s.get("loss"), "{:.3f}"), _fmt(s.get("perplexity"), "{:.2f}"),
+                 f"**{_pct(s.get('exact_match'))}**", *groups, _pct(s.get("pref_accuracy")),
+                 _fmt(s.get("reward_margin"), "{:.3f}"), _pct(s.get("likelihood_accuracy")),
+                 _fmt(s.get("general_perplexity"), "{:.2f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def privacy_lines(privacy: dict | None) -> list[str]:
+    """The privacy section's lines."""
+    if privacy is None:
+        return ["Not differentially private (no privacy_ledger.jsonl)."]
+    lines = [f"Mechanisms: {', '.join(privacy['mechanisms']) or '-'}; delta = {privacy['delta']}; "
+             f"{privacy['rounds']} rounds accounted"
+             + (f"; target epsilon {privacy['target_epsilon']}" if privacy.get("target_epsilon") else "") + ".", ""]
+    lines += [f"- epsilon, {name}: **{value:.3f}**" for name, value in privacy["epsilon"].items()]
+    audit = privacy["audit"]
+    lines.append("- audit: " + ("passed, every recorded epsilon matches its recomputation" if audit["passed"]
+                                else f"**FAILED**, {audit['mismatches']} mismatch(es): " + "; ".join(audit["first"])))
+    if privacy.get("canary_audit"):
+        lines.append(f"- canary audit: `{json.dumps(privacy['canary_audit'], sort_keys=True)[:300]}`")
+    return lines
+
+
+def sample_lines(samples: dict[str, list[dict]]) -> list[str]:
+    """One small table of generated samples per stage."""
+    if not samples:
+        return ["No generated samples recorded."]
+    from fedft.eval.stages import ordered_stage_names
+
+    lines = []
+    for stage in ordered_stage_names(samples):
+        rows = samples[stage]
+        lines += [f"**{stage}**", "", "| prompt | reference | prediction |", "| --- | --- | --- |"]
+        lines += [f"| {_cell(r.get('prompt', r.get('prompt_source', '')))} | `{_cell(r['reference'])}` "
+                  f"| `{_cell(r['prediction'])}` |" for r in rows]
+        lines.append("")
+    return lines
+
+
+def report_markdown(report: dict) -> str:
+    """report.md from report.json's content."""
+    comm, wall, plots = report["communication"], report["wall_seconds"], report["plots"]
+    lines = [f"# fedft run report: {report['run']}", "",
+             f"Strategy {report['strategy']}, {report['rounds']} rounds, {report['clients']} clients, "
+             f"base model `{report['base_model']}`. Stage table from {report['stage_table_source']}.", "",
+             "## Stages", "", *stage_table(report), ""]
+    if any(s.get("pref_accuracy") is not None for s in report["stages"]):
+        lines += [f"Preference accuracy: share of held-out pairs whose implicit reward beta * log(pi / pi_ref) "
+                  f"prefers the chosen answer, with pi_ref the {report['preference_reference']} model (which "
+                  "therefore scores 50%, ties counting one half); reward margin: the mean reward difference. "
+                  "Chosen ranked first: share of pairs where the model itself gives the chosen answer the "
+                  "higher log-probability (no reference).", ""]
+    if report["institutions"]:
+        lines += ["Per-institution columns: exact match on the task the institution mostly holds ("
+                  + ", ".join(f"{i}: {v['task']} {100 * v['share']:.0f}% of {v['rows']} rows"
+                              for i, v in report["institutions"].items()) + ").", ""]
+    for s in report["stages"]:
+        if s.get("exact_match_own_model_by_institution"):
+            lines += [f"{s['stage']}: the mean over its {s.get('clients', '')} adapters; each institution's own "
+                      "adapter on its own task: " + ", ".join(
+                          f"{inst} {_pct(v)}" for inst, v in s["exact_match_own_model_by_institution"].items())
+                      + ".", ""]
+    for key, title in (("curves", "Training curves"), ("stages", "Exact match per institution by stage"),
+                       ("preferences", "Preference accuracy by stage")):
+        lines += [f"## {title}", "", f"![{title}]({plots[key]})" if key in plots else "Not plotted (no data).", ""]
+    lines += ["## Privacy", "", *privacy_lines(report["privacy"]), "",
+              "## Communication and time", "",
+              f"- bytes up {comm['bytes_up'] / 1e6:.2f} MB, down {comm['bytes_down'] / 1e6:.2f} MB, "
+              f"total {(comm['bytes_up'] + comm['bytes_down']) / 1e6:.2f} MB",
+              *[f"- wall time, {k}: {_fmt(v, '{:.1f} s')}" for k, v in wall.items()], "",
+              "## Samples", "", *sample_lines(report["samples"])]
+    if report["omitted"] or report["notes"]:
+        lines += ["## Omitted", "", *[f"- {line}" for line in report["omitted"] + report["notes"]], ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _points(xs: list, ys: list) -> tuple[list, list]:
+    pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    """Federated loss and exact match per round; DPO loss and reward accuracy per step."""
+    plt = _pyplot()
+    fed, dpo = curves["federated"], curves["dpo"]
+    panels = (2 if fed else 0) + (1 if dpo else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    if fed:
+        ax_loss, ax_em = axes.pop(0), axes.pop(0)
+        ax_loss.plot(*_points(fed["round"], fed["train_loss"]), marker="o", ms=3, label="train loss (clients)")
+        ax_loss.plot(*_points(fed["round"], fed["eval_loss"]), marker="s", label="held-out loss")
+        ax_loss.set(xlabel="round", ylabel="loss per answer token (log)", yscale="log", title="federated loss")
+        rounds, em = _points(fed["round"], fed["eval_exact_match"])
+        ax_em.plot(rounds, [100 * v for v in em], marker="s", color="black")
+        ax_em.set(xlabel="round", ylabel="held-out exact match (%)", ylim=(-2, 102), title="federated exact match")
+    if dpo:
+        ax = axes.pop(0)
+        ax.plot(*_points(dpo["step"], dpo["loss"]), label="DPO loss")
+        steps, acc = _points(dpo["step"], dpo["reward_accuracy"])
+        ax.plot(steps, acc, label="reward accuracy (batch)")
+        ax.set(xlabel="DPO step", title="DPO")
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def accuracy_series(report: dict) -> list[tuple[str, list[float | None], float | None]]:
+    """(label, exact match per column, overall) per stage; a local stage's own-adapter scores after it."""
+    series = []
+    for s in report["stages"]:
+        if s.get("exact_match") is None:
+            continue
+        series.append((s["stage"], [(s.get(c["key"]) or {}).get(c["name"]) for c in report["columns"]],
+                       s["exact_match"]))
+        own = s.get("exact_match_own_model_by_institution")
+        if own and all(c["key"] == "exact_match_by_institution" for c in report["columns"]):
+            series.append((f"{s['stage']} (own adapter)", [own.get(c["name"]) for c in report["columns"]], None))
+    return series
+
+
+def plot_stage_accuracy(report: dict, path: Path) -> None:
+    """Grouped bars: exact match per institution (or task) and overall, one bar per stage."""
+    plt = _pyplot()
+    series = accuracy_series(report)
+    labels = [c["label"] for c in report["columns"]] + ["all"]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(labels)), 4))
+    for i, (label, values, overall) in enumerate(series):
+        heights = [100 * (v or 0) for v in values] + [100 * (overall or 0)]
+        ax.bar([x + i * width for x in range(len(labels))], heights, width, label=label)
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels)
+    ax.set(ylabel="held-out exact match (%)", ylim=(0, 105), title="exact match by stage")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, path)
+
+
+def plot_preferences(report: dict, path: Path) -> None:
+    """Bars per stage: implicit-reward preference accuracy and chosen-ranked-first share."""
+    plt = _pyplot()
+    stages = [s for s in report["stages"] if s.get("pref_accuracy") is not None]
+    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(stages)), 4))
+    xs = range(len(stages))
+    ax.bar([x - 0.2 for x in xs], [100 * s["pref_accuracy"] for s in stages], width=0.4, color="tab:purple",
+           label=f"implicit reward vs {report.get('preference_reference')}")
+    ax.bar([x + 0.2 for x in xs], [100 * (s.get("likelihood_accuracy") or 0) for s in stages], width=0.4,
+           color="tab:olive", label="chosen ranked first (no reference)")
+    ax.set_xticks(list(xs), [s["stage"] for s in stages])
+    ax.axhline(50, color="grey", linestyle="--", label="the reference itself (50%)")
+    ax.set(ylabel="held-out pairs (%)", ylim=(0, 105), title="preference accuracy by stage")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def write_plots(report: dict, run_dir: Path) -> dict[str, str]:
+    """Every plot there is data for; returns {plot: file name}."""
+    plots = {}
+    if report["curves"]["federated"] or report["curves"]["dpo"]:
+        plot_curves(report["curves"], run_dir / PLOTS["curves"])
+        plots["curves"] = PLOTS["curves"]
+    if any(s.get("exact_match") is not None for s in report["stages"]):
+        plot_stage_accuracy(report, run_dir / PLOTS["stages"])
+        plots["stages"] = PLOTS["stages"]
+    if any(s.get("pref_accuracy") is not None for s in report["stages"]):
+        plot_preferences(report, run_dir / PLOTS["preferences"])
+        plots["preferences"] = PLOTS["preferences"]
+    return plots
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------
+
+def build_report(run_dir: Path) -> dict:
+    """Write RUN_DIR/report.md, report.json and the plots; return report.json's content."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a directory: expected a fedft run directory")
+    summary = read_json(run_dir / "summary.json", required=True)
+    for key in ("base", "final"):
+        if not isinstance(summary.get(key), dict):
+            raise ReportError(f"{run_dir / 'summary.json'}: no {key!r} metrics; was it written by fedft?")
+    report = assemble_report(
+        run_dir.resolve().name, summary, read_jsonl(run_dir / "metrics.jsonl"),
+        read_json(run_dir / "evaluation.json"), read_json(run_dir / "dpo" / "summary.json"),
+        read_jsonl(run_dir / "dpo" / "history.jsonl"), privacy_summary(run_dir),
+    )
+    report["plots"] = write_plots(report, run_dir)
+    atomic_write_json(run_dir / REPORT_JSON, report)
+    atomic_write_text(run_dir / REPORT_MD, report_markdown(report))
+    return report

@@ -1,0 +1,57 @@
+"""What runs after the last federated round: the DPO stage, the evaluation of every stage, the report.
+
+``run_final_stages`` is called by the server's round loop once the federated adapter is
+saved (and the run's summary.json written, so a failure here loses no federated work):
+with ``dpo.enabled`` it preference-tunes the federated adapter (``fedft.dpo``), then scores
+the base, the federated SFT adapter and the DPO adapter on the same held-out data
+(``fedft.stage_eval``, unless ``report.evaluate_stages`` is off). ``write_report`` then
+writes RUN_DIR/report.md, report.json and the plots (``fedft.run_report``); ``fedft report
+RUN_DIR`` rebuilds the report from the same files. Nothing here imports flwr.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+import torch
+from fedft.config import FedftConfig
+
+
+def run_final_stages(cfg: FedftConfig, out_dir: Path, federated_state: dict[str, torch.Tensor],
+                     progress: Callable[[str], None] = print) -> dict:
+    """DPO (when enabled) and the stage evaluation; returns what to add to summary.json."""
+    from fedft.model.load import cached_peft_model
+    from fedft.eval.stages import evaluate_stages
+    from fedft.eval.inputs import run_pairs_path, stage_inputs, write_evaluation
+
+    out_dir = Path(out_dir)
+    added: dict = {}
+    stages: dict = {"base": None, "federated": federated_state}
+    if cfg.dpo.enabled:
+        from fedft.align.stage import run_dpo_stage
+        from fedft.eval.inputs import load_adapter_state
+
+        progress("dpo: preference-tuning the federated adapter (reference: the same adapter, frozen)")
+        added["dpo"] = run_dpo_stage(cfg, federated_state, out_dir, log=progress)
+        stages["dpo"] = load_adapter_state(out_dir / "dpo" / "adapter")
+    if cfg.report.evaluate_stages:
+        started = time.time()
+        _, tokenizer = cached_peft_model(cfg)
+        general = Path(cfg.report.general_text) if cfg.report.general_text else None
+        inputs = stage_inputs(cfg, tokenizer, general_text=general, pairs_file=run_pairs_path(out_dir))
+        sources = inputs.pop("sources")
+        progress(f"evaluating {', '.join(stages)} on the held-out data ...")
+        evaluation = evaluate_stages(cfg, stages, num_samples=cfg.report.samples, progress=progress, **inputs)
+        write_evaluation(out_dir, {**evaluation, **sources})
+        added["evaluation_wall_s"] = round(time.time() - started, 2)
+    return added
+
+
+def write_report(out_dir: Path, progress: Callable[[str], None] = print) -> dict:
+    """RUN_DIR/report.md, report.json and plots from the run's files (as ``fedft report`` does)."""
+    from fedft.report.markdown import REPORT_MD, build_report
+
+    report = build_report(Path(out_dir))
+    progress(f"report: {Path(out_dir) / REPORT_MD} and {len(report['plots'])} plots")
+    return report

@@ -1,0 +1,103 @@
+"""Checkpoints a run can resume from: what each one holds and how to read it back.
+
+Every round the server writes ``RUN_DIR/checkpoints/round-NNN/`` in one rename (see
+``fedft.model.save_adapter``): the adapter in PEFT format plus ``round.json``, the config
+(``fedft_config.json``), the metrics rows so far, the privacy ledger so far and the
+server optimizer's moments. A checkpoint is therefore complete or absent, and the latest
+one is a consistent state of the whole run: resuming from it re-runs only the rounds after
+it, so the ledger holds each round exactly once. No flwr.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from fedft.rundir import jsonl_text, read_jsonl_rows
+from fedft.config import ConfigError, FedftConfig, config_to_dict
+
+META_FILE = "round.json"
+CONFIG_FILE = "fedft_config.json"
+METRICS_COPY = "metrics.jsonl"
+LEDGER_COPY = "privacy_ledger.jsonl"
+OPTIMIZER_FILE = "server_optimizer.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def checkpoint_extras(round_index: int, cfg: FedftConfig, metrics_rows: list[dict],
+                      ledger_rows: list[dict] | None, optimizer_state: dict[str, torch.Tensor]) -> dict:
+    """The files (name -> bytes) that make a round's adapter directory a resumable checkpoint."""
+    from safetensors.torch import save
+
+    extras = {
+        META_FILE: json.dumps({"round": round_index}).encode(),
+        CONFIG_FILE: json.dumps(config_to_dict(cfg), sort_keys=True, indent=1).encode(),
+        METRICS_COPY: jsonl_text(metrics_rows).encode(),
+    }
+    if ledger_rows is not None:
+        extras[LEDGER_COPY] = jsonl_text(ledger_rows).encode()
+    if optimizer_state:
+        extras[OPTIMIZER_FILE] = save({k: v.contiguous() for k, v in optimizer_state.items()})
+    return extras
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The state of a run after its last complete checkpoint."""
+
+    round: int
+    state: dict[str, torch.Tensor]
+    metrics_rows: list[dict]
+    ledger_rows: list[dict] | None
+    optimizer_state: dict[str, torch.Tensor]
+    path: Path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory of a run, or None."""
+    candidates = sorted(Path(run_dir).glob("checkpoints/round-*/" + META_FILE))
+    return candidates[-1].parent if candidates else None
+
+
+POST_FEDERATION_SECTIONS = ("dpo", "report")  # may change between a run and its resumption
+
+
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+def load_resume_point(run_dir: Path, cfg: FedftConfig) -> ResumePoint:
+    """Read the latest checkpoint; refuse one written under a different config."""
+    from safetensors.torch import load, load_file
+
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint (checkpoints/round-NNN/{META_FILE}) "
+                                "to resume from")
+    round_index = int(json.loads((path / META_FILE).read_text())["round"])
+    saved = json.loads((path / CONFIG_FILE).read_text())
+    current = config_to_dict(cfg)
+    for after_the_rounds in POST_FEDERATION_SECTIONS:  # do not change what the rounds compute
+        saved.pop(after_the_rounds, None)
+        current.pop(after_the_rounds, None)
+    differences = _config_differences(saved, current)
+    if differences:
+        raise ConfigError(f"cannot resume {run_dir} from {path.name}: the config differs: "
+                          + "; ".join(differences[:5]))
+    rows = read_jsonl_rows(path / METRICS_COPY)
+    if [r["round"] for r in rows] != list(range(round_index + 1)):
+        raise ValueError(f"{path / METRICS_COPY} does not hold rounds 0..{round_index}")
+    ledger = None
+    if (path / LEDGER_COPY).exists():
+        ledger = read_jsonl_rows(path / LEDGER_COPY)
+    optimizer = load((path / OPTIMIZER_FILE).read_bytes()) if (path / OPTIMIZER_FILE).exists() else {}
+    state = {k: v.to(torch.float32) for k, v in load_file(path / ADAPTER_FILE).items()}
+    return ResumePoint(round_index, dict(sorted(state.items())), rows, ledger, optimizer, path)

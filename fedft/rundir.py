@@ -1,0 +1,153 @@
+"""The run directory: every file a run leaves, its name, and the atomic writes that put it there.
+
+A reader (or a crash) never sees a half-written checkpoint, metrics file, ledger or summary:
+each write goes to a temporary sibling, is fsync'd and moved into place with ``os.replace``.
+Every layer that writes into RUN_DIR takes the file's name from here. Nothing here trains,
+loads a model or imports flwr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedft.config import ConfigError, FedftConfig, config_from_dict
+
+METRICS_FILE = "metrics.jsonl"  # one row per round
+SUMMARY_FILE = "summary.json"  # base and final metrics, totals, the resolved config
+CURVES_FILE = "curves.png"
+EVALUATION_FILE = "evaluation.json"  # every stage scored on the same held-out data
+ADAPTER_DIR = "adapter"  # the final SFT adapter (PEFT format); local-only runs: adapter/clientN/
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINTS_DIR = "checkpoints"  # checkpoints/round-NNN/
+
+
+class RunDirError(ValueError):
+    """A run directory is missing something it should hold, or holds something unreadable."""
+
+
+def checkpoint_dir(run_dir: Path, round_index: int) -> Path:
+    """RUN_DIR/checkpoints/round-NNN."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"round-{round_index:03d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (fsync'd temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def jsonl_text(rows: list[dict]) -> str:
+    """``rows`` as JSON lines (sorted keys), the form every fedft .jsonl file has."""
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+
+def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Rewrite a JSON-lines file with ``rows``, atomically."""
+    atomic_write_text(path, jsonl_text(rows))
+
+
+def read_jsonl_rows(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file written by ``atomic_write_jsonl`` (empty if absent)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``target`` in one rename.
+
+    An existing ``target`` is moved aside first and removed only after the new one is in
+    place, so at every moment a complete copy exists on disk.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_tensors_atomic(tensors: dict, path: Path) -> None:
+    """Write a safetensors file atomically (temp file in the same directory + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+
+def load_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return read_jsonl_rows(Path(run_dir) / METRICS_FILE)
+
+
+def load_summary(run_dir: Path) -> dict:
+    """A run's summary.json."""
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a finished fedft run?")
+    return json.loads(path.read_text())
+
+
+def load_run_config(run_dir: Path) -> FedftConfig:
+    """The resolved config a run recorded in its summary.json."""
+    summary = load_summary(run_dir)
+    path = Path(run_dir) / SUMMARY_FILE
+    raw = summary.get("config")
+    if not isinstance(raw, dict):
+        raise RunDirError(f"{path} has no 'config' table: was it written by fedft?")
+    try:
+        return config_from_dict(raw, source=str(path))
+    except ConfigError as err:
+        raise RunDirError(f"the config recorded in {path} is not valid for this fedft: {err}") from err
+
+
+def write_evaluation(out_dir: Path, evaluation: dict) -> Path:
+    """``out_dir/evaluation.json``, atomically."""
+    path = Path(out_dir) / EVALUATION_FILE
+    atomic_write_json(path, evaluation)
+    return path
