@@ -4,7 +4,7 @@ The server sends the resolved fedft config with every train message, so a client
 no config file. A simulated client finds its data through the ``partition-id`` Flower
 puts in its node config; a deployed institution names its own file with
 ``--node-config "data-path='...'"`` (and may set its own ``lora-rank``). The reply carries only adapter tensors and the
-metrics named in ``fedft.wire``.
+metrics named in ``fedft.federated.wire``.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedft.config import FedftConfig, config_from_dict, config_to_dict
 from fedft.federated import wire
 from fedft.federated.client_round import ClientDeclined, run_client_round
-from fedft.config import FedftConfig, config_from_dict, config_to_dict
 from fedft.federated.validate import check_outgoing
 
 DECLINED_CODE = 1001  # an application error code for "declined by the client"
 
 
 def guard_reply(reply: RecordDict) -> None:
-    """Refuse to send anything but adapter tensors and whitelisted metrics (fedft.validate)."""
+    """Refuse to send anything but adapter tensors and whitelisted metrics (fedft.federated.validate)."""
     kinds = {key: "arrays" if isinstance(record, ArrayRecord) else
              "metrics" if isinstance(record, MetricRecord) else "config" for key, record in reply.items()}
     arrays = [name for record in reply.values() if isinstance(record, ArrayRecord) for name in record]

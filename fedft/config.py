@@ -176,7 +176,7 @@ class DpoConfig:
     The policy starts from the federated SFT adapter; the reference is that adapter,
     frozen. Preference files are JSONL rows {"prompt", "chosen", "rejected", "task"}; with
     ``rejected_from = "model"`` each rejected answer is replaced by the federated model's
-    own most probable wrong answer (``fedft.model_pairs``) before training and scoring.
+    own most probable wrong answer (``fedft.align.pairs``) before training and scoring.
     """
 
     enabled: bool = False

@@ -17,14 +17,14 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedft.federated import wire
 from fedft.config import FedftConfig
 from fedft.eval.held_out import HeldOutEvaluator
-from fedft.run.final_stages import run_final_stages, write_report
-from fedft.run.resume import checkpoint_extras, load_resume_point
-from fedft.privacy.bookkeeping import LEDGER_FILE, PrivacyBookkeeper
+from fedft.federated import wire
 from fedft.model.adapter import adapter_nbytes, save_adapter
+from fedft.privacy.bookkeeping import LEDGER_FILE, PrivacyBookkeeper
+from fedft.run.final_stages import run_final_stages, write_report
 from fedft.run.recorder import RunRecorder, format_progress, summarize
+from fedft.run.resume import checkpoint_extras, load_resume_point
 from server.strategy import make_strategy, payload_bytes
 
 
@@ -172,8 +172,8 @@ def run_federation(
     save_adapter(evaluator.model, state, out_dir / "adapter")
     canary_audit = None
     if cfg.privacy.canaries:
-        from fedft.rundir import atomic_write_json
         from fedft.privacy.canaries import audit_canaries
+        from fedft.rundir import atomic_write_json
 
         progress(f"canary audit: scoring {cfg.privacy.canaries} canaries against random secrets ...")
         canary_audit = audit_canaries(cfg, evaluator.model, evaluator.tokenizer)  # model holds `state`

@@ -5,7 +5,7 @@ messages, FedProx's ``proximal-mu`` in the config); Flower's ``FedAdam`` / ``Fed
 ``FedAvgM`` keep their server optimizer, applied to the aggregated adapter as a
 pseudo-gradient. What fedft replaces (``AdapterAggregation``): each client's message is
 cut to what it needs (its LoRA rank, B only under FFA-LoRA, the wire dtype), and
-``aggregate_train`` combines replies with ``fedft.exchange.aggregate_replies``
+``aggregate_train`` combines replies with ``fedft.federated.exchange.aggregate_replies``
 (fedavg / ffa / svd), recording bytes, the naive average's error and the SVD energy cut.
 """
 
@@ -21,11 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-from fedft.federated import wire
 from fedft.config import FedftConfig
+from fedft.federated import wire
 from fedft.federated.exchange import aggregate_replies, downlink_state, private_aggregate
-from fedft.privacy.dpfedavg import secure_generator
 from fedft.federated.validate import reply_problem
+from fedft.privacy.dpfedavg import secure_generator
 
 
 def payload_bytes(content: RecordDict) -> int:

@@ -16,10 +16,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
 from fedft.config import ConfigError, load_config
+from fedft.data.partition import PartitionError
 from fedft.data.rows import DataError
 from fedft.run.export import EXPORT_DTYPES, STAGE_DIRS, ExportError
-from fedft.data.partition import PartitionError
 
 USER_ERRORS = (ConfigError, DataError, PartitionError, ExportError, FileNotFoundError)
 
@@ -37,8 +38,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from fedft.demo.tasks import make_demo_rows, make_eval_rows, write_jsonl
     from fedft.demo.pairs import write_demo_preferences
+    from fedft.demo.tasks import make_demo_rows, make_eval_rows, write_jsonl
 
     out = Path(args.out)
     rows = make_demo_rows(args.institutions, args.rows, args.own_share, seed=args.seed)
@@ -73,8 +74,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _privacy_report(args: argparse.Namespace) -> int:
-    from fedft.privacy.ledger import LedgerError
     from fedft.privacy.audit import PLOT_FILE, plot_epsilon, print_table, privacy_report
+    from fedft.privacy.ledger import LedgerError
 
     try:
         report = privacy_report(Path(args.run_dir))

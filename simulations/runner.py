@@ -13,9 +13,9 @@ import logging
 import os
 from pathlib import Path
 
-from fedft.run.baselines import run_centralized, run_local
-from fedft.data.partition import check_simulation_data
 from fedft.config import ConfigError, FedftConfig
+from fedft.data.partition import check_simulation_data
+from fedft.run.baselines import run_centralized, run_local
 from fedft.rundir import SUMMARY_FILE
 
 

@@ -7,8 +7,13 @@ import math
 import pytest
 
 from fedft.config import load_config
-from fedft.privacy.canaries import (audit_canaries, canary_training_examples, exposure, make_canaries,
-                                    one_run_epsilon_lower_bound)
+from fedft.privacy.canaries import (
+    audit_canaries,
+    canary_training_examples,
+    exposure,
+    make_canaries,
+    one_run_epsilon_lower_bound,
+)
 
 
 def test_one_run_bound_matches_the_binomial_test():
@@ -38,8 +43,8 @@ def test_canaries_are_deterministic_and_about_half_are_inserted(tiny_config_path
 def test_a_model_trained_on_its_canaries_exposes_them():
     from pathlib import Path
 
-    from fedft.model.load import cached_peft_model
     from fedft.model.adapter import get_adapter_state
+    from fedft.model.load import cached_peft_model
     from fedft.train.local import train_local
 
     demo = Path(__file__).resolve().parent.parent / "simulations" / "demo.toml"

@@ -46,8 +46,8 @@ def test_empty_partition_fails_before_anything_runs(tiny_config_path, tmp_path):
 
 
 def test_demo_data_per_institution_and_node_keys(tmp_path, capsys):
-    from simulations.commands import main
     from fedft.data.rows import read_jsonl
+    from simulations.commands import main
 
     assert main(["demo", "data", "--out", str(tmp_path / "d"), "--institutions", "2", "--rows", "5",
                  "--eval-rows", "1", "--per-institution"]) == 0

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from fedft.deploy.certs import make_certificates, make_node_key
 from fedft.demo.tasks import make_demo_rows, write_jsonl
+from fedft.deploy.certs import make_certificates, make_node_key
 from tests.conftest import TINY_TOML, write_tiny_model
 
 pytestmark = pytest.mark.slow

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedft.align.dpo import REFERENCE_ADAPTER, train_dpo
+from fedft.align.stage import run_dpo_stage
 from fedft.config import ConfigError, load_config
+from fedft.data.preferences import read_preference_jsonl, tokenize_pair
 from fedft.data.rows import DataError, tokenize_row
-from fedft.demo.tasks import TASKS, make_demo_rows, make_eval_rows
 from fedft.demo.base import build_char_tokenizer
 from fedft.demo.pairs import make_demo_preferences
-from fedft.align.dpo import REFERENCE_ADAPTER, train_dpo
+from fedft.demo.tasks import TASKS, make_demo_rows, make_eval_rows
 from fedft.score.preference import dpo_loss, pair_batch, pair_logps, preference_metrics, scored_logps, sequence_logps
-from fedft.align.stage import run_dpo_stage
-from fedft.data.preferences import read_preference_jsonl, tokenize_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "simulations" / "data" / "demo"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedft.federated.client_round import client_examples
 from fedft.config import load_config
 from fedft.data.rows import collate
-from fedft.model.load import cached_peft_model
+from fedft.federated.client_round import client_examples
 from fedft.model.adapter import get_adapter_state
-from fedft.score.answers import per_example_loss
+from fedft.model.load import cached_peft_model
 from fedft.privacy.dpsgd import sample_rate, train_local_dp
+from fedft.score.answers import per_example_loss
 
 
 def _setup(tiny_config_path, *extra):

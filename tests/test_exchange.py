@@ -6,8 +6,8 @@ import dataclasses
 
 import torch
 
-from fedft.federated.client_round import config_for_rank, received_to_start_state, reply_state
 from fedft.config import load_config
+from fedft.federated.client_round import config_for_rank, received_to_start_state, reply_state
 from fedft.federated.exchange import aggregate_replies, downlink_state
 from fedft.federated.lora_aggregate import adapter_rank, b_only
 from fedft.model.load import initial_adapter_state

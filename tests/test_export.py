@@ -16,12 +16,12 @@ import sys
 import pytest
 import torch
 
-from fedft.rundir import atomic_write_json
-from simulations.commands import main
 from fedft.config import config_to_dict, load_config
-from fedft.run.export import METADATA_FILE, ExportError, export_run, read_export_metadata
 from fedft.model.adapter import get_adapter_state, save_adapter, set_adapter_state
 from fedft.model.load import load_peft_model
+from fedft.run.export import METADATA_FILE, ExportError, export_run, read_export_metadata
+from fedft.rundir import atomic_write_json
+from simulations.commands import main
 from tests.conftest import write_tiny_setup
 
 # Measured max |merged - training model| on these logits: ~3e-6 (float32 rounding of W + BA).

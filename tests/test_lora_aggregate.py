@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from fedft.federated.aggregate import fedavg
-from fedft.federated.lora_aggregate import adapter_rank, b_only, ffa_aggregate, lora_pairs, naive_aggregation_error, pad_to_rank, svd_aggregate, truncate_to_rank
+from fedft.federated.lora_aggregate import (
+    adapter_rank,
+    b_only,
+    ffa_aggregate,
+    lora_pairs,
+    naive_aggregation_error,
+    pad_to_rank,
+    svd_aggregate,
+    truncate_to_rank,
+)
 
 LAYERS = {"m.layers.0.q_proj": (12, 10), "m.layers.0.down_proj": (8, 14)}  # (out, in)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedft.config import load_config
-from fedft.model.load import LOAD_COUNTS, _cache_key, cached_peft_model, clear_model_cache, load_peft_model
 from fedft.model.adapter import get_adapter_state, save_adapter, set_adapter_state
+from fedft.model.load import LOAD_COUNTS, _cache_key, cached_peft_model, clear_model_cache, load_peft_model
 
 
 @pytest.fixture
@@ -30,8 +30,9 @@ def test_base_is_nf4_with_double_quant_and_only_lora_trains(cfg):
 
 
 def test_full_precision_path_has_no_4bit_layers(cfg):
-    import bitsandbytes as bnb
     import dataclasses
+
+    import bitsandbytes as bnb
 
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
     model = load_peft_model(plain)
@@ -50,8 +51,8 @@ def test_cache_loads_the_base_once_per_process(cfg):
 
 
 def test_initial_adapter_is_the_seeded_init_even_after_the_cached_model_changed(cfg):
-    from fedft.model.load import initial_adapter_state
     from fedft.model.adapter import set_adapter_state
+    from fedft.model.load import initial_adapter_state
 
     clear_model_cache()
     model, _ = cached_peft_model(cfg)

@@ -7,11 +7,19 @@ import json
 import pytest
 import torch
 
-from fedft.config import ConfigError, load_config
+from fedft.align.pairs import (
+    ORIGIN_FILE,
+    ORIGIN_MODEL,
+    SamplingSettings,
+    model_error_rows,
+    rows_from_answers,
+    sample_answers,
+    wrong_answers,
+)
 from fedft.align.stage import MODEL_PAIR_FILES, run_dpo_stage
-from fedft.score.preference import preference_scores
-from fedft.align.pairs import ORIGIN_FILE, ORIGIN_MODEL, SamplingSettings, model_error_rows, rows_from_answers, sample_answers, wrong_answers
+from fedft.config import ConfigError, load_config
 from fedft.data.preferences import pair_from_row, tokenize_pair
+from fedft.score.preference import preference_scores
 from tests.test_dpo import _dpo_config, _perturbed_adapter
 
 
@@ -61,8 +69,8 @@ def test_preference_scores_by_hand():
 
 
 def _tiny(tiny_config_path, tmp_path, *overrides):
-    from fedft.model.load import cached_peft_model
     from fedft.model.adapter import set_adapter_state
+    from fedft.model.load import cached_peft_model
 
     cfg = _dpo_config(tiny_config_path, tmp_path, *overrides)
     model, tokenizer = cached_peft_model(cfg)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fedft.rundir import atomic_write_json
-from fedft.run.recorder import RunRecorder
 from fedft.report.compare import comparison_markdown, comparison_rows, plot_comparison
-from fedft.rundir import load_metrics
+from fedft.run.recorder import RunRecorder
+from fedft.rundir import atomic_write_json, load_metrics
 
 
 def _metrics(em, date, units):

@@ -13,16 +13,16 @@ import math
 import pytest
 import torch
 
-from fedft.rundir import atomic_write_json, atomic_write_jsonl
-from simulations.commands import main
 from fedft.config import config_to_dict, load_config
+from fedft.demo.general import demo_general_texts
 from fedft.demo.pairs import make_preference_rows
 from fedft.demo.tasks import write_jsonl
-from fedft.model.load import cached_peft_model, initial_adapter_state
 from fedft.model.adapter import save_adapter
+from fedft.model.load import cached_peft_model, initial_adapter_state
 from fedft.privacy.ledger import USER_LEVEL, LedgerRow, append_row, recompute, with_epsilons
 from fedft.report.markdown import PLOTS, REPORT_JSON, REPORT_MD, ReportError, build_report
-from fedft.demo.general import demo_general_texts
+from fedft.rundir import atomic_write_json, atomic_write_jsonl
+from simulations.commands import main
 from tests.conftest import write_tiny_setup
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

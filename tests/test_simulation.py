@@ -23,10 +23,9 @@ def _run(config_path, out, overrides=()):
 @pytest.fixture(scope="module")
 def fedavg_run(tmp_path_factory, tiny_model_dir):
     # module-scoped copy of the tiny config so the Ray run happens once for several tests
-    from tests.conftest import write_tiny_setup
-
     from fedft.demo.pairs import make_preference_rows
     from fedft.demo.tasks import write_jsonl
+    from tests.conftest import write_tiny_setup
 
     d = tmp_path_factory.mktemp("sim")
     write_tiny_setup(d, tiny_model_dir)

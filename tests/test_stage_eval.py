@@ -17,21 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedft.rundir import atomic_write_json
 from fedft.config import config_to_dict, load_config
 from fedft.data.rows import DataError, load_dataset_files, tokenize_dataset
-from fedft.demo.pairs import make_preference_rows
 from fedft.demo.base import pretraining_text
-from fedft.demo.tasks import write_jsonl
-from fedft.score.preference import pair_logps
-from fedft.score.answers import answer_loss
-from fedft.eval.held_out import load_eval_examples
-from fedft.model.load import cached_peft_model, initial_adapter_state
-from fedft.model.adapter import get_adapter_state, save_adapter
-from fedft.eval.inputs import evaluate_run, load_adapter_state, load_pairs, read_general_texts
 from fedft.demo.general import DEMO_PRETRAIN_LINES, DEMO_PRETRAIN_SEED, demo_general_texts
-from fedft.rundir import EVALUATION_FILE
+from fedft.demo.pairs import make_preference_rows
+from fedft.demo.tasks import write_jsonl
+from fedft.eval.held_out import load_eval_examples
+from fedft.eval.inputs import evaluate_run, load_adapter_state, load_pairs, read_general_texts
 from fedft.eval.stages import evaluate_stages, institution_tasks, own_model_scores, sample_indices
+from fedft.model.adapter import get_adapter_state, save_adapter
+from fedft.model.load import cached_peft_model, initial_adapter_state
+from fedft.rundir import EVALUATION_FILE, atomic_write_json
+from fedft.score.answers import answer_loss
+from fedft.score.preference import pair_logps
 from fedft.train.local import train_local
 from tests.conftest import write_tiny_setup
 

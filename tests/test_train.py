@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from fedft.federated.client_round import client_examples
 from fedft.config import TrainConfig, load_config
-from fedft.model.load import cached_peft_model
+from fedft.federated.client_round import client_examples
 from fedft.model.adapter import get_adapter_state
+from fedft.model.load import cached_peft_model
 from fedft.train.local import lr_multiplier, train_local
 
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from fedft.federated import wire
 from fedft.config import load_config
+from fedft.federated import wire
 from fedft.federated.validate import OutgoingDataError, check_outgoing, reply_problem
 from tests.test_lora_aggregate import adapter
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedft.federated import wire
 from fedft.config import load_config
+from fedft.federated import wire
 from fedft.model.adapter import adapter_nbytes, get_adapter_state
 from fedft.model.load import load_peft_model
 from server.strategy import payload_bytes

@@ -1,18 +1,11 @@
-"""The centralized DPO stage: preference-tune the federated SFT adapter against its frozen self.
+"""DPO training of a LoRA adapter against its frozen self, on TRL's ``DPOTrainer``.
 
-After the federated rounds, one party holding preference pairs (a prompt, a preferred and a
-dispreferred answer) runs Direct Preference Optimization (Rafailov et al., 2023,
-arXiv:2305.18290) on the global LoRA adapter. The policy starts from the federated SFT
-adapter; the reference is the same adapter frozen, a second PEFT adapter named ``"ref"``
-on the same 4-bit base (no second copy of the model). Training runs through TRL's
-``DPOTrainer`` (its sigmoid loss is ``dpo_loss`` below); scoring is our own:
-``preference_scores`` gives DPO's implicit-reward accuracy against a reference (the
-federated SFT adapter, so it scores 50% by definition, and any other stage is measured on
-the same scale) and the reference-free likelihood accuracy (how often the model itself
-ranks the chosen answer first). With ``dpo.rejected_from = "model"`` the pairs' rejected
-answers are first replaced by the federated model's own mistakes (``fedft.model_pairs``).
-``run_dpo_stage`` is the stage as the run loop calls it: (build pairs,) score, train,
-score, save. Nothing here knows about Flower or the network, and the math stays pure.
+The policy starts from the federated SFT adapter; the reference is the same adapter frozen,
+a second PEFT adapter named ``"ref"`` on the same 4-bit base (no second copy of the model).
+``train_dpo`` undoes two TRL habits that do not suit this setting (its bfloat16 cast of the
+trainable LoRA tensors, and keeping the reference adapter afterwards) and returns the
+trained adapter with the loss history. TRL is imported only here, with an error naming the
+missing extra. Scoring lives in ``fedft.score.preference``.
 """
 
 from __future__ import annotations
@@ -21,11 +14,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
 import torch
+
 from fedft.config import DpoConfig
-from fedft.model.load import MissingExtraError
-from fedft.model.adapter import get_adapter_state, set_adapter_state
 from fedft.data.preferences import PreferencePair, trl_rows
+from fedft.model.adapter import get_adapter_state, set_adapter_state
+from fedft.model.load import MissingExtraError
 
 REFERENCE_ADAPTER = "ref"  # the frozen copy TRL adds beside the trained "default" adapter
 POLICY_ADAPTER = "default"

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
 import torch
-from fedft.score.answers import left_padded
+
 from fedft.data.preferences import PreferencePair, TokenizedPair, tokenize_pair
+from fedft.score.answers import left_padded
 
 ORIGIN_MODEL, ORIGIN_FILE = "model", "file"
 

@@ -1,18 +1,11 @@
-"""The centralized DPO stage: preference-tune the federated SFT adapter against its frozen self.
+"""The centralized DPO stage as a run calls it: (build pairs,) score, train, score, save.
 
-After the federated rounds, one party holding preference pairs (a prompt, a preferred and a
-dispreferred answer) runs Direct Preference Optimization (Rafailov et al., 2023,
-arXiv:2305.18290) on the global LoRA adapter. The policy starts from the federated SFT
-adapter; the reference is the same adapter frozen, a second PEFT adapter named ``"ref"``
-on the same 4-bit base (no second copy of the model). Training runs through TRL's
-``DPOTrainer`` (its sigmoid loss is ``dpo_loss`` below); scoring is our own:
-``preference_scores`` gives DPO's implicit-reward accuracy against a reference (the
-federated SFT adapter, so it scores 50% by definition, and any other stage is measured on
-the same scale) and the reference-free likelihood accuracy (how often the model itself
-ranks the chosen answer first). With ``dpo.rejected_from = "model"`` the pairs' rejected
-answers are first replaced by the federated model's own mistakes (``fedft.model_pairs``).
-``run_dpo_stage`` is the stage as the run loop calls it: (build pairs,) score, train,
-score, save. Nothing here knows about Flower or the network, and the math stays pure.
+``load_pairs`` reads and tokenizes a preference file (at most N pairs, drawn evenly).
+With ``dpo.rejected_from = "model"`` ``write_model_pairs`` first replaces each rejected
+answer by the federated model's own most probable wrong answer (``fedft.align.pairs``)
+and writes RUN_DIR/dpo/pairs-train.jsonl and pairs-eval.jsonl atomically.
+``run_dpo_stage`` trains (``fedft.align.dpo``), scores before and after, and saves the
+adapter to RUN_DIR/dpo/adapter with dpo/summary.json. Nothing here knows about Flower.
 """
 
 from __future__ import annotations
@@ -21,11 +14,13 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+
 import torch
-from fedft.config import FedftConfig
-from fedft.model.adapter import set_adapter_state
-from fedft.data.preferences import PreferencePair, TokenizedPair, tokenize_pair
+
 from fedft.align.dpo import train_dpo
+from fedft.config import FedftConfig
+from fedft.data.preferences import PreferencePair, TokenizedPair, tokenize_pair
+from fedft.model.adapter import set_adapter_state
 from fedft.score.preference import preference_scores, scored_logps
 
 
@@ -51,7 +46,7 @@ MODEL_PAIR_FILES = ("pairs-train.jsonl", "pairs-eval.jsonl")  # in RUN_DIR/dpo/,
 
 def write_model_pairs(cfg: FedftConfig, model, tokenizer, dpo_dir: Path, log: Callable[[str], None] = print
                       ) -> tuple[Path, Path, dict]:
-    """Rebuild the train and held-out pairs with the model's own wrong answers (``fedft.model_pairs``).
+    """Rebuild the train and held-out pairs with the model's own wrong answers (``fedft.align.pairs``).
 
     The model's active adapter is the one sampled (the federated SFT adapter). Held-out
     pairs are first cut to ``dpo.eval_max_pairs`` (as ``load_pairs`` draws them) and get one
@@ -59,10 +54,10 @@ def write_model_pairs(cfg: FedftConfig, model, tokenizer, dpo_dir: Path, log: Ca
     ``dpo_dir/pairs-train.jsonl`` and ``pairs-eval.jsonl`` atomically; returns their paths
     and the counts of where the rejected answers came from.
     """
-    from fedft.rundir import atomic_write_jsonl
-    from fedft.data.rows import json_lines
     from fedft.align.pairs import SamplingSettings, model_error_rows
     from fedft.data.preferences import pair_from_row
+    from fedft.data.rows import json_lines
+    from fedft.rundir import atomic_write_jsonl
 
     d = cfg.dpo
     settings = SamplingSettings(samples=d.samples, temperature=d.temperature, seed=d.seed)
@@ -98,9 +93,9 @@ def run_dpo_stage(cfg: FedftConfig, sft_adapter_state: dict[str, torch.Tensor], 
     and ``out_dir/dpo/summary.json``. On return the cached model has only its ``default``
     adapter, active, holding the DPO adapter.
     """
-    from fedft.rundir import atomic_write_json, atomic_write_jsonl
-    from fedft.model.load import cached_peft_model
     from fedft.model.adapter import save_adapter
+    from fedft.model.load import cached_peft_model
+    from fedft.rundir import atomic_write_json, atomic_write_jsonl
 
     d = cfg.dpo
     dpo_dir = Path(out_dir) / "dpo"

@@ -1,24 +1,14 @@
-"""Simulated institutions: split one dataset into client partitions with flwr-datasets.
+"""Split one data set into simulated institutions with flwr-datasets, and check it before a run.
 
-``iid`` (random equal shares), ``dirichlet`` (label skew over a label column, Dirichlet(alpha))
-and ``natural`` (one partition per value of a column, e.g. ``institution``) reuse the
-partitioners of flwr-datasets (which does not depend on flwr itself). An empty partition
-is an error before any training starts.
-
-
-One client's side of a round, without Flower: its data (prepared once) and its training.
-
-``client_examples`` loads and tokenizes a client's data the first time it is asked and
-keeps it for the life of the process: a simulated client takes its partition of the
-configured training files (``partition_id``); a deployed institution reads its own file
-(``data_path``). ``run_client_round`` trains the cached model from the global adapter.
-The Flower ClientApp and the local-only baseline both call these.
+``partition_dataset`` cuts rows IID, by a Dirichlet draw over a label column, or naturally
+(one partition per value of a column, e.g. the institution). ``check_simulation_data``
+reads every file and splits it as the clients will, so a bad row (file and line), a
+missing column or an empty partition fails before anything starts.
 """
 
 from __future__ import annotations
 
-from fedft.config import DataConfig
-from fedft.config import FedftConfig
+from fedft.config import DataConfig, FedftConfig
 from fedft.data.rows import load_dataset_files
 
 

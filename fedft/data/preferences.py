@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 from fedft.data.rows import ROLES, DataError, json_lines, prompt_and_completion
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")

@@ -1,13 +1,10 @@
-"""The embedded default: a small character-level Llama and synthetic institutions' data.
+"""The demo's base model: a tiny character-level Llama pretrained on generic text.
 
-Everything here is deterministic from a seed and needs no network. ``build_base_model``
-pretrains a tiny Llama on generic text "of the right shape" (dates, quantities, records,
-names) that never pairs a question with its answer, so the base model knows the
-characters but cannot solve the institutions' tasks; ``make_demo_rows`` writes the tasks;
-``make_demo_preferences`` writes preference pairs for the DPO stage (the right answer
-against a near miss in the same format), on prompts apart from the exact-match set.
-The committed artifact under ``fedft/assets/demo-base`` is what ``build_base_model``
-produces; ``fedft demo build-base`` rebuilds it. This module does no federated work.
+``build_base_model`` pretrains it on ``pretraining_text``: lines "of the right shape"
+(dates, quantities, records, names) that never pair a question with its answer, so the
+base knows the characters but cannot solve the institutions' tasks. The committed artifact
+under ``fedft/assets/demo-base`` is what ``build_base_model`` produces; ``fedft demo
+build-base`` rebuilds it.
 """
 
 from __future__ import annotations
@@ -19,8 +16,8 @@ import string
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from fedft.demo.tasks import CITIES, FIRST_NAMES, MONTHS, UNITS, WORDS, _date
 
+from fedft.demo.tasks import CITIES, FIRST_NAMES, MONTHS, UNITS, WORDS, _date
 
 # --------------------------------------------------------------------------------------
 # The base model: generic text of the right shape, never a question with its answer.

@@ -1,13 +1,7 @@
-"""The embedded default: a small character-level Llama and synthetic institutions' data.
+"""The demo's preference pairs for the DPO stage: the right answer against a near miss.
 
-Everything here is deterministic from a seed and needs no network. ``build_base_model``
-pretrains a tiny Llama on generic text "of the right shape" (dates, quantities, records,
-names) that never pairs a question with its answer, so the base model knows the
-characters but cannot solve the institutions' tasks; ``make_demo_rows`` writes the tasks;
-``make_demo_preferences`` writes preference pairs for the DPO stage (the right answer
-against a near miss in the same format), on prompts apart from the exact-match set.
-The committed artifact under ``fedft/assets/demo-base`` is what ``build_base_model``
-produces; ``fedft demo build-base`` rebuilds it. This module does no federated work.
+``make_demo_preferences`` draws prompts apart from the exact-match sets and pairs each
+correct answer with a wrong one in the same format (a changed digit, a swapped field).
 """
 
 from __future__ import annotations
@@ -16,8 +10,8 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
-from fedft.demo.tasks import CITIES, FIRST_NAMES, MONTHS, TASK_INSTRUCTIONS, UNITS, WORDS, _date, write_jsonl
 
+from fedft.demo.tasks import CITIES, FIRST_NAMES, MONTHS, TASK_INSTRUCTIONS, UNITS, WORDS, _date, write_jsonl
 
 # --------------------------------------------------------------------------------------
 # Preference pairs for the DPO stage: the right answer against a near miss in its format.

@@ -1,13 +1,8 @@
-"""The embedded default: a small character-level Llama and synthetic institutions' data.
+"""The demo's institutions and their tasks: dates, units, JSON records, snake_case names.
 
-Everything here is deterministic from a seed and needs no network. ``build_base_model``
-pretrains a tiny Llama on generic text "of the right shape" (dates, quantities, records,
-names) that never pairs a question with its answer, so the base model knows the
-characters but cannot solve the institutions' tasks; ``make_demo_rows`` writes the tasks;
-``make_demo_preferences`` writes preference pairs for the DPO stage (the right answer
-against a near miss in the same format), on prompts apart from the exact-match set.
-The committed artifact under ``fedft/assets/demo-base`` is what ``build_base_model``
-produces; ``fedft demo build-base`` rebuilds it. This module does no federated work.
+``make_demo_rows`` writes each institution's training rows (mostly its own task, a share of
+the others), ``make_eval_rows`` the held-out rows per task. Deterministic from a seed; no
+network. Only the command line imports the demo package.
 """
 
 from __future__ import annotations

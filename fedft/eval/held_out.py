@@ -1,9 +1,9 @@
-"""Held-out evaluation: token loss on answers and exact match of greedy generations.
+"""Held-out evaluation during the rounds: answer loss and exact match of the global adapter.
 
-``evaluate_model`` scores a model on tokenized held-out examples: mean answer-token loss,
-exact match overall and per task (the ``data.task_column`` value of each row). Exact match
-compares the stripped generated text with the stripped reference answer. Read-only: the
-model's weights are never changed here.
+``evaluate_model`` scores a model on tokenized held-out examples (mean answer-token loss,
+exact match overall and per task, a few samples). ``HeldOutEvaluator`` holds the cached
+model and the held-out examples of one run and scores an adapter state when the run loop
+asks (round 0, every ``strategy.eval_every`` rounds, the last round). Read-only.
 """
 
 from __future__ import annotations

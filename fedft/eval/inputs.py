@@ -1,23 +1,11 @@
-"""Evaluate every stage of a run (base, local, centralized, federated, DPO) on the same held-out data.
+"""What the stage evaluation reads from files, and ``evaluate_run`` for a finished run.
 
-For each model state, ``evaluate_stages`` measures: answer loss and perplexity (exp of the
-mean answer-token loss) on the held-out SFT set; exact match overall, per task and, when
-the training data says which institution mostly holds which task, per institution;
-preference accuracy and mean reward margin of DPO's implicit reward against one reference
-for all stages (the run's federated or centralized SFT adapter, the DPO reference, which
-so scores 50%; the base model when there is neither) and the reference-free likelihood
-accuracy (``fedft.dpo.preference_scores``); a forgetting probe (perplexity on general
-text the base model knew); and a few generated samples. The result is written atomically
-to ``RUN_DIR/evaluation.json``. ``evaluate_run`` does the same from a finished run's files.
-A state of ``None`` is the base model: the seeded initial adapter, whose B = 0 makes it
-compute exactly the base (as summary.json's "base" entry does). Weights are never trained
-here, and the model's adapter is restored afterwards. Nothing here imports flwr.
-
-At the end of a run loop (``state`` / ``dpo_state``: adapter tensors held in memory)::
-
-    inputs = stage_inputs(cfg, tokenizer)
-    sources = inputs.pop("sources")
-    evaluate_stages(cfg, {"base": None, "federated": state, "dpo": dpo_state}, out_dir=run_dir, **inputs)
+The general text of the forgetting probe (``report.general_text`` or a named file), the
+held-out preference pairs (the run's model-built pairs, ``dpo.eval_path`` or a named file),
+the stages a run directory holds (its adapter, the local-only clients' adapters, the DPO
+adapter), and the check that a comparison run shares the base and adapter shape.
+``evaluate_run`` scores a finished run (``fedft report RUN_DIR --evaluate``) and writes
+RUN_DIR/evaluation.json.
 """
 
 from __future__ import annotations
@@ -25,14 +13,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+
 import torch
-from fedft.config import FedftConfig
-from fedft.data.rows import DataError
+
 from fedft.align.stage import MODEL_PAIR_FILES
 from fedft.align.stage import load_pairs as load_preference_pairs
+from fedft.config import FedftConfig
+from fedft.data.rows import DataError
 from fedft.eval.stages import StageState, evaluate_stages
 from fedft.rundir import ADAPTER_WEIGHTS, write_evaluation
-
 
 # ---------------------------------------------------------------------------------------
 # The entry point the run loop calls
@@ -164,8 +153,8 @@ def evaluate_run(run_dir: Path, *, compare: list[Path] = (), general_text: Path 
                  pairs_file: Path | None = None, num_samples: int = 5,
                  progress: Callable[[str], None] = print) -> dict:
     """Evaluate a finished run's stages (plus ``compare`` runs' adapters) and write evaluation.json."""
-    from fedft.rundir import load_run_config
     from fedft.model.load import cached_peft_model
+    from fedft.rundir import load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)

@@ -6,7 +6,7 @@ the training data says which institution mostly holds which task, per institutio
 preference accuracy and mean reward margin of DPO's implicit reward against one reference
 for all stages (the run's federated or centralized SFT adapter, the DPO reference, which
 so scores 50%; the base model when there is neither) and the reference-free likelihood
-accuracy (``fedft.dpo.preference_scores``); a forgetting probe (perplexity on general
+accuracy (``fedft.score.preference.preference_scores``); a forgetting probe (perplexity on general
 text the base model knew); and a few generated samples. The result is written atomically
 to ``RUN_DIR/evaluation.json``. ``evaluate_run`` does the same from a finished run's files.
 A state of ``None`` is the base model: the seeded initial adapter, whose B = 0 makes it
@@ -27,13 +27,15 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
+
 from fedft.config import FedftConfig
 from fedft.data.rows import DataError, Example
-from fedft.score.preference import preference_scores, scored_logps
-from fedft.score.answers import answer_loss, exact_match, generate_answers
 from fedft.rundir import write_evaluation
-from fedft.score.answers import perplexity
+from fedft.score.answers import answer_loss, exact_match, generate_answers, perplexity
+from fedft.score.preference import preference_scores, scored_logps
+
 STAGE_ORDER = ("base", "local", "centralized", "federated", "dpo")
 
 StageState = dict[str, torch.Tensor] | list[dict[str, torch.Tensor]] | None
@@ -120,7 +122,7 @@ def mean_metrics(per_client: list[dict]) -> dict:
 def own_model_scores(per_client: list[dict], institutions: dict[str, dict]) -> dict[str, float]:
     """Client i's exact match on institution i's task: each institution's own local-only adapter.
 
-    Client i is the i-th institution in sorted order, as ``fedft.partition`` numbers a natural
+    Client i is the i-th institution in sorted order, as ``fedft.data.partition`` numbers a natural
     partition; empty unless there is one adapter per institution.
     """
     if len(per_client) != len(institutions):
@@ -245,11 +247,11 @@ def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_exa
 
     ``stages`` maps a stage name to its adapter tensors, ``None`` (the base model) or a
     list of adapters (scored one by one, metrics averaged). ``pairs`` are tokenized
-    preference pairs (``fedft.preferences.tokenize_pair``); ``general_texts`` plain texts
+    preference pairs (``fedft.data.preferences.tokenize_pair``); ``general_texts`` plain texts
     for the forgetting probe. ``institutions`` defaults to what the training files say.
     """
-    from fedft.model.load import cached_peft_model, initial_adapter_state
     from fedft.model.adapter import get_adapter_state, set_adapter_state
+    from fedft.model.load import cached_peft_model, initial_adapter_state
 
     if not eval_examples:
         raise DataError("evaluate_stages: no held-out examples to score (data.eval_file)")

@@ -13,6 +13,7 @@ randomness, no flwr.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 
 

@@ -3,22 +3,25 @@
 ``client_examples`` loads and tokenizes a client's data the first time it is asked and
 keeps it for the life of the process: a simulated client takes its partition of the
 configured training files (``partition_id``); a deployed institution reads its own file
-(``data_path``). ``run_client_round`` trains the cached model from the global adapter.
-The Flower ClientApp and the local-only baseline both call these.
+(``data_path``). ``run_client_round`` trains the cached model from the global adapter
+(SFT, or DP-SGD under record-level privacy) and returns what may leave the client. The
+Flower ClientApp calls it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+
 import torch
+
 from fedft.config import ConfigError, FedftConfig
+from fedft.data.partition import partition_dataset
 from fedft.data.rows import DataError, Example, load_dataset_files, tokenize_dataset
+from fedft.federated.exchange import wire_dtype
 from fedft.federated.lora_aggregate import LORA_A, adapter_rank, b_only, truncate_to_rank
 from fedft.model.load import cached_peft_model, initial_adapter_state
-from fedft.federated.exchange import wire_dtype
 from fedft.privacy.dpfedavg import adapter_delta, clip_update, secure_generator
-from fedft.data.partition import partition_dataset
 from fedft.train.local import LocalResult, train_local
 
 _EXAMPLES: dict = {}

@@ -12,10 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
 import torch
-from fedft.federated.aggregate import coordinate_median, fedavg, trimmed_mean
+
 from fedft.config import FedftConfig
-from fedft.federated.lora_aggregate import LORA_A, adapter_rank, b_only, ffa_aggregate, naive_aggregation_error, pad_to_rank, svd_aggregate, truncate_to_rank
+from fedft.federated.aggregate import coordinate_median, fedavg, trimmed_mean
+from fedft.federated.lora_aggregate import (
+    LORA_A,
+    adapter_rank,
+    b_only,
+    ffa_aggregate,
+    naive_aggregation_error,
+    pad_to_rank,
+    svd_aggregate,
+    truncate_to_rank,
+)
 
 
 def wire_dtype(cfg: FedftConfig) -> torch.dtype:

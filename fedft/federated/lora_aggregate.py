@@ -1,7 +1,7 @@
 """Exact aggregation of LoRA adapters: pure functions over ``{name: tensor}`` states.
 
 A LoRA layer adds ``s * B @ A`` to a frozen weight (B: out x r, A: r x in, s = alpha / r).
-Averaging A and B separately (``fedft.aggregate.fedavg``) does not average the updates:
+Averaging A and B separately (``fedft.federated.aggregate.fedavg``) does not average the updates:
 mean(B) @ mean(A) != mean(B @ A). This module offers the exact alternatives:
 
 - ``ffa``: FFA-LoRA (Sun et al. 2024). A stays at its seeded initialisation on every
@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
 import torch
+
 from fedft.federated.aggregate import normalized_weights
 
 LORA_A = "lora_A"

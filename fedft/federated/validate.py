@@ -1,7 +1,7 @@
 """What may leave a client, and which replies the server accepts: pure checks, no flwr.
 
 Client side, ``check_outgoing``: a reply carries only adapter tensors (names with
-``lora_A`` / ``lora_B``) and the scalar metrics in ``fedft.wire.REPLY_METRICS``; anything
+``lora_A`` / ``lora_B``) and the scalar metrics in ``fedft.federated.wire.REPLY_METRICS``; anything
 else is refused before it leaves the institution.
 
 Server side, ``reply_problem``: a reply whose tensor names differ from the adapter's, whose
@@ -13,8 +13,9 @@ with its reason and left out of the aggregate.
 from __future__ import annotations
 
 import torch
-from fedft.federated import wire
+
 from fedft.config import FedftConfig
+from fedft.federated import wire
 from fedft.federated.exchange import wire_dtype
 from fedft.federated.lora_aggregate import LORA_A, LORA_B, adapter_rank, b_only, truncate_to_rank
 from fedft.privacy.dpfedavg import adapter_delta, update_norm

@@ -10,6 +10,7 @@ Pure data: no flwr import, no I/O.
 from __future__ import annotations
 
 import json
+
 from fedft.config import FedftConfig, config_from_dict, config_to_dict
 
 ARRAYS = "arrays"  # ArrayRecord key, both directions

@@ -1,15 +1,13 @@
-"""Load a causal LM (4-bit NF4, 8-bit or full precision), attach LoRA, move adapter tensors.
+"""Adapter tensors in and out of a PEFT model, and the adapter saved in PEFT format.
 
-``load_peft_model`` builds base + adapter through ``from_pretrained`` exactly as for any
-Hugging Face checkpoint. ``cached_peft_model`` keeps one loaded model per process and
-configuration, so a long-lived worker (a Ray actor in simulation) swaps adapter tensors
-between rounds instead of reloading and re-quantizing the base. Only adapter tensors
-(``get_adapter_state``) ever leave a client. No training loop lives here.
+Only these tensors (``get_adapter_state``) ever leave a client. ``save_adapter`` writes a
+PEFT directory (adapter_config.json + adapter_model.safetensors) in one rename.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 
 

@@ -1,17 +1,19 @@
-"""Load a causal LM (4-bit NF4, 8-bit or full precision), attach LoRA, move adapter tensors.
+"""Load a causal LM (4-bit NF4, 8-bit or full precision) and attach LoRA, once per process.
 
 ``load_peft_model`` builds base + adapter through ``from_pretrained`` exactly as for any
 Hugging Face checkpoint. ``cached_peft_model`` keeps one loaded model per process and
 configuration, so a long-lived worker (a Ray actor in simulation) swaps adapter tensors
-between rounds instead of reloading and re-quantizing the base. Only adapter tensors
-(``get_adapter_state``) ever leave a client. No training loop lives here.
+between rounds instead of reloading and re-quantizing the base; ``initial_adapter_state``
+is the seeded adapter every client starts from. No training loop lives here.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+
 import torch
+
 from fedft.config import FedftConfig
 from fedft.model.adapter import get_adapter_state
 

@@ -4,7 +4,7 @@ Pure arithmetic on a decoder's shape (the numbers in its ``config.json``), so an
 institution can size its GPU before downloading anything. Weight bytes are exact for
 bitsandbytes' storage (NF4 packs two weights per byte and keeps one absmax per 64-weight
 block: fp32, or 8-bit plus a second-level fp32 per 256 blocks with double quantization);
-activation bytes are an estimate (see ``activation_bytes``). ``python -m fedft.memory``
+activation bytes are an estimate (see ``activation_bytes``). ``python -m fedft.model.memory``
 prints the table in docs/deployment.md.
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 from fedft.privacy.bookkeeping import LEDGER_FILE
 from fedft.privacy.ledger import LedgerRow, Mismatch, audit, read_ledger, recompute
 

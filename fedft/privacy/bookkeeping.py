@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedft.config import PrivacyConfig
-from fedft.rundir import atomic_write_jsonl
 from fedft.privacy.ledger import RECORD_LEVEL, USER_LEVEL, LedgerRow, next_user_epsilon, with_epsilons
+from fedft.rundir import atomic_write_jsonl
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 

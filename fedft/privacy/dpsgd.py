@@ -1,6 +1,6 @@
 """Record-level DP-SGD for one client's round with Opacus, on the 4-bit base + LoRA model.
 
-``train_local_dp`` is the DP counterpart of ``fedft.train.train_local``: batches are
+``train_local_dp`` is the DP counterpart of ``fedft.train.local.train_local``: batches are
 Poisson-sampled (each example independently with rate q = batch_size / n), every
 example's gradient on the LoRA parameters is clipped to ``dp_sgd_clip_norm`` and Gaussian
 noise with std sigma * clip is added to their sum (Opacus ``PrivacyEngine.make_private``
@@ -8,25 +8,26 @@ with ``wrap_model=False``: hooks on the model's trainable LoRA ``nn.Linear`` lay
 frozen 4-bit layers are skipped).
 
 The privacy unit is one sequence (one training example): the loss is the mean over the
-batch of each example's own token-mean loss, so one example's gradient never depends on
-the other examples in its batch (a token-mean over the whole batch would rescale every
-example by the batch's token count and void the sensitivity bound). Gradient
-checkpointing must be reentrant under Opacus (``fedft.model`` loads it that way when
+batch of each example's own token-mean loss (``fedft.score.answers.per_example_loss``), so
+one example's gradient never depends on the other examples in its batch. Gradient
+checkpointing must be reentrant under Opacus (``fedft.model.load`` loads it that way when
 ``privacy.record_level`` is on): non-reentrant checkpointing silently loses per-sample
-gradients. Gradient accumulation and FedProx are refused by the config. No flwr.
+gradients. Gradient accumulation and FedProx are refused by the config.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+
 import torch
+
 from fedft.config import FedftConfig
 from fedft.data.rows import Example, collate
 from fedft.model.adapter import get_adapter_state, set_adapter_state
 from fedft.privacy import accounting
-from fedft.train.local import LocalResult, lr_multiplier
 from fedft.score.answers import per_example_loss
+from fedft.train.local import LocalResult, lr_multiplier
 
 
 @dataclass(frozen=True)

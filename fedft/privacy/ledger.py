@@ -4,7 +4,7 @@ A row records what the round did (who was sampled, who took part, who refused, t
 sampling scheme, z, C, delta, each client's local DP-SGD) and the epsilons that follow.
 Every epsilon can be recomputed from the recorded parameters alone (``recompute``) and
 checked (``audit``), so the ledger is evidence rather than a claim. Writes are atomic
-(``fedft.checkpoint.atomic_write_jsonl``); rounds must strictly increase. This module does
+(``fedft.rundir.atomic_write_jsonl``); rounds must strictly increase. This module does
 no training and imports nothing from Flower, torch or Opacus.
 
 Conventions:
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from fedft.rundir import atomic_write_jsonl
 from fedft.privacy import accounting
+from fedft.rundir import atomic_write_jsonl
 
 USER_LEVEL = "user-dp-fedavg"
 RECORD_LEVEL = "record-dp-sgd"

@@ -1,14 +1,15 @@
-"""What a run leaves behind: metrics.jsonl (one row per round), summary.json, curve plots.
+"""Finished runs side by side: ``fedft compare RUN_DIR ...`` as a markdown table and a bar chart.
 
-``RunRecorder`` rewrites metrics.jsonl atomically after every round, so a reader or a
-crash never sees half a row. ``plot_curves`` draws losses and exact match per round.
-Files only: nothing here trains or evaluates.
+One row per run (and one for the base model of the first): exact match overall and per
+task, bytes sent, the naive average's error, the SVD cut, seconds. Reads summary.json only.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
 from fedft.rundir import load_summary
+
 COMPARISON_FILE = "comparison.png"
 
 

@@ -1,7 +1,7 @@
 """The run report: RUN_DIR/report.md, report.json and plots, built only from the run's files.
 
 ``build_report`` reads summary.json (required), metrics.jsonl, evaluation.json (from
-``fedft.stage_eval``), dpo/summary.json and dpo/history.jsonl, and privacy_ledger.jsonl
+``fedft.eval.stages``), dpo/summary.json and dpo/history.jsonl, and privacy_ledger.jsonl
 when present, and writes: a stage table (loss, perplexity, exact match overall and per
 institution, preference accuracy, reward margin, general-text perplexity), training curves
 (federated rounds, DPO steps), per-institution exact match by stage, preference accuracy by
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
 from fedft.rundir import atomic_write_json, atomic_write_text
 
 REPORT_MD, REPORT_JSON = "report.md", "report.json"
@@ -60,9 +61,8 @@ def read_jsonl(path: Path) -> list[dict] | None:
 
 def privacy_summary(run_dir: Path) -> dict | None:
     """Epsilon per mechanism, delta and the audit (every epsilon recomputed); None without a ledger."""
-    from fedft.privacy.bookkeeping import LEDGER_FILE
     from fedft.privacy.audit import privacy_report
-
+    from fedft.privacy.bookkeeping import LEDGER_FILE
     from fedft.privacy.ledger import LedgerError
 
     if not (run_dir / LEDGER_FILE).exists():

@@ -1,9 +1,4 @@
-"""What a run leaves behind: metrics.jsonl (one row per round), summary.json, curve plots.
-
-``RunRecorder`` rewrites metrics.jsonl atomically after every round, so a reader or a
-crash never sees half a row. ``plot_curves`` draws losses and exact match per round.
-Files only: nothing here trains or evaluates.
-"""
+"""The training curves of one run: train / held-out loss and exact match per round (curves.png)."""
 
 from __future__ import annotations
 

@@ -14,12 +14,13 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from fedft.federated.client_round import client_seed
+
 from fedft.config import FedftConfig
+from fedft.data.partition import partition_dataset
 from fedft.data.rows import load_dataset_files, tokenize_dataset
 from fedft.eval.held_out import HeldOutEvaluator
+from fedft.federated.client_round import client_seed
 from fedft.model.adapter import save_adapter
-from fedft.data.partition import partition_dataset
 from fedft.run.recorder import RunRecorder, format_progress, summarize
 from fedft.train.local import train_local
 

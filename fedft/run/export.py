@@ -8,7 +8,7 @@ dequantizes a 4-bit / 8-bit base to the float32 weights training computed with (
 adapter learned to correct *those*, not the original checkpoint), merges the adapter in
 float32 and only then casts to the requested dtype; the result loads with plain
 ``AutoModelForCausalLM.from_pretrained`` (no fedft, no custom code). The output directory
-appears in one rename or not at all. Nothing here trains, and nothing imports flwr.
+appears in one rename or not at all. Nothing here trains.
 """
 
 from __future__ import annotations
@@ -17,9 +17,16 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from fedft.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunDirError, atomic_directory, atomic_write_json
+
 from fedft.config import FedftConfig
-from fedft.rundir import load_run_config
+from fedft.rundir import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    RunDirError,
+    atomic_directory,
+    atomic_write_json,
+    load_run_config,
+)
 
 STAGE_DIRS = {"sft": Path("adapter"), "dpo": Path("dpo") / "adapter"}
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

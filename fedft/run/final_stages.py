@@ -2,10 +2,10 @@
 
 ``run_final_stages`` is called by the server's round loop once the federated adapter is
 saved (and the run's summary.json written, so a failure here loses no federated work):
-with ``dpo.enabled`` it preference-tunes the federated adapter (``fedft.dpo``), then scores
+with ``dpo.enabled`` it preference-tunes the federated adapter (``fedft.align.stage``), then scores
 the base, the federated SFT adapter and the DPO adapter on the same held-out data
-(``fedft.stage_eval``, unless ``report.evaluate_stages`` is off). ``write_report`` then
-writes RUN_DIR/report.md, report.json and the plots (``fedft.run_report``); ``fedft report
+(``fedft.eval.stages``, unless ``report.evaluate_stages`` is off). ``write_report`` then
+writes RUN_DIR/report.md, report.json and the plots (``fedft.report.markdown``); ``fedft report
 RUN_DIR`` rebuilds the report from the same files. Nothing here imports flwr.
 """
 
@@ -14,16 +14,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+
 import torch
+
 from fedft.config import FedftConfig
 
 
 def run_final_stages(cfg: FedftConfig, out_dir: Path, federated_state: dict[str, torch.Tensor],
                      progress: Callable[[str], None] = print) -> dict:
     """DPO (when enabled) and the stage evaluation; returns what to add to summary.json."""
-    from fedft.model.load import cached_peft_model
-    from fedft.eval.stages import evaluate_stages
     from fedft.eval.inputs import run_pairs_path, stage_inputs, write_evaluation
+    from fedft.eval.stages import evaluate_stages
+    from fedft.model.load import cached_peft_model
 
     out_dir = Path(out_dir)
     added: dict = {}

@@ -1,17 +1,17 @@
-"""What a run leaves behind: metrics.jsonl (one row per round), summary.json, curve plots.
+"""The rows a run records: metrics.jsonl after every round, the progress line, summary.json.
 
-``RunRecorder`` rewrites metrics.jsonl atomically after every round, so a reader or a
-crash never sees half a row. ``plot_curves`` draws losses and exact match per round.
-Files only: nothing here trains or evaluates.
+``RunRecorder`` rewrites RUN_DIR/metrics.jsonl atomically after every round, so a reader or
+a crash never sees half a row; ``format_progress`` is the round's console line;
+``summarize`` builds summary.json (base and final metrics, totals, the resolved config).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
 from fedft.config import FedftConfig, config_to_dict
-from fedft.rundir import atomic_write_json, atomic_write_jsonl
 from fedft.report.plots import plot_curves
-from fedft.rundir import CURVES_FILE, METRICS_FILE, SUMMARY_FILE
+from fedft.rundir import CURVES_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_json, atomic_write_jsonl
 
 
 class RunRecorder:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
-from fedft.rundir import jsonl_text, read_jsonl_rows
+
 from fedft.config import ConfigError, FedftConfig, config_to_dict
+from fedft.rundir import jsonl_text, read_jsonl_rows
 
 META_FILE = "round.json"
 CONFIG_FILE = "fedft_config.json"

@@ -1,57 +1,20 @@
-"""Held-out evaluation: token loss on answers and exact match of greedy generations.
+"""Scores of a model's answers: answer-token loss, greedy generation, exact match, perplexity.
 
-``evaluate_model`` scores a model on tokenized held-out examples: mean answer-token loss,
-exact match overall and per task (the ``data.task_column`` value of each row). Exact match
-compares the stripped generated text with the stripped reference answer. Read-only: the
-model's weights are never changed here.
-
-
-Evaluate every stage of a run (base, local, centralized, federated, DPO) on the same held-out data.
-
-For each model state, ``evaluate_stages`` measures: answer loss and perplexity (exp of the
-mean answer-token loss) on the held-out SFT set; exact match overall, per task and, when
-the training data says which institution mostly holds which task, per institution;
-preference accuracy and mean reward margin of DPO's implicit reward against one reference
-for all stages (the run's federated or centralized SFT adapter, the DPO reference, which
-so scores 50%; the base model when there is neither) and the reference-free likelihood
-accuracy (``fedft.dpo.preference_scores``); a forgetting probe (perplexity on general
-text the base model knew); and a few generated samples. The result is written atomically
-to ``RUN_DIR/evaluation.json``. ``evaluate_run`` does the same from a finished run's files.
-A state of ``None`` is the base model: the seeded initial adapter, whose B = 0 makes it
-compute exactly the base (as summary.json's "base" entry does). Weights are never trained
-here, and the model's adapter is restored afterwards. Nothing here imports flwr.
-
-At the end of a run loop (``state`` / ``dpo_state``: adapter tensors held in memory)::
-
-    inputs = stage_inputs(cfg, tokenizer)
-    sources = inputs.pop("sources")
-    evaluate_stages(cfg, {"base": None, "federated": state, "dpo": dpo_state}, out_dir=run_dir, **inputs)
-
-
-Record-level DP-SGD for one client's round with Opacus, on the 4-bit base + LoRA model.
-
-``train_local_dp`` is the DP counterpart of ``fedft.train.train_local``: batches are
-Poisson-sampled (each example independently with rate q = batch_size / n), every
-example's gradient on the LoRA parameters is clipped to ``dp_sgd_clip_norm`` and Gaussian
-noise with std sigma * clip is added to their sum (Opacus ``PrivacyEngine.make_private``
-with ``wrap_model=False``: hooks on the model's trainable LoRA ``nn.Linear`` layers; the
-frozen 4-bit layers are skipped).
-
-The privacy unit is one sequence (one training example): the loss is the mean over the
-batch of each example's own token-mean loss, so one example's gradient never depends on
-the other examples in its batch (a token-mean over the whole batch would rescale every
-example by the batch's token count and void the sensitivity bound). Gradient
-checkpointing must be reentrant under Opacus (``fedft.model`` loads it that way when
-``privacy.record_level`` is on): non-reentrant checkpointing silently loses per-sample
-gradients. Gradient accumulation and FedProx are refused by the config. No flwr.
+``answer_loss`` is the mean cross-entropy over answer tokens of held-out examples;
+``per_example_loss`` is the same loss kept per sequence (DP-SGD's privacy unit and the
+canary audit's score). ``generate_answers`` decodes greedily from left-padded prompts;
+``exact_match`` compares stripped generations with stripped references, overall and per
+task. Read-only: the model's weights are never changed here, and nothing reads files.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-import torch
-from fedft.data.rows import IGNORE_INDEX, Example, collate
 import math
+from collections import defaultdict
+
+import torch
+
+from fedft.data.rows import IGNORE_INDEX, Example, collate
 
 
 def _device(model) -> torch.device:

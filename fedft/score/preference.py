@@ -1,27 +1,22 @@
-"""The centralized DPO stage: preference-tune the federated SFT adapter against its frozen self.
+"""Preference scores: sequence log-probabilities of chosen / rejected answers and DPO's rewards.
 
-After the federated rounds, one party holding preference pairs (a prompt, a preferred and a
-dispreferred answer) runs Direct Preference Optimization (Rafailov et al., 2023,
-arXiv:2305.18290) on the global LoRA adapter. The policy starts from the federated SFT
-adapter; the reference is the same adapter frozen, a second PEFT adapter named ``"ref"``
-on the same 4-bit base (no second copy of the model). Training runs through TRL's
-``DPOTrainer`` (its sigmoid loss is ``dpo_loss`` below); scoring is our own:
-``preference_scores`` gives DPO's implicit-reward accuracy against a reference (the
-federated SFT adapter, so it scores 50% by definition, and any other stage is measured on
-the same scale) and the reference-free likelihood accuracy (how often the model itself
-ranks the chosen answer first). With ``dpo.rejected_from = "model"`` the pairs' rejected
-answers are first replaced by the federated model's own mistakes (``fedft.model_pairs``).
-``run_dpo_stage`` is the stage as the run loop calls it: (build pairs,) score, train,
-score, save. Nothing here knows about Flower or the network, and the math stays pure.
+``dpo_loss`` is DPO's sigmoid loss (Rafailov et al., 2023, arXiv:2305.18290), the one TRL's
+``DPOTrainer`` optimises. ``scored_logps`` gives the summed answer log-probability of each
+pair's chosen and rejected answer under the active adapter (or the base). ``preference_scores``
+is pure: from policy and reference log-probs it gives the implicit-reward accuracy
+(beta * log(pi / pi_ref)), the mean reward margin and the reference-free likelihood
+accuracy (how often the model itself ranks the chosen answer first). No training here.
 """
 
 from __future__ import annotations
 
 import contextlib
+
 import torch
 import torch.nn.functional as F
-from fedft.data.rows import IGNORE_INDEX
+
 from fedft.data.preferences import TokenizedPair
+from fedft.data.rows import IGNORE_INDEX
 
 
 def dpo_loss(

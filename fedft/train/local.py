@@ -14,7 +14,9 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
 import torch
+
 from fedft.config import TrainConfig
 from fedft.data.rows import Example, collate
 from fedft.model.adapter import get_adapter_state, set_adapter_state
@@ -28,7 +30,7 @@ class LocalResult:
     num_examples: int
     train_loss: float
     steps: int
-    rank: int = 0  # the client's LoRA rank (set by fedft.client)
+    rank: int = 0  # the client's LoRA rank (set by fedft.federated.client_round)
     clipped: bool = False  # DP-FedAvg: the update was scaled down to privacy.clip_norm
     dp_sgd: object = None  # record-level DP: fedft.privacy.dpsgd.DpSgdRound spent this round
 
