@@ -1,9 +1,11 @@
 """Typed, frozen configuration for every fedft run, loaded from TOML with ``--set`` overrides.
 
-One ``FedftConfig`` drives simulation, baselines and deployment alike. A wrong value fails
-at load time with the file and line, the field, the bad value and what is allowed. Paths in
-a config file are resolved relative to that file. This module does no I/O beyond reading
-the TOML file and imports nothing heavy.
+One ``FedftConfig`` drives simulation, baselines and deployment alike. Each field declares
+its own limits beside it (``option``: the choices, or the range in words); rules that tie
+fields of one section together are that section's ``problems()``, rules across sections are
+``FedftConfig.problems()``. A wrong value fails at load time with the file and line, the
+field, the bad value and what is allowed. Paths in a config file are resolved relative to
+that file. This module does no I/O beyond reading the TOML file and imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,122 +58,209 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
+# A range in words, as the error shows it: "an integer >= 1", "a number > 0 (note)", "a number in [0, 1)".
+_RANGE = re.compile(r"(?:an integer|a number) (?:(>=?) ([-\d.]+)|in ([\[(])([-\d.]+), ([-\d.]+)([\])]))")
+
+
+def _range_check(allowed: str) -> Callable[[Any], bool]:
+    """The test that a range in words states (a note after the range is for the reader only)."""
+    match = _RANGE.match(allowed)
+    if match is None:
+        raise ValueError(f"not a range in words: {allowed!r}; pass check= as well")
+    op, bound, left, low, high, right = match.groups()
+    if op:
+        limit = float(bound)
+        return (lambda v: v >= limit) if op == ">=" else (lambda v: v > limit)
+    lo, hi = float(low), float(high)
+    return lambda v: (lo <= v if left == "[" else lo < v) and (v <= hi if right == "]" else v < hi)
+
+
+def option(default: Any, allowed: str = "", *, choices: tuple = (), check: Callable[[Any], Any] | None = None) -> Any:
+    """A dataclass field with its limit: one of ``choices``, or what ``allowed`` says.
+
+    ``allowed`` is the error's "expected ..." text. A range ("an integer >= 1", "a number in
+    (0, 1]") is its own test; anything else states its test as ``check``.
+    """
+    if choices:
+        allowed, check = "one of " + ", ".join(repr(c) for c in choices), choices.__contains__
+    return field(default=default, metadata={"choices": choices, "check": check or _range_check(allowed),
+                                            "allowed": allowed})
+
+
+# The optimizer fields of [train] and [dpo]: one declaration each (default and limit), listed by each section
+# where it wants them. A shared base class would put them first in both, reordering their repr and dicts.
+def _learning_rate() -> Any:
+    return option(1e-3, "a number > 0")
+
+
+def _lr_schedule() -> Any:
+    return option("cosine", choices=("constant", "linear", "cosine"))
+
+
+def _warmup_steps() -> Any:
+    return option(0, "an integer >= 0")
+
+
+def _max_grad_norm() -> Any:
+    return option(1.0, "a number >= 0 (0 disables clipping)")
+
+
+class _Section:
+    """A config section. One whose fields constrain each other says how in ``problems``."""
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        """(field, what is allowed) for each broken rule between this section's fields."""
+        return iter(())
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """Which base model to load and how."""
 
     path: str = DEMO_MODEL  # "demo" (the embedded tiny Llama), a local directory, or a hub id
-    quantization: str = "nf4"  # nf4 | int8 | none
-    compute_dtype: str = "float32"  # float32 | bfloat16 | float16
+    quantization: str = option("nf4", choices=("nf4", "int8", "none"))
+    compute_dtype: str = option("float32", choices=("float32", "bfloat16", "float16"))
     double_quant: bool = True
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'",
+                         check=lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v))
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(_Section):
     """The LoRA adapter every client trains."""
 
-    r: int = 16  # the global adapter's rank (the largest any client may train)
-    alpha: float = 32.0  # scaling alpha / r; a client of lower rank scales alpha with its rank
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("all-linear",)
-    client_ranks: tuple[int, ...] = ()  # simulation: rank per partition id (empty: all r)
+    r: int = option(16, "an integer >= 1")  # the global adapter's rank (the largest any client may train)
+    alpha: float = option(32.0, "a number > 0")  # scaling alpha / r; a client of lower rank scales alpha with its rank
+    dropout: float = option(0.0, "a number in [0, 1)")
+    target_modules: tuple[str, ...] = option(("all-linear",), "a non-empty list of module names or 'all-linear'",
+                                             check=bool)
+    # simulation: rank per partition id (empty: all r)
+    client_ranks: tuple[int, ...] = option((), "a list of integers >= 1", check=lambda v: all(r >= 1 for r in v))
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if any(r > self.r for r in self.client_ranks):
+            yield "client_ranks", f"ranks at most lora.r = {self.r} (the global adapter's rank)"
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """Where the training and held-out data live and how simulated institutions split it."""
 
     train_files: tuple[str, ...] = ()
-    eval_file: str = ""
-    partition: str = "natural"  # iid | dirichlet | natural
+    eval_file: str = option("", "a held-out JSONL file", check=bool)
+    partition: str = option("natural", choices=("iid", "dirichlet", "natural"))
     partition_by: str = "institution"  # column for natural, label column for dirichlet
-    dirichlet_alpha: float = 0.5
+    dirichlet_alpha: float = option(0.5, "a number > 0")
     task_column: str = "task"  # held-out rows are scored per value of this column, if present
-    max_length: int = 256
-    eval_max_examples: int = 200
+    max_length: int = option(256, "an integer >= 8")
+    eval_max_examples: int = option(200, "an integer >= 1")
     seed: int = 0
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """The local training loop run by each client every round."""
 
-    local_steps: int = 20
-    batch_size: int = 16
-    grad_accum: int = 1
-    learning_rate: float = 1e-3
-    lr_schedule: str = "cosine"  # constant | linear | cosine, across all rounds
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    num_threads: int = 0  # torch threads per client process; 0 keeps torch's default
+    local_steps: int = option(20, "an integer >= 1")
+    batch_size: int = option(16, "an integer >= 1")
+    grad_accum: int = option(1, "an integer >= 1")
+    learning_rate: float = _learning_rate()
+    lr_schedule: str = _lr_schedule()  # constant | linear | cosine, across all rounds
+    warmup_steps: int = _warmup_steps()
+    weight_decay: float = option(0.0, "a number >= 0")
+    max_grad_norm: float = _max_grad_norm()
+    num_threads: int = option(0, "an integer >= 0")  # torch threads per client process; 0 keeps torch's default
 
 
 @dataclass(frozen=True)
-class StrategyConfig:
+class StrategyConfig(_Section):
     """How the server combines clients (or which baseline replaces federation)."""
 
-    name: str = "fedavg"  # fedavg | fedprox | local | centralized
-    proximal_mu: float = 0.0
-    num_rounds: int = 10
-    fraction_train: float = 1.0
-    min_train_nodes: int = 2
-    eval_every: int = 1
-    round_timeout_s: float = 3600.0
-    aggregation: str = "fedavg"  # fedavg (A, B averaged apart) | ffa (A frozen, B only) | svd (exact)
-    server_optimizer: str = "none"  # none | fedadam | fedyogi | fedavgm (on the aggregated update)
-    server_lr: float = 1.0  # FedAdam/FedYogi eta; FedAvgM server learning rate
-    server_momentum: float = 0.9  # FedAvgM momentum; FedAdam/FedYogi beta_1
-    server_beta2: float = 0.99  # FedAdam/FedYogi second moment
-    server_tau: float = 1e-3  # FedAdam/FedYogi adaptivity
-    wire_dtype: str = "float32"  # float32 | float16 for adapter tensors in both directions
-    max_update_norm: float = 0.0  # replies changing the adapter by more (L2) are rejected; 0 = no bound
-    robust: str = "none"  # none | trimmed_mean | median: coordinate-wise, unweighted, instead of the mean
-    trim_fraction: float = 0.25  # trimmed_mean: share of clients cut at each end of every coordinate
+    name: str = option("fedavg", choices=("fedavg", "fedprox", "local", "centralized"))
+    proximal_mu: float = option(0.0, "a number >= 0")
+    num_rounds: int = option(10, "an integer >= 1")
+    fraction_train: float = option(1.0, "a number in (0, 1]")
+    min_train_nodes: int = option(2, "an integer >= 1")
+    eval_every: int = option(1, "an integer >= 0 (0 evaluates only the last round)")
+    round_timeout_s: float = option(3600.0, "a number > 0")
+    # fedavg (A, B averaged apart) | ffa (A frozen, B only) | svd (exact)
+    aggregation: str = option("fedavg", choices=("fedavg", "ffa", "svd"))
+    # applied to the aggregated update
+    server_optimizer: str = option("none", choices=("none", "fedadam", "fedyogi", "fedavgm"))
+    server_lr: float = option(1.0, "a number > 0")  # FedAdam/FedYogi eta; FedAvgM server learning rate
+    server_momentum: float = option(0.9, "a number in [0, 1)")  # FedAvgM momentum; FedAdam/FedYogi beta_1
+    server_beta2: float = option(0.99, "a number in [0, 1)")  # FedAdam/FedYogi second moment
+    server_tau: float = option(1e-3, "a number > 0")  # FedAdam/FedYogi adaptivity
+    wire_dtype: str = option("float32", choices=("float32", "float16"))  # for adapter tensors in both directions
+    # replies changing the adapter by more (L2) are rejected
+    max_update_norm: float = option(0.0, "a number >= 0 (0: no bound)")
+    # coordinate-wise, unweighted, instead of the mean
+    robust: str = option("none", choices=("none", "trimmed_mean", "median"))
+    # trimmed_mean: share of clients cut at each end of every coordinate
+    trim_fraction: float = option(0.25, "a number in [0, 0.5)")
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.robust != "none" and self.aggregation == "svd":
+            yield "robust", ("'none' with strategy.aggregation = 'svd' (robust statistics apply coordinate-wise "
+                             "to the tensors sent; the SVD re-factors their products)")
+        if self.server_optimizer != "none" and self.name == "fedprox":
+            yield "server_optimizer", "'none' with strategy.name = 'fedprox' (use fedavg with a server optimizer)"
+        if self.server_optimizer != "none" and self.aggregation == "svd":
+            yield "server_optimizer", ("'none' with strategy.aggregation = 'svd': the SVD re-factors A and B every "
+                                       "round, so their round-to-round difference is no pseudo-gradient")
 
 
 @dataclass(frozen=True)
-class SimulationConfig:
+class SimulationConfig(_Section):
     """Flower Simulation Engine resources."""
 
-    num_supernodes: int = 4
-    num_cpus: float = 1.0  # per client
-    num_gpus: float = 0.0  # per client
+    num_supernodes: int = option(4, "an integer >= 1")
+    num_cpus: float = option(1.0, "a number > 0")  # per client
+    num_gpus: float = option(0.0, "a number >= 0")  # per client
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
+class PrivacyConfig(_Section):
     """User-level differential privacy (DP-FedAvg) and its budget."""
 
     user_level: bool = False  # clip each client's update to clip_norm, add server noise
-    clip_norm: float = 1.0  # C: L2 bound on one client's adapter update
-    noise_multiplier: float = 1.0  # z: server noise std is z * C / m (m = clients sampled)
-    delta: float = 1e-5
-    target_epsilon: float = 0.0  # user-level budget; 0 = no budget (rounds are still accounted)
-    client_sampling: str = "fixed"  # fixed (Flower's fixed-size sample) | poisson (each client w.p. q)
-    client_sampling_rate: float = 1.0  # q for poisson sampling
+    clip_norm: float = option(1.0, "a number > 0")  # C: L2 bound on one client's adapter update
+    noise_multiplier: float = option(1.0, "a number >= 0")  # z: server noise std is z * C / m (m = clients sampled)
+    delta: float = option(1e-5, "a number in (0, 1)")
+    # user-level budget; 0 = no budget (rounds are still accounted)
+    target_epsilon: float = option(0.0, "a number >= 0 (0: no budget)")
+    # fixed (Flower's fixed-size sample) | poisson (each client w.p. q)
+    client_sampling: str = option("fixed", choices=("fixed", "poisson"))
+    client_sampling_rate: float = option(1.0, "a number in (0, 1]")  # q for poisson sampling
     noise_seed: int = -1  # >= 0 makes the noise predictable: tests only, NO privacy
     record_level: bool = False  # DP-SGD (Opacus) inside every client
-    dp_sgd_noise_multiplier: float = 1.0  # sigma, unless dp_sgd_target_epsilon calibrates it
-    dp_sgd_clip_norm: float = 1.0  # per-example gradient L2 bound
-    dp_sgd_target_epsilon: float = 0.0  # > 0: calibrate sigma so a client ends the planned run here
-    client_max_epsilon: float = 0.0  # > 0: a client declines a round that would push it past this
+    dp_sgd_noise_multiplier: float = option(1.0, "a number > 0")  # sigma, unless dp_sgd_target_epsilon calibrates it
+    dp_sgd_clip_norm: float = option(1.0, "a number > 0")  # per-example gradient L2 bound
+    # > 0: calibrate sigma so a client ends the planned run here
+    dp_sgd_target_epsilon: float = option(0.0, "a number >= 0 (0: use dp_sgd_noise_multiplier)")
+    # > 0: a client declines a round that would push it past this
+    client_max_epsilon: float = option(0.0, "a number >= 0 (0: no per-client limit)")
     client_state_dir: str = ""  # simulation: where clients keep their DP-SGD spend (set by fedft)
-    canaries: int = 0  # empirical audit (simulation only): random secrets, each inserted w.p. 1/2
+    # empirical audit (simulation only): random secrets, each inserted w.p. 1/2
+    canaries: int = option(0, "an integer >= 0 (0: no canaries)")
     canary_client: int = 0  # the simulated client (partition id) whose data gets the canaries
-    canary_repeats: int = 1  # copies of each inserted canary
+    canary_repeats: int = option(1, "an integer >= 1")  # copies of each inserted canary
 
     @property
     def poisson_clients(self) -> bool:
         """DP-FedAvg with Poisson client sampling (a round may be small, or empty)."""
         return self.user_level and self.client_sampling == "poisson"
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.client_sampling == "poisson" and not self.user_level:
+            yield "client_sampling", ("'fixed' unless privacy.user_level is on (Poisson sampling of clients exists "
+                                      "for the user-level accounting)")
+
 
 @dataclass(frozen=True)
-class DpoConfig:
+class DpoConfig(_Section):
     """The centralized DPO stage run on the federated adapter after the last round.
 
     The policy starts from the federated SFT adapter; the reference is that adapter,
@@ -182,32 +272,44 @@ class DpoConfig:
     enabled: bool = False
     train_path: str = ""  # preference pairs to train on
     eval_path: str = ""  # held-out pairs: preference accuracy before and after DPO
-    beta: float = 0.1  # strength of the pull towards the reference (higher: stay closer)
-    steps: int = 80  # optimizer steps (the demo: ~1 min on 2 CPU cores)
-    batch_size: int = 16  # pairs per step
-    learning_rate: float = 1e-3
-    lr_schedule: str = "cosine"  # constant | linear | cosine
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    sft_weight: float = 3.0  # adds this times the chosen answers' mean token NLL (RPO); 0 = pure DPO
-    rejected_from: str = "file"  # file | model: the federated model's own most probable wrong answers
-    samples: int = 8  # with rejected_from = "model": answers sampled per prompt (besides the greedy one)
-    temperature: float = 1.0  # ... at this temperature
-    negatives_per_prompt: int = 1  # ... training pairs per prompt (held-out pairs always use 1)
-    max_length: int = 128  # tokens of prompt + answer
-    eval_max_pairs: int = 200  # held-out pairs scored (drawn evenly when there are more)
-    log_every: int = 10  # progress line every N steps
+    beta: float = option(0.1, "a number > 0")  # strength of the pull towards the reference (higher: stay closer)
+    steps: int = option(80, "an integer >= 1")  # optimizer steps (the demo: ~1 min on 2 CPU cores)
+    batch_size: int = option(16, "an integer >= 1")  # pairs per step
+    learning_rate: float = _learning_rate()
+    lr_schedule: str = _lr_schedule()  # constant | linear | cosine
+    warmup_steps: int = _warmup_steps()
+    max_grad_norm: float = _max_grad_norm()  # 0 disables clipping
+    # adds this times the chosen answers' mean token NLL (RPO)
+    sft_weight: float = option(3.0, "a number >= 0 (0: pure DPO)")
+    # file | model (the federated model's own most probable wrong answers)
+    rejected_from: str = option("file", choices=("file", "model"))
+    # with rejected_from = "model": answers sampled per prompt (besides the greedy one)
+    samples: int = option(8, "an integer >= 1")
+    temperature: float = option(1.0, "a number > 0")  # ... at this temperature
+    # ... training pairs per prompt (held-out pairs always use 1)
+    negatives_per_prompt: int = option(1, "an integer >= 1")
+    max_length: int = option(128, "an integer >= 8")  # tokens of prompt + answer
+    eval_max_pairs: int = option(200, "an integer >= 1")  # held-out pairs scored (drawn evenly when there are more)
+    log_every: int = option(10, "an integer >= 1")  # progress line every N steps
     seed: int = 0
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.enabled:
+            for key in ("train_path", "eval_path"):
+                if not getattr(self, key):
+                    yield key, "a preference JSONL file (rows with prompt, chosen, rejected) when dpo.enabled"
+            if self.warmup_steps >= self.steps:
+                yield "warmup_steps", f"fewer than dpo.steps = {self.steps}"
 
 
 @dataclass(frozen=True)
-class ReportConfig:
+class ReportConfig(_Section):
     """What the end of a run scores and writes (RUN_DIR/evaluation.json, report.md/json, plots)."""
 
     evaluate_stages: bool = True  # score base, federated (and DPO) models on the held-out data
     general_text: str = ""  # text the base knew, for the forgetting probe (.txt lines or .jsonl "text");
     # empty: the demo's own probe for the demo base, none otherwise
-    samples: int = 5  # generated answers shown per stage
+    samples: int = option(5, "an integer >= 0")  # generated answers shown per stage
 
 
 @dataclass(frozen=True)
@@ -230,6 +332,41 @@ class FedftConfig:
         """The path or hub id actually handed to ``from_pretrained``."""
         return str(demo_model_dir()) if self.model.path == DEMO_MODEL else self.model.path
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        """("section.field", what is allowed) for each broken rule that ties sections together."""
+        lora, strategy, privacy = self.lora, self.strategy, self.privacy
+        clients, ranks = self.simulation.num_supernodes, lora.client_ranks
+        if strategy.min_train_nodes > clients and strategy.name in ("fedavg", "fedprox"):
+            yield "strategy.min_train_nodes", f"at most simulation.num_supernodes = {clients}"
+        if ranks and len(ranks) != clients:
+            yield "lora.client_ranks", f"one rank per simulated client ({clients}), or []"
+        if strategy.aggregation == "ffa" and any(r != lora.r for r in ranks):
+            yield "lora.client_ranks", ("equal ranks with strategy.aggregation = 'ffa' (every client shares one "
+                                        "frozen A); use 'svd' or 'fedavg' for heterogeneous ranks")
+        if strategy.robust != "none" and privacy.user_level:
+            yield "strategy.robust", ("'none' with privacy.user_level (DP-FedAvg's noise is calibrated to the mean "
+                                      "of the clipped updates)")
+        if strategy.robust != "none" and ranks:
+            yield "strategy.robust", ("'none' with lora.client_ranks (zero-padded smaller ranks would look like "
+                                      "outliers)")
+        if privacy.user_level:
+            if strategy.aggregation == "svd":
+                yield "strategy.aggregation", ("'fedavg' or 'ffa' with privacy.user_level (noise is added to the "
+                                               "mean of the clipped updates; the SVD's re-factoring has no sensitivity "
+                                               "bound)")
+            if ranks:
+                yield "lora.client_ranks", "[] with privacy.user_level (every update must have the same shape)"
+            if strategy.wire_dtype != "float32":
+                yield "strategy.wire_dtype", ("'float32' with privacy.user_level (rounding to float16 after clipping "
+                                              "could push an update above clip_norm)")
+        if privacy.canaries and not 0 <= privacy.canary_client < clients:
+            yield "privacy.canary_client", f"a simulated client's partition id, 0..{clients - 1}"
+        if privacy.record_level:
+            if self.train.grad_accum != 1:
+                yield "train.grad_accum", "1 with privacy.record_level (Poisson-sampled batches are the DP-SGD steps)"
+            if strategy.name == "fedprox":
+                yield "strategy.name", "'fedavg' with privacy.record_level (the proximal term is not per-example)"
+
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -242,79 +379,6 @@ SECTIONS: dict[str, type] = {
     "dpo": DpoConfig,
     "report": ReportConfig,
 }
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.quantization": ("nf4", "int8", "none"),
-    "model.compute_dtype": ("float32", "bfloat16", "float16"),
-    "data.partition": ("iid", "dirichlet", "natural"),
-    "train.lr_schedule": ("constant", "linear", "cosine"),
-    "strategy.name": ("fedavg", "fedprox", "local", "centralized"),
-    "strategy.aggregation": ("fedavg", "ffa", "svd"),
-    "strategy.server_optimizer": ("none", "fedadam", "fedyogi", "fedavgm"),
-    "strategy.wire_dtype": ("float32", "float16"),
-    "strategy.robust": ("none", "trimmed_mean", "median"),
-    "privacy.client_sampling": ("fixed", "poisson"),
-    "dpo.lr_schedule": ("constant", "linear", "cosine"),
-    "dpo.rejected_from": ("file", "model"),
-}
-# (field, predicate, what is allowed)
-RANGES: list[tuple[str, Any, str]] = [
-    ("lora.r", lambda v: v >= 1, "an integer >= 1"),
-    ("lora.alpha", lambda v: v > 0, "a number > 0"),
-    ("lora.dropout", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    ("lora.target_modules", lambda v: len(v) >= 1, "a non-empty list of module names or 'all-linear'"),
-    ("lora.client_ranks", lambda v: all(r >= 1 for r in v), "a list of integers >= 1"),
-    ("strategy.server_lr", lambda v: v > 0, "a number > 0"),
-    ("strategy.server_momentum", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    ("strategy.server_beta2", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    ("strategy.server_tau", lambda v: v > 0, "a number > 0"),
-    ("strategy.max_update_norm", lambda v: v >= 0, "a number >= 0 (0: no bound)"),
-    ("strategy.trim_fraction", lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"),
-    ("privacy.clip_norm", lambda v: v > 0, "a number > 0"),
-    ("privacy.noise_multiplier", lambda v: v >= 0, "a number >= 0"),
-    ("privacy.delta", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
-    ("privacy.target_epsilon", lambda v: v >= 0, "a number >= 0 (0: no budget)"),
-    ("privacy.dp_sgd_noise_multiplier", lambda v: v > 0, "a number > 0"),
-    ("privacy.dp_sgd_clip_norm", lambda v: v > 0, "a number > 0"),
-    ("privacy.dp_sgd_target_epsilon", lambda v: v >= 0, "a number >= 0 (0: use dp_sgd_noise_multiplier)"),
-    ("privacy.client_max_epsilon", lambda v: v >= 0, "a number >= 0 (0: no per-client limit)"),
-    ("privacy.canaries", lambda v: v >= 0, "an integer >= 0 (0: no canaries)"),
-    ("privacy.client_sampling_rate", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
-    ("privacy.canary_repeats", lambda v: v >= 1, "an integer >= 1"),
-    ("data.dirichlet_alpha", lambda v: v > 0, "a number > 0"),
-    ("data.max_length", lambda v: v >= 8, "an integer >= 8"),
-    ("data.eval_max_examples", lambda v: v >= 1, "an integer >= 1"),
-    ("train.local_steps", lambda v: v >= 1, "an integer >= 1"),
-    ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("train.grad_accum", lambda v: v >= 1, "an integer >= 1"),
-    ("train.learning_rate", lambda v: v > 0, "a number > 0"),
-    ("train.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
-    ("train.weight_decay", lambda v: v >= 0, "a number >= 0"),
-    ("train.max_grad_norm", lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
-    ("train.num_threads", lambda v: v >= 0, "an integer >= 0"),
-    ("strategy.proximal_mu", lambda v: v >= 0, "a number >= 0"),
-    ("strategy.num_rounds", lambda v: v >= 1, "an integer >= 1"),
-    ("strategy.fraction_train", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
-    ("strategy.min_train_nodes", lambda v: v >= 1, "an integer >= 1"),
-    ("strategy.eval_every", lambda v: v >= 0, "an integer >= 0 (0 evaluates only the last round)"),
-    ("strategy.round_timeout_s", lambda v: v > 0, "a number > 0"),
-    ("simulation.num_supernodes", lambda v: v >= 1, "an integer >= 1"),
-    ("simulation.num_cpus", lambda v: v > 0, "a number > 0"),
-    ("simulation.num_gpus", lambda v: v >= 0, "a number >= 0"),
-    ("dpo.beta", lambda v: v > 0, "a number > 0"),
-    ("dpo.steps", lambda v: v >= 1, "an integer >= 1"),
-    ("dpo.batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("dpo.learning_rate", lambda v: v > 0, "a number > 0"),
-    ("dpo.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
-    ("dpo.max_grad_norm", lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
-    ("dpo.sft_weight", lambda v: v >= 0, "a number >= 0 (0: pure DPO)"),
-    ("dpo.max_length", lambda v: v >= 8, "an integer >= 8"),
-    ("dpo.samples", lambda v: v >= 1, "an integer >= 1"),
-    ("dpo.temperature", lambda v: v > 0, "a number > 0"),
-    ("dpo.negatives_per_prompt", lambda v: v >= 1, "an integer >= 1"),
-    ("dpo.eval_max_pairs", lambda v: v >= 1, "an integer >= 1"),
-    ("dpo.log_every", lambda v: v >= 1, "an integer >= 1"),
-    ("report.samples", lambda v: v >= 0, "an integer >= 0"),
-]
 PATH_FIELDS = ("data.train_files", "data.eval_file", "dpo.train_path", "dpo.eval_path", "report.general_text")
 
 
@@ -372,79 +436,28 @@ def _build_section(cls: type, raw: dict, section: str, source: str | None, lines
     return cls(**values)
 
 
+def _problems(cfg: FedftConfig) -> Iterator[tuple[str, str]]:
+    """("section.field", what is allowed) for every broken rule, in the order they are checked:
+    each field's choices, then each field's other limit, then each section's rules, then
+    the rules across sections."""
+    sections = [(name, getattr(cfg, name)) for name in SECTIONS]
+    for choices in (True, False):
+        for name, section in sections:
+            for f in dataclasses.fields(section):
+                limit = f.metadata
+                if limit and bool(limit["choices"]) == choices and not limit["check"](getattr(section, f.name)):
+                    yield f"{name}.{f.name}", limit["allowed"]
+    for name, section in sections:
+        yield from ((f"{name}.{key}", allowed) for key, allowed in section.problems())
+    yield from cfg.problems()
+
+
 def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
-    def get(name: str) -> Any:
+    """Raise for the first broken rule, naming the file and line of the field when it is there."""
+    for name, allowed in _problems(cfg):
         section, key = name.split(".")
-        return getattr(getattr(cfg, section), key)
-
-    def fail(name: str, allowed: str) -> None:
-        section, key = name.split(".")
-        where = _where(source, lines, section, key)
-        raise ConfigError(f"{where}: {name} = {get(name)!r} is not allowed; expected {allowed}")
-
-    for name, choices in CHOICES.items():
-        if get(name) not in choices:
-            fail(name, "one of " + ", ".join(repr(c) for c in choices))
-    for name, predicate, allowed in RANGES:
-        if not predicate(get(name)):
-            fail(name, allowed)
-    if not cfg.data.eval_file:
-        fail("data.eval_file", "a held-out JSONL file")
-    device = cfg.model.device
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        fail("model.device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if cfg.strategy.min_train_nodes > cfg.simulation.num_supernodes and cfg.strategy.name in (
-        "fedavg", "fedprox"
-    ):
-        fail("strategy.min_train_nodes", f"at most simulation.num_supernodes = {cfg.simulation.num_supernodes}")
-    ranks = cfg.lora.client_ranks
-    if ranks and len(ranks) != cfg.simulation.num_supernodes:
-        fail("lora.client_ranks", f"one rank per simulated client ({cfg.simulation.num_supernodes}), or []")
-    if any(r > cfg.lora.r for r in ranks):
-        fail("lora.client_ranks", f"ranks at most lora.r = {cfg.lora.r} (the global adapter's rank)")
-    if cfg.strategy.aggregation == "ffa" and any(r != cfg.lora.r for r in ranks):
-        fail("lora.client_ranks", "equal ranks with strategy.aggregation = 'ffa' (every client "
-             "shares one frozen A); use 'svd' or 'fedavg' for heterogeneous ranks")
-    if cfg.privacy.client_sampling == "poisson" and not cfg.privacy.user_level:
-        fail("privacy.client_sampling", "'fixed' unless privacy.user_level is on (Poisson sampling of "
-             "clients exists for the user-level accounting)")
-    if cfg.strategy.robust != "none":
-        if cfg.strategy.aggregation == "svd":
-            fail("strategy.robust", "'none' with strategy.aggregation = 'svd' (robust statistics apply "
-                 "coordinate-wise to the tensors sent; the SVD re-factors their products)")
-        if cfg.privacy.user_level:
-            fail("strategy.robust", "'none' with privacy.user_level (DP-FedAvg's noise is calibrated to the "
-                 "mean of the clipped updates)")
-        if ranks:
-            fail("strategy.robust", "'none' with lora.client_ranks (zero-padded smaller ranks would "
-                 "look like outliers)")
-    if cfg.privacy.user_level:
-        if cfg.strategy.aggregation == "svd":
-            fail("strategy.aggregation", "'fedavg' or 'ffa' with privacy.user_level (noise is added to "
-                 "the mean of the clipped updates; the SVD's re-factoring has no sensitivity bound)")
-        if ranks:
-            fail("lora.client_ranks", "[] with privacy.user_level (every update must have the same shape)")
-        if cfg.strategy.wire_dtype != "float32":
-            fail("strategy.wire_dtype", "'float32' with privacy.user_level (rounding to float16 after "
-                 "clipping could push an update above clip_norm)")
-    if cfg.privacy.canaries and not 0 <= cfg.privacy.canary_client < cfg.simulation.num_supernodes:
-        fail("privacy.canary_client", f"a simulated client's partition id, 0..{cfg.simulation.num_supernodes - 1}")
-    if cfg.privacy.record_level:
-        if cfg.train.grad_accum != 1:
-            fail("train.grad_accum", "1 with privacy.record_level (Poisson-sampled batches are the DP-SGD steps)")
-        if cfg.strategy.name == "fedprox":
-            fail("strategy.name", "'fedavg' with privacy.record_level (the proximal term is not per-example)")
-    if cfg.strategy.server_optimizer != "none" and cfg.strategy.name == "fedprox":
-        fail("strategy.server_optimizer", "'none' with strategy.name = 'fedprox' (use fedavg with a server optimizer)")
-    if cfg.strategy.server_optimizer != "none" and cfg.strategy.aggregation == "svd":
-        fail("strategy.server_optimizer", "'none' with strategy.aggregation = 'svd': the SVD re-factors "
-             "A and B every round, so their round-to-round difference is no pseudo-gradient")
-    if cfg.dpo.enabled:
-        for name in ("dpo.train_path", "dpo.eval_path"):
-            if not get(name):
-                fail(name, "a preference JSONL file (rows with prompt, chosen, rejected) when dpo.enabled")
-        if cfg.dpo.warmup_steps >= cfg.dpo.steps:
-            fail("dpo.warmup_steps", f"fewer than dpo.steps = {cfg.dpo.steps}")
+        where, value = _where(source, lines, section, key), getattr(getattr(cfg, section), key)
+        raise ConfigError(f"{where}: {name} = {value!r} is not allowed; expected {allowed}")
 
 
 def config_from_dict(raw: dict, *, source: str | None = None, text: str = "") -> FedftConfig:

@@ -1,4 +1,4 @@
-"""Config loading: types, ranges, unknown keys, --set overrides, path resolution."""
+"""Config loading: types, each field's limits, the rules between fields, unknown keys, --set overrides, paths."""
 
 from __future__ import annotations
 
@@ -101,3 +101,220 @@ def test_a_coordinator_config_needs_no_training_files_but_a_simulation_does(tiny
     assert cfg.data.train_files == ()
     with pytest.raises(ConfigError, match="data.train_files"):
         check_simulation_data(cfg)
+
+
+# Every field with declared limits: (a value outside them, a value just inside, what the error says is allowed).
+FIELD_LIMITS = {
+    "model.quantization": ("nf5", "int8", "one of 'nf4', 'int8', 'none'"),
+    "model.compute_dtype": ("float64", "bfloat16", "one of 'float32', 'bfloat16', 'float16'"),
+    "model.device": ("cuda:x", "cuda:12", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    "lora.r": (0, 1, "an integer >= 1"),
+    "lora.alpha": (0.0, 1e-9, "a number > 0"),
+    "lora.dropout": (1.0, 0.0, "a number in [0, 1)"),
+    "lora.target_modules": ([], ["q_proj"], "a non-empty list of module names or 'all-linear'"),
+    "lora.client_ranks": ([0, 1, 1, 1], [1, 1, 1, 1], "a list of integers >= 1"),
+    "data.eval_file": ("", "held-out.jsonl", "a held-out JSONL file"),
+    "data.partition": ("random", "iid", "one of 'iid', 'dirichlet', 'natural'"),
+    "data.dirichlet_alpha": (0.0, 1e-9, "a number > 0"),
+    "data.max_length": (7, 8, "an integer >= 8"),
+    "data.eval_max_examples": (0, 1, "an integer >= 1"),
+    "train.local_steps": (0, 1, "an integer >= 1"),
+    "train.batch_size": (0, 1, "an integer >= 1"),
+    "train.grad_accum": (0, 1, "an integer >= 1"),
+    "train.learning_rate": (0.0, 1e-9, "a number > 0"),
+    "train.lr_schedule": ("step", "linear", "one of 'constant', 'linear', 'cosine'"),
+    "train.warmup_steps": (-1, 0, "an integer >= 0"),
+    "train.weight_decay": (-0.1, 0.0, "a number >= 0"),
+    "train.max_grad_norm": (-0.1, 0.0, "a number >= 0 (0 disables clipping)"),
+    "train.num_threads": (-1, 0, "an integer >= 0"),
+    "strategy.name": ("scaffold", "centralized", "one of 'fedavg', 'fedprox', 'local', 'centralized'"),
+    "strategy.proximal_mu": (-0.1, 0.0, "a number >= 0"),
+    "strategy.num_rounds": (0, 1, "an integer >= 1"),
+    "strategy.fraction_train": (1.5, 1.0, "a number in (0, 1]"),
+    "strategy.min_train_nodes": (0, 1, "an integer >= 1"),
+    "strategy.eval_every": (-1, 0, "an integer >= 0 (0 evaluates only the last round)"),
+    "strategy.round_timeout_s": (0.0, 0.5, "a number > 0"),
+    "strategy.aggregation": ("mean", "svd", "one of 'fedavg', 'ffa', 'svd'"),
+    "strategy.server_optimizer": ("sgd", "fedyogi", "one of 'none', 'fedadam', 'fedyogi', 'fedavgm'"),
+    "strategy.server_lr": (0.0, 1e-9, "a number > 0"),
+    "strategy.server_momentum": (1.0, 0.0, "a number in [0, 1)"),
+    "strategy.server_beta2": (-0.1, 0.999, "a number in [0, 1)"),
+    "strategy.server_tau": (0.0, 1e-9, "a number > 0"),
+    "strategy.wire_dtype": ("bfloat16", "float16", "one of 'float32', 'float16'"),
+    "strategy.max_update_norm": (-1.0, 0.0, "a number >= 0 (0: no bound)"),
+    "strategy.robust": ("mean", "median", "one of 'none', 'trimmed_mean', 'median'"),
+    "strategy.trim_fraction": (0.5, 0.0, "a number in [0, 0.5)"),
+    "simulation.num_supernodes": (0, 2, "an integer >= 1"),
+    "simulation.num_cpus": (0.0, 0.5, "a number > 0"),
+    "simulation.num_gpus": (-0.5, 0.0, "a number >= 0"),
+    "privacy.clip_norm": (0.0, 1e-9, "a number > 0"),
+    "privacy.noise_multiplier": (-0.1, 0.0, "a number >= 0"),
+    "privacy.delta": (1.0, 0.999, "a number in (0, 1)"),
+    "privacy.target_epsilon": (-1.0, 0.0, "a number >= 0 (0: no budget)"),
+    "privacy.client_sampling": ("uniform", "fixed", "one of 'fixed', 'poisson'"),
+    "privacy.client_sampling_rate": (0.0, 1.0, "a number in (0, 1]"),
+    "privacy.dp_sgd_noise_multiplier": (0.0, 1e-9, "a number > 0"),
+    "privacy.dp_sgd_clip_norm": (0.0, 1e-9, "a number > 0"),
+    "privacy.dp_sgd_target_epsilon": (-1.0, 0.0, "a number >= 0 (0: use dp_sgd_noise_multiplier)"),
+    "privacy.client_max_epsilon": (-1.0, 0.0, "a number >= 0 (0: no per-client limit)"),
+    "privacy.canaries": (-1, 0, "an integer >= 0 (0: no canaries)"),
+    "privacy.canary_repeats": (0, 1, "an integer >= 1"),
+    "dpo.beta": (0.0, 1e-9, "a number > 0"),
+    "dpo.steps": (0, 1, "an integer >= 1"),
+    "dpo.batch_size": (0, 1, "an integer >= 1"),
+    "dpo.learning_rate": (-1.0, 1e-9, "a number > 0"),
+    "dpo.lr_schedule": ("exponential", "constant", "one of 'constant', 'linear', 'cosine'"),
+    "dpo.warmup_steps": (-1, 0, "an integer >= 0"),
+    "dpo.max_grad_norm": (-1.0, 0.0, "a number >= 0 (0 disables clipping)"),
+    "dpo.sft_weight": (-1.0, 0.0, "a number >= 0 (0: pure DPO)"),
+    "dpo.rejected_from": ("humans", "model", "one of 'file', 'model'"),
+    "dpo.samples": (0, 1, "an integer >= 1"),
+    "dpo.temperature": (0.0, 1e-9, "a number > 0"),
+    "dpo.negatives_per_prompt": (0, 1, "an integer >= 1"),
+    "dpo.max_length": (7, 8, "an integer >= 8"),
+    "dpo.eval_max_pairs": (0, 1, "an integer >= 1"),
+    "dpo.log_every": (0, 1, "an integer >= 1"),
+    "report.samples": (-1, 0, "an integer >= 0"),
+}
+
+
+def _config(**fields):
+    """A config with the defaults, a held-out file and ``fields`` ("section.key": value) set."""
+    raw = {"data": {"eval_file": "held-out.jsonl"}}
+    for name, value in fields.items():
+        section, key = name.split(".")
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw)
+
+
+def test_the_fields_with_limits_are_exactly_those_listed():
+    import dataclasses
+
+    from fedft.config import SECTIONS
+
+    declared = {f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+                if f.metadata}
+    assert declared == set(FIELD_LIMITS)
+
+
+@pytest.mark.parametrize("name", sorted(FIELD_LIMITS))
+def test_every_limited_field_refuses_a_value_outside_its_limit_and_takes_one_inside(name):
+    bad, good, allowed = FIELD_LIMITS[name]
+    with pytest.raises(ConfigError) as err:
+        _config(**{name: bad})
+    shown = tuple(bad) if isinstance(bad, list) else bad
+    assert str(err.value) == f"config: {name} = {shown!r} is not allowed; expected {allowed}"
+    section, key = name.split(".")
+    taken = getattr(getattr(_config(**{name: good}), section), key)
+    assert taken == (tuple(good) if isinstance(good, list) else good)
+
+
+# Every rule between fields: settings that break it, and the whole message (after 'config: ').
+RULES = [
+    ({"strategy.min_train_nodes": 5},
+     "strategy.min_train_nodes = 5 is not allowed; expected at most simulation.num_supernodes = 4"),
+    ({"lora.client_ranks": [4, 4]},
+     "lora.client_ranks = (4, 4) is not allowed; expected one rank per simulated client (4), or []"),
+    ({"lora.client_ranks": [4, 4, 4, 32]},
+     ("lora.client_ranks = (4, 4, 4, 32) is not allowed; expected ranks at most lora.r = 16 (the global "
+      "adapter's rank)")),
+    ({"lora.client_ranks": [4, 4, 4, 4], "strategy.aggregation": "ffa"},
+     ("lora.client_ranks = (4, 4, 4, 4) is not allowed; expected equal ranks with strategy.aggregation = 'ffa' "
+      "(every client shares one frozen A); use 'svd' or 'fedavg' for heterogeneous ranks")),
+    ({"privacy.client_sampling": "poisson"},
+     ("privacy.client_sampling = 'poisson' is not allowed; expected 'fixed' unless privacy.user_level is on "
+      "(Poisson sampling of clients exists for the user-level accounting)")),
+    ({"strategy.robust": "median", "strategy.aggregation": "svd"},
+     ("strategy.robust = 'median' is not allowed; expected 'none' with strategy.aggregation = 'svd' (robust "
+      "statistics apply coordinate-wise to the tensors sent; the SVD re-factors their products)")),
+    ({"strategy.robust": "median", "privacy.user_level": True},
+     ("strategy.robust = 'median' is not allowed; expected 'none' with privacy.user_level (DP-FedAvg's noise is "
+      "calibrated to the mean of the clipped updates)")),
+    ({"strategy.robust": "trimmed_mean", "lora.client_ranks": [4, 4, 4, 4]},
+     ("strategy.robust = 'trimmed_mean' is not allowed; expected 'none' with lora.client_ranks (zero-padded "
+      "smaller ranks would look like outliers)")),
+    ({"privacy.user_level": True, "strategy.aggregation": "svd"},
+     ("strategy.aggregation = 'svd' is not allowed; expected 'fedavg' or 'ffa' with privacy.user_level (noise "
+      "is added to the mean of the clipped updates; the SVD's re-factoring has no sensitivity bound)")),
+    ({"privacy.user_level": True, "lora.client_ranks": [4, 4, 4, 4]},
+     ("lora.client_ranks = (4, 4, 4, 4) is not allowed; expected [] with privacy.user_level (every update must "
+      "have the same shape)")),
+    ({"privacy.user_level": True, "strategy.wire_dtype": "float16"},
+     ("strategy.wire_dtype = 'float16' is not allowed; expected 'float32' with privacy.user_level (rounding to "
+      "float16 after clipping could push an update above clip_norm)")),
+    ({"privacy.canaries": 4, "privacy.canary_client": 4},
+     "privacy.canary_client = 4 is not allowed; expected a simulated client's partition id, 0..3"),
+    ({"privacy.record_level": True, "train.grad_accum": 2},
+     ("train.grad_accum = 2 is not allowed; expected 1 with privacy.record_level (Poisson-sampled batches are "
+      "the DP-SGD steps)")),
+    ({"privacy.record_level": True, "strategy.name": "fedprox"},
+     ("strategy.name = 'fedprox' is not allowed; expected 'fedavg' with privacy.record_level (the proximal term "
+      "is not per-example)")),
+    ({"strategy.name": "fedprox", "strategy.server_optimizer": "fedadam"},
+     ("strategy.server_optimizer = 'fedadam' is not allowed; expected 'none' with strategy.name = 'fedprox' "
+      "(use fedavg with a server optimizer)")),
+    ({"strategy.aggregation": "svd", "strategy.server_optimizer": "fedyogi"},
+     ("strategy.server_optimizer = 'fedyogi' is not allowed; expected 'none' with strategy.aggregation = 'svd': "
+      "the SVD re-factors A and B every round, so their round-to-round difference is no pseudo-gradient")),
+    ({"dpo.enabled": True, "dpo.eval_path": "p.jsonl"},
+     ("dpo.train_path = '' is not allowed; expected a preference JSONL file (rows with prompt, chosen, "
+      "rejected) when dpo.enabled")),
+    ({"dpo.enabled": True, "dpo.train_path": "p.jsonl"},
+     ("dpo.eval_path = '' is not allowed; expected a preference JSONL file (rows with prompt, chosen, rejected) "
+      "when dpo.enabled")),
+    ({"dpo.enabled": True, "dpo.train_path": "p.jsonl", "dpo.eval_path": "q.jsonl", "dpo.steps": 10,
+      "dpo.warmup_steps": 10},
+     "dpo.warmup_steps = 10 is not allowed; expected fewer than dpo.steps = 10"),
+]
+
+
+@pytest.mark.parametrize("fields, message", RULES)
+def test_every_rule_between_fields_gives_its_message(fields, message):
+    with pytest.raises(ConfigError) as err:
+        _config(**fields)
+    assert str(err.value) == f"config: {message}"
+
+
+def test_rules_between_fields_hold_only_when_they_apply():
+    _config(**{"strategy.min_train_nodes": 5, "strategy.name": "local"})  # no federation: no quorum
+    _config(**{"lora.client_ranks": [4, 4, 4, 16], "strategy.aggregation": "svd"})
+    _config(**{"privacy.canaries": 2, "privacy.canary_client": 3})
+    _config(**{"privacy.client_sampling": "poisson", "privacy.user_level": True})
+    _config(**{"dpo.train_path": "", "dpo.warmup_steps": 100})  # dpo not enabled
+
+
+def test_field_limits_are_checked_before_the_rules_between_fields_choices_first():
+    with pytest.raises(ConfigError, match=r"data.partition = 'random'"):
+        _config(**{"data.partition": "random", "lora.r": 0, "strategy.min_train_nodes": 9})
+    with pytest.raises(ConfigError, match=r"lora.r = 0 is not allowed"):
+        _config(**{"lora.r": 0, "strategy.min_train_nodes": 9})
+
+
+def test_train_and_dpo_share_their_optimizer_fields():
+    import dataclasses
+
+    from fedft.config import DpoConfig, TrainConfig
+
+    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    dpo = {f.name: f for f in dataclasses.fields(DpoConfig)}
+    for name in ("learning_rate", "lr_schedule", "warmup_steps", "max_grad_norm"):
+        assert train[name].default == dpo[name].default
+        assert train[name].metadata["allowed"] == dpo[name].metadata["allowed"]
+    assert TrainConfig().learning_rate == DpoConfig().learning_rate == 1e-3
+
+
+def test_a_broken_rule_in_a_file_names_the_line_of_the_field_it_names(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\neval_file = "e.jsonl"\n[strategy]\nname = "fedavg"\nwire_dtype = "float16"\n'
+                    "[privacy]\nuser_level = true\n[train]\nwarmup_steps = -2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)  # the range is checked first
+    assert str(err.value) == f"{path}:9: train.warmup_steps = -2 is not allowed; expected an integer >= 0"
+    path.write_text(path.read_text().replace("warmup_steps = -2", "warmup_steps = 2"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}:5: strategy.wire_dtype = 'float16' is not allowed; expected 'float32'")
+    path.write_text('[data]\neval_file = "e.jsonl"\n[dpo]\nenabled = true\neval_path = "p.jsonl"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)  # a field the file does not set: the file, no line
+    assert str(err.value).startswith(f"{path}: dpo.train_path = '' is not allowed")
