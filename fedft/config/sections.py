@@ -1,25 +1,29 @@
-"""Typed, frozen configuration for every fedft run, loaded from TOML with ``--set`` overrides.
+"""The sections of a fedft config: typed, frozen dataclasses with each field's limits beside it.
 
-One ``FedftConfig`` drives simulation, baselines and deployment alike. Each field declares
-its own limits beside it (``option``: the choices, or the range in words); rules that tie
-fields of one section together are that section's ``problems()``, rules across sections are
-``FedftConfig.problems()``. A wrong value fails at load time with the file and line, the
-field, the bad value and what is allowed. Paths in a config file are resolved relative to
-that file. This module does no I/O beyond reading the TOML file and imports nothing heavy.
+One ``FedftConfig`` drives simulation, baselines and deployment alike. Rules that tie fields
+of one section together are that section's ``problems()``; rules across sections are
+``FedftConfig.problems()``. Pure: no I/O beyond locating the embedded demo model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from fedft.config.fields import (
+    ConfigError,
+    _learning_rate,
+    _lr_schedule,
+    _max_grad_norm,
+    _Section,
+    _warmup_steps,
+    option,
+)
 
 DEMO_MODEL = "demo"
-DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-base"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-base"
 DEMO_WEIGHTS = "model.safetensors"
 
 
@@ -52,65 +56,6 @@ def demo_model_dir() -> Path:
         "install fedft (pip install -e .) or rebuild the model with `fedft demo build-base --out DIR` "
         "and set model.path to DIR"
     )
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
-
-
-# A range in words, as the error shows it: "an integer >= 1", "a number > 0 (note)", "a number in [0, 1)".
-_RANGE = re.compile(r"(?:an integer|a number) (?:(>=?) ([-\d.]+)|in ([\[(])([-\d.]+), ([-\d.]+)([\])]))")
-
-
-def _range_check(allowed: str) -> Callable[[Any], bool]:
-    """The test that a range in words states (a note after the range is for the reader only)."""
-    match = _RANGE.match(allowed)
-    if match is None:
-        raise ValueError(f"not a range in words: {allowed!r}; pass check= as well")
-    op, bound, left, low, high, right = match.groups()
-    if op:
-        limit = float(bound)
-        return (lambda v: v >= limit) if op == ">=" else (lambda v: v > limit)
-    lo, hi = float(low), float(high)
-    return lambda v: (lo <= v if left == "[" else lo < v) and (v <= hi if right == "]" else v < hi)
-
-
-def option(default: Any, allowed: str = "", *, choices: tuple = (), check: Callable[[Any], Any] | None = None) -> Any:
-    """A dataclass field with its limit: one of ``choices``, or what ``allowed`` says.
-
-    ``allowed`` is the error's "expected ..." text. A range ("an integer >= 1", "a number in
-    (0, 1]") is its own test; anything else states its test as ``check``.
-    """
-    if choices:
-        allowed, check = "one of " + ", ".join(repr(c) for c in choices), choices.__contains__
-    return field(default=default, metadata={"choices": choices, "check": check or _range_check(allowed),
-                                            "allowed": allowed})
-
-
-# The optimizer fields of [train] and [dpo]: one declaration each (default and limit), listed by each section
-# where it wants them. A shared base class would put them first in both, reordering their repr and dicts.
-def _learning_rate() -> Any:
-    return option(1e-3, "a number > 0")
-
-
-def _lr_schedule() -> Any:
-    return option("cosine", choices=("constant", "linear", "cosine"))
-
-
-def _warmup_steps() -> Any:
-    return option(0, "an integer >= 0")
-
-
-def _max_grad_norm() -> Any:
-    return option(1.0, "a number >= 0 (0 disables clipping)")
-
-
-class _Section:
-    """A config section. One whose fields constrain each other says how in ``problems``."""
-
-    def problems(self) -> Iterator[tuple[str, str]]:
-        """(field, what is allowed) for each broken rule between this section's fields."""
-        return iter(())
 
 
 @dataclass(frozen=True)
@@ -382,188 +327,3 @@ SECTIONS: dict[str, type] = {
 PATH_FIELDS = ("data.train_files", "data.eval_file", "dpo.train_path", "dpo.eval_path", "report.general_text")
 
 
-def _where(source: str | None, lines: list[str], section: str | None, key: str) -> str:
-    """'file:line' of ``key`` inside ``[section]`` when it can be found, else the file."""
-    if not source:
-        return "config"
-    current = None
-    for number, line in enumerate(lines, start=1):
-        header = re.match(r"\s*\[([^\]]+)\]", line)
-        if header:
-            current = header.group(1).strip()
-        elif current == section and re.match(rf"\s*{re.escape(key)}\s*=", line):
-            return f"{source}:{number}"
-    return source
-
-
-def _coerce(value: Any, annotation: str, name: str, where: str) -> Any:
-    """Check a raw TOML value against a dataclass field's type; ints widen to floats."""
-    ok: bool
-    if annotation == "bool":
-        ok = isinstance(value, bool)
-    elif annotation == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif annotation == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif annotation == "str":
-        ok = isinstance(value, str)
-    elif annotation.startswith("tuple[int"):
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        value = tuple(value) if ok else value
-    elif annotation.startswith("tuple[str"):
-        if isinstance(value, str):
-            value = [value]
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        value = tuple(value) if ok else value
-    else:  # pragma: no cover - every field type is listed above
-        raise TypeError(f"unsupported field type {annotation}")
-    if not ok:
-        raise ConfigError(f"{where}: {name} = {value!r} has the wrong type: expected {annotation}")
-    return value
-
-
-def _build_section(cls: type, raw: dict, section: str, source: str | None, lines: list[str]):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        where = _where(source, lines, section, key)
-        if key not in fields:
-            raise ConfigError(
-                f"{where}: unknown field {section}.{key}; allowed: {', '.join(sorted(fields))}"
-            )
-        values[key] = _coerce(value, str(fields[key].type), f"{section}.{key}", where)
-    return cls(**values)
-
-
-def _problems(cfg: FedftConfig) -> Iterator[tuple[str, str]]:
-    """("section.field", what is allowed) for every broken rule, in the order they are checked:
-    each field's choices, then each field's other limit, then each section's rules, then
-    the rules across sections."""
-    sections = [(name, getattr(cfg, name)) for name in SECTIONS]
-    for choices in (True, False):
-        for name, section in sections:
-            for f in dataclasses.fields(section):
-                limit = f.metadata
-                if limit and bool(limit["choices"]) == choices and not limit["check"](getattr(section, f.name)):
-                    yield f"{name}.{f.name}", limit["allowed"]
-    for name, section in sections:
-        yield from ((f"{name}.{key}", allowed) for key, allowed in section.problems())
-    yield from cfg.problems()
-
-
-def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
-    """Raise for the first broken rule, naming the file and line of the field when it is there."""
-    for name, allowed in _problems(cfg):
-        section, key = name.split(".")
-        where, value = _where(source, lines, section, key), getattr(getattr(cfg, section), key)
-        raise ConfigError(f"{where}: {name} = {value!r} is not allowed; expected {allowed}")
-
-
-def config_from_dict(raw: dict, *, source: str | None = None, text: str = "") -> FedftConfig:
-    """Build and validate a config from a nested dict (parsed TOML or the wire form)."""
-    lines = text.splitlines()
-    raw = dict(raw)
-    sections = {}
-    for name, cls in SECTIONS.items():
-        part = raw.pop(name, {})
-        if not isinstance(part, dict):
-            raise ConfigError(f"{source or 'config'}: [{name}] must be a table, got {part!r}")
-        sections[name] = _build_section(cls, part, name, source, lines)
-    seed = raw.pop("seed", 0)
-    if raw:
-        unknown = ", ".join(sorted(raw))
-        raise ConfigError(
-            f"{source or 'config'}: unknown top-level key(s) {unknown}; allowed: seed, "
-            + ", ".join(f"[{s}]" for s in SECTIONS)
-        )
-    seed = _coerce(seed, "int", "seed", _where(source, lines, None, "seed"))
-    cfg = FedftConfig(seed=seed, **sections)
-    _validate(cfg, source, lines)
-    return cfg
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``section.key=value``; the value is read as TOML, else taken as a plain string."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected section.key=value")
-    dotted, text = item.split("=", 1)
-    keys = dotted.strip().split(".")
-    if not all(keys):
-        raise ConfigError(f"--set {item!r}: expected section.key=value")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    return keys, value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Return a copy of ``raw`` with each ``section.key=value`` applied."""
-    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    for item in overrides:
-        keys, value = parse_override(item)
-        if len(keys) == 1:
-            merged[keys[0]] = value
-        elif len(keys) == 2:
-            if keys[0] not in SECTIONS:
-                raise ConfigError(
-                    f"--set {item!r}: unknown section {keys[0]!r}; allowed: {', '.join(SECTIONS)}"
-                )
-            merged.setdefault(keys[0], {})[keys[1]] = value
-        else:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-    return merged
-
-
-def _resolve_paths(raw: dict, base: Path) -> dict:
-    """Every field of ``PATH_FIELDS`` made absolute against ``base`` (a lone train file becomes a list)."""
-    def resolve(value: Any) -> Any:
-        if isinstance(value, list):
-            return [resolve(v) for v in value]
-        return str((base / value).resolve()) if isinstance(value, str) and value else value
-
-    raw = dict(raw)
-    for name in PATH_FIELDS:
-        section, key = name.split(".")
-        part = raw.get(section)
-        if not isinstance(part, dict) or key not in part:
-            continue
-        value = part[key]
-        if name == "data.train_files" and isinstance(value, str):
-            value = [value]
-        raw[section] = {**part, key: resolve(value)}
-    return raw
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> FedftConfig:
-    """Load a TOML config file, apply ``--set`` overrides, resolve paths, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
-    # Paths in the file are relative to the file; paths given with --set to the shell's cwd.
-    raw = _resolve_paths(raw, path.parent)
-    given = _resolve_paths(apply_overrides({}, overrides or []), Path.cwd())
-    for section, value in given.items():
-        if isinstance(value, dict) and isinstance(raw.get(section), dict):
-            raw[section] = {**raw[section], **value}
-        else:
-            raw[section] = value
-    return config_from_dict(raw, source=str(path), text=text)
-
-
-def config_to_dict(cfg: FedftConfig) -> dict:
-    """A plain, JSON-serialisable dict (tuples become lists) that round-trips."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return list(value)
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(dataclasses.asdict(cfg))
