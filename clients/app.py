@@ -10,7 +10,6 @@ metrics named in ``fedft.federated.wire``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -18,8 +17,9 @@ from flwr.clientapp import ClientApp
 
 from fedft.config import FedftConfig, config_from_dict, config_to_dict
 from fedft.federated import wire
-from fedft.federated.client_round import ClientDeclined, run_client_round
+from fedft.federated.client_round import run_client_round
 from fedft.federated.validate import check_outgoing
+from fedft.privacy.client_accountant import ClientDeclined, RecordLevelAccountant
 
 DECLINED_CODE = 1001  # an application error code for "declined by the client"
 
@@ -44,31 +44,19 @@ def _history_file(context: Context, cfg) -> Path | None:
     return None
 
 
-def _dp_history(context: Context, path: Path | None) -> list:
-    """The DP-SGD rounds this client ran: from its state file, else from its node state."""
-    from fedft.privacy.dpsgd import DpSgdRound
-
+def load_accountant(context: Context, path: Path | None) -> RecordLevelAccountant:
+    """This client's DP-SGD history: from its state file, else from its node state (this run only)."""
     if path is not None and path.exists():
-        record = json.loads(path.read_text())
-    elif wire.DP_SGD_HISTORY in context.state:
-        record = context.state[wire.DP_SGD_HISTORY]
-    else:
-        return []
-    return [DpSgdRound(float(q), float(z), int(n))
-            for q, z, n in zip(record["sample_rate"], record["noise_multiplier"], record["steps"])]
+        return RecordLevelAccountant.load(path)
+    if wire.DP_SGD_HISTORY in context.state:
+        return RecordLevelAccountant.from_record(context.state[wire.DP_SGD_HISTORY])
+    return RecordLevelAccountant()
 
 
-def _remember(context: Context, path: Path | None, history: list) -> None:
-    from fedft.rundir import atomic_write_json
-
-    record = {
-        "sample_rate": [h.sample_rate for h in history],
-        "noise_multiplier": [h.noise_multiplier for h in history],
-        "steps": [h.steps for h in history],
-    }
-    context.state[wire.DP_SGD_HISTORY] = ConfigRecord(record)
+def save_accountant(context: Context, path: Path | None, accountant: RecordLevelAccountant) -> None:
+    context.state[wire.DP_SGD_HISTORY] = ConfigRecord(accountant.to_record())
     if path is not None:
-        atomic_write_json(path, record)
+        accountant.save(path)
 
 
 def node_settings(cfg: FedftConfig, node) -> FedftConfig:
@@ -103,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
     node_rank = int(node[wire.NODE_LORA_RANK]) if wire.NODE_LORA_RANK in node else None
     max_epsilon = float(node[wire.NODE_MAX_EPSILON]) if wire.NODE_MAX_EPSILON in node else None
     history_file = _history_file(context, cfg)
-    history = _dp_history(context, history_file)
+    accountant = load_accountant(context, history_file)
     generator = None
     if cfg.privacy.record_level and cfg.privacy.noise_seed >= 0:
         from fedft.privacy.dpfedavg import secure_generator
@@ -119,7 +107,7 @@ def train(msg: Message, context: Context) -> Message:
             data_path=data_path,
             client_index=partition_id if partition_id is not None else context.node_id % 1_000_003,
             node_rank=node_rank,
-            dp_history=history,
+            accountant=accountant,
             max_epsilon=max_epsilon,
             noise_generator=generator,
         )
@@ -133,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
         wire.CLIPPED: int(result.clipped),
     }
     if result.dp_sgd is not None:
-        _remember(context, history_file, history + [result.dp_sgd])
+        save_accountant(context, history_file, accountant)
         metrics.update({wire.DP_SGD_SAMPLE_RATE: result.dp_sgd.sample_rate,
                         wire.DP_SGD_NOISE: result.dp_sgd.noise_multiplier,
                         wire.DP_SGD_STEPS: result.dp_sgd.steps})

@@ -51,15 +51,16 @@ def test_the_privacy_unit_is_one_sequence(tiny_config_path):
 
 
 def test_calibrated_noise_meets_the_client_target(tiny_config_path):
-    from fedft.federated.client_round import record_epsilon
-    from fedft.privacy.dpsgd import DpSgdRound, noise_for_client
+    from fedft.privacy.client_accountant import epsilon_of
+    from fedft.privacy.client_accountant import DpSgdRound
+    from fedft.privacy.dpsgd import noise_for_client
 
     cfg = load_config(tiny_config_path, ["privacy.record_level=true", "privacy.dp_sgd_target_epsilon=3.0",
                                          "strategy.num_rounds=5", "train.local_steps=10"])
     sigma = noise_for_client(cfg, 40)
     planned = [DpSgdRound(sample_rate(cfg, 40), sigma, 10)] * 5
-    assert record_epsilon(planned, cfg.privacy.delta) == pytest.approx(3.0, abs=1e-3)
-    assert record_epsilon(planned, cfg.privacy.delta) <= 3.0
+    assert epsilon_of(planned, cfg.privacy.delta) == pytest.approx(3.0, abs=1e-3)
+    assert epsilon_of(planned, cfg.privacy.delta) <= 3.0
 
 
 def _per_sample_grads(cfg, examples_count=4):

@@ -137,8 +137,8 @@ def dpsgd_run(tmp_path_factory, tiny_model_dir):
 
 
 def test_dp_sgd_charges_each_client_for_the_rounds_it_trained_and_a_client_declines_at_its_limit(dpsgd_run):
-    from fedft.federated.client_round import record_epsilon
-    from fedft.privacy.dpsgd import DpSgdRound
+    from fedft.privacy.client_accountant import epsilon_of
+    from fedft.privacy.client_accountant import DpSgdRound
 
     rows = read_ledger(dpsgd_run / LEDGER_FILE)
     assert [r.round for r in rows] == [1, 2, 3]
@@ -152,7 +152,7 @@ def test_dp_sgd_charges_each_client_for_the_rounds_it_trained_and_a_client_decli
     assert small not in rows[1].record_level and rows[1].participating_clients == [big]
     # the other client is charged for exactly its three rounds, as dp-accounting composes them
     assert rows[2].record_level[big]["epsilon"] == pytest.approx(
-        record_epsilon([DpSgdRound(0.2, 1.0, 4)] * 3, 1e-5), abs=1e-6)
+        epsilon_of([DpSgdRound(0.2, 1.0, 4)] * 3, 1e-5), abs=1e-6)
     assert audit(rows) == []
 
 

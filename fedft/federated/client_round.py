@@ -21,6 +21,7 @@ from fedft.data.rows import DataError, Example, load_dataset_files, tokenize_dat
 from fedft.federated.exchange import wire_dtype
 from fedft.federated.lora_aggregate import LORA_A, adapter_rank, b_only, truncate_to_rank
 from fedft.model.load import cached_peft_model, initial_adapter_state
+from fedft.privacy.client_accountant import DpSgdRound, RecordLevelAccountant
 from fedft.privacy.dpfedavg import adapter_delta, clip_update, secure_generator
 from fedft.train.local import LocalResult, train_local
 
@@ -121,35 +122,11 @@ def private_reply(
     return clip_update(adapter_delta(sent, start), cfg.privacy.clip_norm)
 
 
-class ClientDeclined(Exception):
-    """The client refuses this round (its record-level privacy limit would be exceeded)."""
+def planned_dp_sgd_round(cfg: FedftConfig, num_examples: int) -> DpSgdRound:
+    """What this client's next DP-SGD round will spend (its sample rate, sigma, steps)."""
+    from fedft.privacy.dpsgd import noise_for_client, sample_rate
 
-
-def record_epsilon(history: list, delta: float) -> float:
-    """A client's cumulative record-level epsilon (RDP) over its DP-SGD rounds."""
-    from fedft.privacy import accounting
-
-    if not history:
-        return 0.0
-    events = [(accounting.record_level_round_event(h.sample_rate, h.noise_multiplier, h.steps), 1)
-              for h in history]
-    return accounting.epsilon(events, delta, "rdp")
-
-
-def check_record_budget(cfg: FedftConfig, num_examples: int, history: list, max_epsilon: float | None) -> None:
-    """Raise ``ClientDeclined`` if one more DP-SGD round would take this client past its limit."""
-    from fedft.privacy.dpsgd import DpSgdRound, noise_for_client, sample_rate
-
-    limit = max_epsilon if max_epsilon is not None else cfg.privacy.client_max_epsilon
-    if not limit:
-        return
-    planned = DpSgdRound(sample_rate(cfg, num_examples), noise_for_client(cfg, num_examples),
-                         cfg.train.local_steps)
-    projected = record_epsilon(list(history) + [planned], cfg.privacy.delta)
-    if projected > limit:
-        raise ClientDeclined(
-            f"one more round would bring this client's record-level epsilon to {projected:.3f} > "
-            f"its limit {limit:g} (spent {record_epsilon(list(history), cfg.privacy.delta):.3f})")
+    return DpSgdRound(sample_rate(cfg, num_examples), noise_for_client(cfg, num_examples), cfg.train.local_steps)
 
 
 def run_client_round(
@@ -162,14 +139,17 @@ def run_client_round(
     data_path: str | None = None,
     client_index: int = 0,
     node_rank: int | None = None,
-    dp_history: list | None = None,
+    accountant: RecordLevelAccountant | None = None,
     max_epsilon: float | None = None,
     noise_generator: torch.Generator | None = None,
 ) -> LocalResult:
     """Train this client's cached model for one round from the server's adapter.
 
     The returned ``state`` is the reply payload (``reply_state``); ``rank`` is this
-    client's LoRA rank, which the server needs for heterogeneous-rank aggregation.
+    client's LoRA rank, which the server needs for heterogeneous-rank aggregation. Under
+    record-level DP the round is first checked against ``max_epsilon`` (else
+    ``privacy.client_max_epsilon``) with the client's ``accountant``, which then records the
+    round's spend (``ClientDeclined`` when the limit would be passed; nothing is trained).
     """
     cfg = config_for_rank(cfg, client_rank(cfg, partition_id, node_rank))
     model, tokenizer = cached_peft_model(cfg)
@@ -183,10 +163,13 @@ def run_client_round(
     if cfg.privacy.record_level:
         from fedft.privacy.dpsgd import train_local_dp
 
-        check_record_budget(cfg, len(examples), dp_history or [], max_epsilon)
+        accountant = accountant if accountant is not None else RecordLevelAccountant()
+        limit = max_epsilon if max_epsilon is not None else cfg.privacy.client_max_epsilon
+        accountant.check(planned_dp_sgd_round(cfg, len(examples)), cfg.privacy.delta, limit)
         generator = noise_generator or secure_generator()
         result, spent = train_local_dp(model, examples, tokenizer.pad_token_id, cfg, global_state=start,
                                        round_index=round_index, noise_generator=generator, seed=seed)
+        accountant.step(spent)
         result = dataclasses.replace(result, dp_sgd=spent)
     else:
         result = train_local(

@@ -18,7 +18,6 @@ gradients. Gradient accumulation and FedProx are refused by the config.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -26,17 +25,9 @@ from fedft.config import FedftConfig
 from fedft.data.rows import Example, collate
 from fedft.model.adapter import get_adapter_state, set_adapter_state
 from fedft.privacy import accounting
+from fedft.privacy.client_accountant import DpSgdRound
 from fedft.score.answers import per_example_loss
 from fedft.train.local import LocalResult, lr_multiplier
-
-
-@dataclass(frozen=True)
-class DpSgdRound:
-    """What a DP-SGD round spent, as the ledger records it."""
-
-    sample_rate: float
-    noise_multiplier: float
-    steps: int
 
 
 def noise_for_client(cfg: FedftConfig, num_examples: int) -> float:

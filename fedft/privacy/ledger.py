@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fedft.privacy import accounting
+from fedft.privacy.client_accountant import DpSgdRound, epsilon_of
 from fedft.rundir import atomic_write_jsonl
 
 USER_LEVEL = "user-dp-fedavg"
@@ -195,15 +196,10 @@ def _user_epsilons(rows: list[LedgerRow], delta: float, *,
 
 
 def _record_epsilon(rows: list[LedgerRow], client: str, delta: float) -> float:
-    """Cumulative record-level RDP epsilon of ``client`` over the rows that charge it."""
-    events = []
-    for row in rows:
-        entry = row.record_level.get(client)
-        if entry is not None and entry["steps"] > 0:
-            event = accounting.record_level_round_event(entry["sample_rate"],
-                                                        entry["noise_multiplier"], entry["steps"])
-            events.append((event, 1))
-    return accounting.epsilon(events, delta, "rdp")
+    """Cumulative record-level RDP epsilon of ``client`` over the rows that charge it (as its accountant does)."""
+    history = [DpSgdRound(e["sample_rate"], e["noise_multiplier"], e["steps"])
+               for e in (row.record_level.get(client) for row in rows) if e is not None]
+    return epsilon_of(history, delta)
 
 
 def epsilons_for(previous: list[LedgerRow], row: LedgerRow, target_epsilon: float | None = None, *,
