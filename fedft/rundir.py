@@ -26,6 +26,8 @@ ADAPTER_DIR = "adapter"  # the final SFT adapter (PEFT format); local-only runs:
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 CHECKPOINTS_DIR = "checkpoints"  # checkpoints/round-NNN/
+DPO_ADAPTER_DIR = "dpo/adapter"  # the DPO stage's adapter (PEFT format)
+CANARY_AUDIT_FILE = "canary_audit.json"
 
 
 class RunDirError(ValueError):

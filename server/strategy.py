@@ -40,31 +40,77 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 @dataclass
-class RoundReplies:
-    """What the last aggregation saw."""
+class CollectedReplies:
+    """One round's replies after validation: what was accepted, and what was not and why."""
 
-    node_ids: list[int] = field(default_factory=list)
-    bytes_up: int = 0
-    failures: list[str] = field(default_factory=list)
-    train_loss: float | None = None
-    num_examples: int = 0
-    ranks: dict[int, int] = field(default_factory=dict)  # node id -> LoRA rank it trained
-    sampled: list[int] = field(default_factory=list)  # node ids the round was sent to
-    clipped_fraction: float | None = None  # DP-FedAvg: share of replies clipped to C
-    record_level: dict[int, dict] = field(default_factory=dict)  # node -> DP-SGD spent this round
+    accepted: list[Message] = field(default_factory=list)
+    states: list[dict[str, torch.Tensor]] = field(default_factory=list)  # accepted adapters, in order
+    failures: list[str] = field(default_factory=list)  # error replies, "node N: reason"
     refusals: list[int] = field(default_factory=list)  # nodes that declined the round
     rejected: list[str] = field(default_factory=list)  # replies the server refused, with the reason
-    naive_error: float | None = None
-    discarded_energy: float | None = None
+
+    @property
+    def node_ids(self) -> list[int]:
+        return [m.metadata.src_node_id for m in self.accepted]
+
+    @property
+    def weights(self) -> list[float]:
+        return [float(m.content[wire.METRICS][wire.NUM_EXAMPLES]) for m in self.accepted]
+
+    @property
+    def train_loss(self) -> float | None:
+        weights = self.weights
+        losses = [float(m.content[wire.METRICS][wire.TRAIN_LOSS]) for m in self.accepted]
+        return sum(w * l for w, l in zip(weights, losses)) / sum(weights) if weights else None
+
+    @property
+    def ranks(self) -> dict[int, int]:
+        """Node id -> the LoRA rank it trained."""
+        return {m.metadata.src_node_id: int(m.content[wire.METRICS].get(wire.LORA_RANK, 0)) for m in self.accepted}
+
+    @property
+    def clipped_fraction(self) -> float | None:
+        """DP-FedAvg: the share of accepted replies that were clipped to C."""
+        clipped = [int(m.content[wire.METRICS].get(wire.CLIPPED, 0)) for m in self.accepted]
+        return sum(clipped) / len(clipped) if clipped else None
+
+    @property
+    def record_level(self) -> dict[int, dict]:
+        """Node -> the DP-SGD it spent this round (nodes that ran DP-SGD)."""
+        spent = {}
+        for m in self.accepted:
+            metrics = m.content[wire.METRICS]
+            if int(metrics.get(wire.DP_SGD_STEPS, 0)) > 0:
+                spent[m.metadata.src_node_id] = {
+                    "sample_rate": float(metrics[wire.DP_SGD_SAMPLE_RATE]),
+                    "noise_multiplier": float(metrics[wire.DP_SGD_NOISE]),
+                    "steps": int(metrics[wire.DP_SGD_STEPS]),
+                }
+        return spent
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(payload_bytes(m.content) for m in self.accepted)
+
+
+# Combination statistics travel in the aggregated MetricRecord (a server optimizer passes it on).
+NAIVE_ERROR = "naive-aggregation-error"
+DISCARDED_ENERGY = "svd-discarded-energy"
 
 
 class AdapterAggregation:
     """Mixin: per-client downlink payloads and fedft's aggregation of the replies."""
 
-    fedft_cfg: FedftConfig
-    last: RoundReplies
-    global_state: dict[str, torch.Tensor]
-    node_ranks: dict[int, int]
+    def __init__(self, cfg: FedftConfig | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._bind(cfg)
+
+    def _bind(self, cfg: FedftConfig | None) -> None:
+        self.fedft_cfg = cfg
+        self.node_ranks: dict[int, int] = {}  # node id -> the LoRA rank it trains
+        self.global_state: dict[str, torch.Tensor] = {}  # the adapter this round started from
+        self.sampled: list[int] = []  # node ids this round was sent to
+        self.num_nodes = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -90,64 +136,53 @@ class AdapterAggregation:
                                   dst_node_id=node))
         return shaped
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Combine valid replies with ``strategy.aggregation``; record what the round cost."""
+    def collect_replies(self, server_round: int, replies: Iterable[Message]) -> CollectedReplies:
+        """Validate the replies: errors and declines are named, a bad update is named and left out."""
         valid, errors = self._check_and_log_replies(list(replies), is_train=True)
-        self.last = RoundReplies(
+        collected = CollectedReplies(
             failures=[f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors],
             refusals=[m.metadata.src_node_id for m in errors
                       if str(m.error.reason or "").startswith(wire.DECLINED)],
         )
+        for m in valid:
+            state = m.content[wire.ARRAYS].to_torch_state_dict()
+            problem = reply_problem(self.fedft_cfg, self.global_state, state)
+            if problem is None:
+                collected.accepted.append(m)
+                collected.states.append(state)
+            else:
+                collected.rejected.append(f"node {m.metadata.src_node_id}: {problem}")
+        self.node_ranks.update({n: r for n, r in collected.ranks.items() if r > 0})
+        return collected
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message] | CollectedReplies
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Combine the accepted replies with ``strategy.aggregation`` (Flower's hook).
+
+        Takes the round's messages, or what ``collect_replies`` made of them (fedft's round
+        loop collects first, to record failures and rejections).
+        """
+        collected = (replies if isinstance(replies, CollectedReplies)
+                     else self.collect_replies(server_round, replies))
         cfg = self.fedft_cfg
         poisson = cfg.privacy.poisson_clients
-        accepted, states = [], []
-        for m in valid:  # server-side validation: a bad update is named and left out
-            state = m.content[wire.ARRAYS].to_torch_state_dict()
-            problem = reply_problem(cfg, self.global_state, state)
-            if problem is None:
-                accepted.append(m)
-                states.append(state)
-            else:
-                self.last.rejected.append(f"node {m.metadata.src_node_id}: {problem}")
-        valid = accepted
-        if not valid and not poisson:  # (a Poisson round may be empty: its update is noise alone)
+        if not collected.accepted and not poisson:  # (a Poisson round may be empty: its update is noise alone)
             return None, None
-        weights = [float(m.content[wire.METRICS][wire.NUM_EXAMPLES]) for m in valid]
-        losses = [float(m.content[wire.METRICS][wire.TRAIN_LOSS]) for m in valid]
         if cfg.privacy.user_level:  # equal weights, fixed denominator: see fedft.privacy.dpfedavg
             seed = cfg.privacy.noise_seed
             generator = secure_generator(None if seed < 0 else seed * 100_003 + server_round)
             denominator = (cfg.privacy.client_sampling_rate * self.num_nodes if poisson
                            else len(self.sampled))
-            result = private_aggregate(cfg, self.global_state, states, denominator, generator)
-            clipped = [int(m.content[wire.METRICS].get(wire.CLIPPED, 0)) for m in valid]
-            self.last.clipped_fraction = sum(clipped) / len(clipped) if clipped else None
+            result = private_aggregate(cfg, self.global_state, collected.states, denominator, generator)
         else:
-            result = aggregate_replies(cfg, self.global_state, states, weights)
-        self.last.sampled = list(self.sampled)
-        for m in valid:
-            metrics = m.content[wire.METRICS]
-            if int(metrics.get(wire.DP_SGD_STEPS, 0)) > 0:
-                self.last.record_level[m.metadata.src_node_id] = {
-                    "sample_rate": float(metrics[wire.DP_SGD_SAMPLE_RATE]),
-                    "noise_multiplier": float(metrics[wire.DP_SGD_NOISE]),
-                    "steps": int(metrics[wire.DP_SGD_STEPS]),
-                }
-        self.last.node_ids = [m.metadata.src_node_id for m in valid]
-        self.last.ranks = {m.metadata.src_node_id: int(m.content[wire.METRICS].get(wire.LORA_RANK, 0))
-                           for m in valid}
-        self.node_ranks.update({n: r for n, r in self.last.ranks.items() if r > 0})
-        self.last.bytes_up = sum(payload_bytes(m.content) for m in valid)
-        self.last.num_examples = int(sum(weights))
-        self.last.train_loss = (sum(w * l for w, l in zip(weights, losses)) / sum(weights)
-                                if weights else None)
-        self.last.naive_error = result.naive_error
-        self.last.discarded_energy = result.discarded_energy
-        metrics = MetricRecord({wire.TRAIN_LOSS: self.last.train_loss or 0.0,
-                                wire.NUM_EXAMPLES: self.last.num_examples})
-        return ArrayRecord(torch_state_dict=result.state), metrics
+            result = aggregate_replies(cfg, self.global_state, collected.states, collected.weights)
+        metrics = {wire.TRAIN_LOSS: collected.train_loss or 0.0, wire.NUM_EXAMPLES: int(sum(collected.weights))}
+        if result.naive_error is not None:
+            metrics[NAIVE_ERROR] = result.naive_error
+        if result.discarded_energy is not None:
+            metrics[DISCARDED_ENERGY] = result.discarded_energy
+        return ArrayRecord(torch_state_dict=result.state), MetricRecord(metrics)
 
     def server_optimizer_state(self) -> dict[str, torch.Tensor]:
         """The server optimizer's moments (empty without one), for checkpoints."""
@@ -181,29 +216,30 @@ class AdapterFedProx(AdapterAggregation, FedProx):
 
 
 # A server optimizer sits before AdapterFedAvg in the method order, so Flower's FedOpt /
-# FedAvgM step runs on the adapter that fedft's aggregation produced.
-class AdapterFedAdam(FedAdam, AdapterFedAvg):
+# FedAvgM step runs on the adapter that fedft's aggregation produced. Their __init__ does not
+# pass unknown arguments on, so fedft's config is bound after it.
+class _ServerOptimizer:
+    def __init__(self, cfg: FedftConfig, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._bind(cfg)
+
+
+class AdapterFedAdam(_ServerOptimizer, FedAdam, AdapterFedAvg):
     """FedAdam (Reddi et al. 2021) on the aggregated adapter update."""
 
 
-class AdapterFedYogi(FedYogi, AdapterFedAvg):
+class AdapterFedYogi(_ServerOptimizer, FedYogi, AdapterFedAvg):
     """FedYogi (Reddi et al. 2021) on the aggregated adapter update."""
 
 
-class AdapterFedAvgM(FedAvgM, AdapterFedAvg):
+class AdapterFedAvgM(_ServerOptimizer, FedAvgM, AdapterFedAvg):
     """FedAvgM (Hsu et al. 2019): server momentum on the aggregated adapter update."""
 
 
 def make_strategy(cfg: FedftConfig) -> AdapterAggregation:
-    """The strategy named by ``strategy.name`` / ``server_optimizer`` with fedft's wire keys."""
-    strategy = _make_strategy(cfg)
-    strategy.fedft_cfg = cfg
-    strategy.node_ranks = {}
-    return strategy
-
-
-def _make_strategy(cfg: FedftConfig) -> AdapterAggregation:
+    """The strategy named by ``strategy.name`` / ``server_optimizer``, with fedft's wire keys."""
     common = dict(
+        cfg=cfg,
         # with Poisson client sampling every node gets a message, then configure_train thins them
         fraction_train=1.0 if cfg.privacy.poisson_clients else cfg.strategy.fraction_train,
         fraction_evaluate=0.0,
@@ -225,6 +261,4 @@ def _make_strategy(cfg: FedftConfig) -> AdapterAggregation:
         cls = AdapterFedAdam if s.server_optimizer == "fedadam" else AdapterFedYogi
         return cls(eta=s.server_lr, eta_l=cfg.train.learning_rate, beta_1=s.server_momentum,
                    beta_2=s.server_beta2, tau=s.server_tau, **common)
-    if s.name == "fedavg":
-        return AdapterFedAvg(**common)
-    raise ValueError(f"strategy.name = {cfg.strategy.name!r} is not a federated strategy")
+    return AdapterFedAvg(**common)

@@ -135,3 +135,29 @@ def test_ffa_with_fedadam_sends_only_b_and_keeps_a_frozen(fedavg_run):
     assert any(not torch.equal(final[k], first[k]) for k in final if ".lora_B." in k)
     moments = load_file(d / "ffa" / "checkpoints" / "round-002" / "server_optimizer.safetensors")
     assert any(k.startswith("m_t/") for k in moments) and any(k.startswith("v_t/") for k in moments)
+
+
+def _sections(run_dir) -> list[str]:
+    return [line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("#")]
+
+
+@pytest.mark.parametrize("baseline", ["centralized", "local"])
+def test_baselines_go_through_the_same_run_loop_to_the_same_report(fedavg_run, baseline):
+    d, _ = fedavg_run
+    out = d / baseline
+    summary = _run(d / "tiny.toml", out, [
+        f"strategy.name={baseline}", "dpo.enabled=true", f"dpo.train_path={d / 'prefs-train.jsonl'}",
+        f"dpo.eval_path={d / 'prefs-eval.jsonl'}", "dpo.steps=2", "dpo.batch_size=4",
+        "report.evaluate_stages=true", "report.samples=2"])
+    rows = load_metrics(out)
+    assert [r["round"] for r in rows] == [0, 1, 2] and all("eval_loss" in r for r in rows)
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    if baseline == "centralized":  # one adapter: checkpoints, DPO and the same report as federated
+        assert (out / "checkpoints" / "round-002" / "round.json").is_file()
+        assert evaluation["stage_order"] == ["base", "centralized", "dpo"] and summary["dpo"]["steps"] == 2
+        assert _sections(out) == _sections(d / "run")
+    else:  # one adapter per client: no single adapter for DPO, each client scored on its own
+        assert sorted(p.name for p in (out / "adapter").iterdir()) == ["client0", "client1"]
+        assert evaluation["stage_order"] == ["base", "local"] and "dpo" not in summary
+        assert set(summary["final"]["eval_exact_match_by_client"]) == {"client0", "client1"}
+        assert {s for s in _sections(out)} <= set(_sections(d / "run"))

@@ -84,9 +84,13 @@ def test_the_server_leaves_bad_replies_out_and_the_round_completes(cfg):
     nan = {**good, "m.layers.0.q_proj.lora_B.weight": torch.full((12, 4), float("nan"))}
     wrong_shape = {**good, "m.layers.0.q_proj.lora_B.weight": torch.zeros(12, 5)}
     huge = {k: v * 100 for k, v in good.items()}
-    arrays, _ = strategy.aggregate_train(1, [reply(1, good), reply(2, nan), reply(3, wrong_shape), reply(4, huge)])
-    assert arrays is not None
-    merged = arrays.to_torch_state_dict()
-    assert all(torch.allclose(merged[k], good[k]) for k in good)  # only the good reply counted
-    assert len(strategy.last.rejected) == 3
-    assert {r.split(":")[0] for r in strategy.last.rejected} == {"node 2", "node 3", "node 4"}
+    replies = [reply(1, good), reply(2, nan), reply(3, wrong_shape), reply(4, huge)]
+    collected = strategy.collect_replies(1, replies)
+    assert collected.node_ids == [1]
+    assert len(collected.rejected) == 3
+    assert {r.split(":")[0] for r in collected.rejected} == {"node 2", "node 3", "node 4"}
+    for given in (replies, collected):  # Flower's hook takes the messages or what collect_replies made of them
+        arrays, _ = strategy.aggregate_train(1, given)
+        assert arrays is not None
+        merged = arrays.to_torch_state_dict()
+        assert all(torch.allclose(merged[k], good[k]) for k in good)  # only the good reply counted

@@ -1,6 +1,6 @@
 """What runs after the last federated round: the DPO stage, the evaluation of every stage, the report.
 
-``run_final_stages`` is called by the server's round loop once the federated adapter is
+``run_final_stages`` is called by the run loop (``fedft.run.loop``) once the trained adapter is
 saved (and the run's summary.json written, so a failure here loses no federated work):
 with ``dpo.enabled`` it preference-tunes the federated adapter (``fedft.align.stage``), then scores
 the base, the federated SFT adapter and the DPO adapter on the same held-out data
@@ -15,33 +15,39 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from fedft.config import FedftConfig
+from fedft.rundir import DPO_ADAPTER_DIR
 
 
-def run_final_stages(cfg: FedftConfig, out_dir: Path, federated_state: dict[str, torch.Tensor],
+def run_final_stages(cfg: FedftConfig, out_dir: Path, stage: str, state,
                      progress: Callable[[str], None] = print) -> dict:
-    """DPO (when enabled) and the stage evaluation; returns what to add to summary.json."""
-    from fedft.eval.inputs import run_pairs_path, stage_inputs, write_evaluation
+    """DPO (when enabled) and the stage evaluation; returns what to add to summary.json.
+
+    ``stage`` names the trained state: ``federated`` or ``centralized`` (one adapter, which
+    DPO starts from) or ``local`` (one adapter per client: DPO has no single adapter to
+    align, so it is skipped with a line saying so).
+    """
+    from fedft.eval.inputs import run_pairs_path, stage_inputs
     from fedft.eval.stages import evaluate_stages
     from fedft.model.load import cached_peft_model
+    from fedft.rundir import write_evaluation
 
     out_dir = Path(out_dir)
     added: dict = {}
-    stages: dict = {"base": None, "federated": federated_state}
-    if cfg.dpo.enabled:
+    stages: dict = {"base": None, stage: state}
+    if cfg.dpo.enabled and isinstance(state, list):
+        progress(f"dpo: skipped: a {stage} run holds {len(state)} separate adapters, no single one to align")
+    elif cfg.dpo.enabled:
         from fedft.align.stage import run_dpo_stage
         from fedft.eval.inputs import load_adapter_state
 
-        progress("dpo: preference-tuning the federated adapter (reference: the same adapter, frozen)")
-        added["dpo"] = run_dpo_stage(cfg, federated_state, out_dir, log=progress)
-        stages["dpo"] = load_adapter_state(out_dir / "dpo" / "adapter")
+        progress(f"dpo: preference-tuning the {stage} adapter (reference: the same adapter, frozen)")
+        added["dpo"] = run_dpo_stage(cfg, state, out_dir, log=progress)
+        stages["dpo"] = load_adapter_state(out_dir / DPO_ADAPTER_DIR)
     if cfg.report.evaluate_stages:
         started = time.time()
         _, tokenizer = cached_peft_model(cfg)
-        general = Path(cfg.report.general_text) if cfg.report.general_text else None
-        inputs = stage_inputs(cfg, tokenizer, general_text=general, pairs_file=run_pairs_path(out_dir))
+        inputs = stage_inputs(cfg, tokenizer, pairs_file=run_pairs_path(out_dir))
         sources = inputs.pop("sources")
         progress(f"evaluating {', '.join(stages)} on the held-out data ...")
         evaluation = evaluate_stages(cfg, stages, num_samples=cfg.report.samples, progress=progress, **inputs)
