@@ -253,7 +253,7 @@ class ReportConfig(_Section):
 
     evaluate_stages: bool = True  # score base, federated (and DPO) models on the held-out data
     general_text: str = ""  # text the base knew, for the forgetting probe (.txt lines or .jsonl "text");
-    # empty: the demo's own probe for the demo base, none otherwise
+    # empty: no forgetting probe (the demo configs name simulations/data/demo/general.jsonl)
     samples: int = option(5, "an integer >= 0")  # generated answers shown per stage
 
 
