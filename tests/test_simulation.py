@@ -138,7 +138,7 @@ def test_ffa_with_fedadam_sends_only_b_and_keeps_a_frozen(fedavg_run):
 
 
 def _sections(run_dir) -> list[str]:
-    return [line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("#")]
+    return [line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("## ")]
 
 
 @pytest.mark.parametrize("baseline", ["centralized", "local"])
