@@ -70,11 +70,21 @@ def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl_rows(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file written by ``atomic_write_jsonl`` (empty if absent)."""
+    """Rows of a JSON-lines file written by ``atomic_write_jsonl`` (empty if absent).
+
+    Blank lines are skipped; a line that is not JSON raises ``RunDirError`` naming file:line.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RunDirError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from err
+    return rows
 
 
 @contextlib.contextmanager

@@ -13,10 +13,14 @@ same report.json. Nothing here loads a model, trains or imports flwr.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from fedft.rundir import atomic_write_json, atomic_write_text
+from fedft.rundir import (
+    RunDirError,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl_rows,
+)
 
 REPORT_MD, REPORT_JSON = "report.md", "report.json"
 PLOTS = {"curves": "report_curves.png", "stages": "report_stage_accuracy.png",
@@ -45,18 +49,14 @@ def read_json(path: Path, *, required: bool = False) -> dict | None:
         raise ReportError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
 
 
-def read_jsonl(path: Path) -> list[dict] | None:
-    """A JSON-lines file's rows; None when absent."""
+def read_rows(path: Path) -> list[dict] | None:
+    """A JSON-lines file's rows (``fedft.rundir.read_jsonl_rows``); None when absent."""
     if not path.exists():
         return None
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ReportError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-    return rows
+    try:
+        return read_jsonl_rows(path)
+    except RunDirError as err:
+        raise ReportError(str(err)) from err
 
 
 def privacy_summary(run_dir: Path) -> dict | None:
@@ -97,10 +97,10 @@ def privacy_summary(run_dir: Path) -> dict | None:
 # Pure assembly
 # ---------------------------------------------------------------------------------------
 
-def _ppl(loss: float | None) -> float | None:
-    if loss is None:
-        return None
-    return math.exp(loss) if loss < 700 else float("inf")
+def _perplexity(loss: float | None) -> float | None:
+    from fedft.score.answers import perplexity
+
+    return None if loss is None else perplexity(loss)
 
 
 def final_stage_name(summary: dict) -> str:
@@ -125,7 +125,7 @@ def stages_from_summary(summary: dict, dpo_summary: dict | None) -> list[dict]:
     """Base and final stage from summary.json (and DPO's preference scores when present)."""
     def row(stage: str, m: dict) -> dict:
         return {"stage": stage, "source": "summary.json", "loss": m.get("eval_loss"),
-                "perplexity": _ppl(m.get("eval_loss")), "exact_match": m.get("eval_exact_match"),
+                "perplexity": _perplexity(m.get("eval_loss")), "exact_match": m.get("eval_exact_match"),
                 "exact_match_by_task": m.get("eval_exact_match_by_task", {})}
 
     rows = [row("base", summary["base"]), row(final_stage_name(summary), summary["final"])]
@@ -457,9 +457,9 @@ def build_report(run_dir: Path) -> dict:
         if not isinstance(summary.get(key), dict):
             raise ReportError(f"{run_dir / 'summary.json'}: no {key!r} metrics; was it written by fedft?")
     report = assemble_report(
-        run_dir.resolve().name, summary, read_jsonl(run_dir / "metrics.jsonl"),
+        run_dir.resolve().name, summary, read_rows(run_dir / "metrics.jsonl"),
         read_json(run_dir / "evaluation.json"), read_json(run_dir / "dpo" / "summary.json"),
-        read_jsonl(run_dir / "dpo" / "history.jsonl"), privacy_summary(run_dir),
+        read_rows(run_dir / "dpo" / "history.jsonl"), privacy_summary(run_dir),
     )
     report["plots"] = write_plots(report, run_dir)
     atomic_write_json(run_dir / REPORT_JSON, report)
