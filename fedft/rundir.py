@@ -1,8 +1,10 @@
-"""The run directory: every file a run leaves, its name, and the atomic writes that put it there.
+"""The run directory: every file a run leaves, its name, the atomic writes that put it there and
+the readers that read it back.
 
 A reader (or a crash) never sees a half-written checkpoint, metrics file, ledger or summary:
 each write goes to a temporary sibling, is fsync'd and moved into place with ``os.replace``.
-Every layer that writes into RUN_DIR takes the file's name from here. Nothing here trains,
+Every layer that writes into RUN_DIR takes the file's name from here; ``read_jsonl_rows``
+reads its JSON-lines files back, naming file:line for a bad line. Nothing here trains,
 loads a model or imports flwr.
 """
 

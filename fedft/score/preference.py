@@ -2,10 +2,11 @@
 
 ``dpo_loss`` is DPO's sigmoid loss (Rafailov et al., 2023, arXiv:2305.18290), the one TRL's
 ``DPOTrainer`` optimises. ``scored_logps`` gives the summed answer log-probability of each
-pair's chosen and rejected answer under the active adapter (or the base). ``preference_scores``
-is pure: from policy and reference log-probs it gives the implicit-reward accuracy
-(beta * log(pi / pi_ref)), the mean reward margin and the reference-free likelihood
-accuracy (how often the model itself ranks the chosen answer first). No training here.
+pair's chosen and rejected answer (``fedft.score.tokens``) under the active adapter (or the
+base). ``preference_scores`` is pure: from policy and reference log-probs it gives the
+implicit-reward accuracy (beta * log(pi / pi_ref)), the mean reward margin and the
+reference-free likelihood accuracy (how often the model itself ranks the chosen answer
+first). No training here.
 """
 
 from __future__ import annotations
