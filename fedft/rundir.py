@@ -1,8 +1,10 @@
-"""The run directory: every file a run leaves, its name, and the atomic writes that put it there.
+"""The run directory: every file a run leaves, its name, the atomic writes that put it there and
+the readers that read it back.
 
 A reader (or a crash) never sees a half-written checkpoint, metrics file, ledger or summary:
 each write goes to a temporary sibling, is fsync'd and moved into place with ``os.replace``.
-Every layer that writes into RUN_DIR takes the file's name from here. Nothing here trains,
+Every layer that writes into RUN_DIR takes the file's name from here; ``read_jsonl_rows``
+reads its JSON-lines files back, naming file:line for a bad line. Nothing here trains,
 loads a model or imports flwr.
 """
 
@@ -72,11 +74,21 @@ def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl_rows(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file written by ``atomic_write_jsonl`` (empty if absent)."""
+    """Rows of a JSON-lines file written by ``atomic_write_jsonl`` (empty if absent).
+
+    Blank lines are skipped; a line that is not JSON raises ``RunDirError`` naming file:line.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RunDirError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from err
+    return rows
 
 
 @contextlib.contextmanager

@@ -150,8 +150,20 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The ``fedft`` parser with every flwr-free subcommand, and its subparsers for more."""
     parser = argparse.ArgumentParser(prog="fedft", description="Federated QLoRA fine-tuning.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_demo_commands(commands)
+    _add_compare_command(commands)
+    _add_key_commands(commands)
+    _add_privacy_commands(commands)
+    _add_export_command(commands)
+    _add_report_command(commands)
+    return parser, commands
+
+
+def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
+    """``fedft demo data`` and ``fedft demo build-base``."""
     demo = commands.add_parser("demo", help="rebuild the embedded demo data or base model")
     demo_commands = demo.add_subparsers(dest="demo_command", required=True)
     data = demo_commands.add_parser("data", help="write the demo institutions' JSONL files")
@@ -170,10 +182,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     base.add_argument("--steps", type=int, default=1200)
     base.add_argument("--seed", type=int, default=0)
     base.set_defaults(handler=_demo_build_base)
+
+
+def _add_compare_command(commands: argparse._SubParsersAction) -> None:
     compare = commands.add_parser("compare", help="table and bar chart of several runs")
     compare.add_argument("runs", nargs="+", help="run directories (the first also gives the base model)")
     compare.add_argument("--plot", default="comparison.png", help="where to write the bar chart")
     compare.set_defaults(handler=_compare)
+
+
+def _add_key_commands(commands: argparse._SubParsersAction) -> None:
+    """``fedft certs`` and ``fedft node-key``: a deployment's TLS certificates and SuperNode keys."""
     certs = commands.add_parser("certs", help="create a CA and a SuperLink TLS certificate")
     certs.add_argument("hosts", nargs="+", help="host names / IP addresses the SuperLink is reached at")
     certs.add_argument("--out", default="certificates", help="directory for ca.crt, ca.key, server.crt, server.key")
@@ -183,6 +202,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     node_key.add_argument("name", help="file name of the private key (the public key gets .pub)")
     node_key.add_argument("--out", default="keys", help="directory for the key pair")
     node_key.set_defaults(handler=_node_key)
+
+
+def _add_privacy_commands(commands: argparse._SubParsersAction) -> None:
     privacy = commands.add_parser("privacy", help="audit a run's privacy ledger")
     privacy_commands = privacy.add_subparsers(dest="privacy_command", required=True)
     report = privacy_commands.add_parser(
@@ -192,6 +214,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument("--plot", help="where to write the epsilon plot (default RUN_DIR/privacy_epsilon.png)")
     report.set_defaults(handler=_privacy_report)
+
+
+def _add_export_command(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export", help="write a run's adapter (PEFT format) or, with --merge, one standalone model")
     export.add_argument("run_dir", help="a finished run directory (summary.json, adapter/)")
@@ -205,6 +230,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                         help="which adapter (default: dpo if RUN_DIR/dpo/adapter exists, else sft)")
     export.add_argument("--device", default="cpu", help="where to load and merge the base (cpu, cuda, auto)")
     export.set_defaults(handler=_export)
+
+
+def _add_report_command(commands: argparse._SubParsersAction) -> None:
     report_cmd = commands.add_parser(
         "report", help="write RUN_DIR/report.md, report.json and plots from the run's files")
     report_cmd.add_argument("run_dir", help="a finished run directory (summary.json, metrics.jsonl, ...)")
@@ -220,7 +248,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                                             "default: the run's dpo/pairs-eval.jsonl, else dpo.eval_path, or the demo's")
     report_cmd.add_argument("--samples", type=int, default=5, help="generated samples kept per stage")
     report_cmd.set_defaults(handler=_report)
-    return parser, commands
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

@@ -20,7 +20,8 @@ from fedft.demo.tasks import write_jsonl
 from fedft.model.adapter import save_adapter
 from fedft.model.load import cached_peft_model, initial_adapter_state
 from fedft.privacy.ledger import USER_LEVEL, LedgerRow, append_row, recompute, with_epsilons
-from fedft.report.markdown import PLOTS, REPORT_JSON, REPORT_MD, ReportError, build_report
+from fedft.report.markdown import REPORT_JSON, REPORT_MD, ReportError, build_report
+from fedft.report.plots import PLOTS
 from fedft.rundir import atomic_write_json, atomic_write_jsonl
 from simulations.commands import main
 from tests.conftest import write_tiny_setup

@@ -10,6 +10,7 @@ missing extra. Scoring lives in ``fedft.score.preference``.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -92,12 +93,50 @@ def train_dpo(
         raise ValueError("train_dpo: no preference pairs to train on")
     trl, TrlDpoConfig, DPOTrainer = _import_trl()
     import datasets
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
 
     set_adapter_state(model, start_state)
     device = next(model.parameters()).device
     history: list[dict] = []
     start = time.time()
+    with _datasets_progress_bars_off():
+        try:
+            with tempfile.TemporaryDirectory(prefix="fedft-dpo-") as scratch:
+                trainer = DPOTrainer(
+                    model=model, args=_trl_args(TrlDpoConfig, cfg, scratch, device),
+                    train_dataset=datasets.Dataset.from_list(trl_rows(pairs)), processing_class=tokenizer,
+                    callbacks=[_progress_callback(cfg, history, start, log, on_step)])
+                trainer.remove_callback(PrinterCallback)
+                _trainable_to_float32(model)
+                log(f"dpo: {len(pairs)} pairs, {cfg.steps} steps of {cfg.batch_size}, beta {cfg.beta}, "
+                    f"lr {cfg.learning_rate} (TRL {trl.__version__}, reference = the starting adapter, frozen)")
+                trainer.train()
+            state = get_adapter_state(model)
+        finally:
+            _drop_reference(model)
+            model.eval()
+    return DpoResult(state=state, history=history, wall_s=time.time() - start)
+
+
+def _trl_args(TrlDpoConfig, cfg: DpoConfig, output_dir: str, device: torch.device):
+    """TRL's ``DPOConfig`` for ``dpo``: max_steps, schedule, beta, the loss terms; no saving, no bf16."""
+    return TrlDpoConfig(
+        output_dir=output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=1, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, weight_decay=0.0,
+        max_grad_norm=cfg.max_grad_norm,  # 0: no clipping (the Trainer clips only when > 0)
+        beta=cfg.beta, loss_type=["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"],
+        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None, max_length=cfg.max_length,
+        seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, use_cpu=device.type == "cpu", bf16=False, fp16=False,
+        gradient_checkpointing=False, dataloader_num_workers=0,
+    )
+
+
+def _progress_callback(cfg: DpoConfig, history: list[dict], start: float, log: Callable[[str], None],
+                       on_step: Callable[[int, dict], None] | None):
+    """A ``TrainerCallback`` that appends each logged step to ``history``, calls ``on_step`` and logs."""
+    from transformers import TrainerCallback
 
     class _Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -114,34 +153,25 @@ def train_dpo(
                     f"reward acc {row.get('reward_accuracy', 0):.2f}  margin {row.get('reward_margin', 0):.3f}  "
                     f"{row['elapsed_s']:.0f}s")
 
-    progress_bars = datasets.utils.logging.is_progress_bar_enabled()
+    return _Progress()
+
+
+def _trainable_to_float32(model) -> None:
+    """Undo TRL's bfloat16 cast of the trainable LoRA tensors."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
+
+
+@contextlib.contextmanager
+def _datasets_progress_bars_off():
+    """No ``datasets`` progress bars in the block (TRL's tokenization), as they were afterwards."""
+    import datasets
+
+    enabled = datasets.utils.logging.is_progress_bar_enabled()
     datasets.utils.logging.disable_progress_bar()
     try:
-        with tempfile.TemporaryDirectory(prefix="fedft-dpo-") as scratch:
-            args = TrlDpoConfig(
-                output_dir=scratch, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-                gradient_accumulation_steps=1, learning_rate=cfg.learning_rate,
-                lr_scheduler_type=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, weight_decay=0.0,
-                max_grad_norm=cfg.max_grad_norm,  # 0: no clipping (the Trainer clips only when > 0)
-                beta=cfg.beta, loss_type=["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"],
-                loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None, max_length=cfg.max_length,
-                seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="no",
-                report_to="none", disable_tqdm=True, use_cpu=device.type == "cpu", bf16=False, fp16=False,
-                gradient_checkpointing=False, dataloader_num_workers=0,
-            )
-            trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(trl_rows(pairs)),
-                                 processing_class=tokenizer, callbacks=[_Progress()])
-            trainer.remove_callback(PrinterCallback)
-            for param in model.parameters():  # undo TRL's bfloat16 cast of the trainable LoRA tensors
-                if param.requires_grad and param.dtype != torch.float32:
-                    param.data = param.data.to(torch.float32)
-            log(f"dpo: {len(pairs)} pairs, {cfg.steps} steps of {cfg.batch_size}, beta {cfg.beta}, "
-                f"lr {cfg.learning_rate} (TRL {trl.__version__}, reference = the starting adapter, frozen)")
-            trainer.train()
-        state = get_adapter_state(model)
+        yield
     finally:
-        _drop_reference(model)
-        model.eval()
-        if progress_bars:
+        if enabled:
             datasets.utils.logging.enable_progress_bar()
-    return DpoResult(state=state, history=history, wall_s=time.time() - start)

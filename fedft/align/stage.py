@@ -13,12 +13,13 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fedft.align.dpo import train_dpo
-from fedft.config import FedftConfig
+from fedft.align.dpo import DpoResult, train_dpo
+from fedft.config import DpoConfig, FedftConfig
 from fedft.data.preferences import PreferencePair, TokenizedPair, tokenize_pair
 from fedft.model.adapter import set_adapter_state
 from fedft.score.preference import preference_scores, scored_logps
@@ -103,43 +104,69 @@ def run_dpo_stage(cfg: FedftConfig, sft_adapter_state: dict[str, torch.Tensor], 
     pad_id = tokenizer.pad_token_id
     start = time.time()
     set_adapter_state(model, sft_adapter_state)
-    train_path, eval_path, origins = d.train_path, d.eval_path, None
-    if d.rejected_from == "model":
-        train_path, eval_path, origins = write_model_pairs(cfg, model, tokenizer, dpo_dir, log)
-    train_pairs, _ = load_pairs(str(train_path), tokenizer, d.max_length)
-    _, held_out = load_pairs(str(eval_path), tokenizer, d.max_length, d.eval_max_pairs, d.seed)
-    tasks = [p.task for p in held_out]
-    reference = scored_logps(model, held_out, pad_id)
+    pairs = stage_pairs(cfg, model, tokenizer, dpo_dir, log)
+    tasks = [p.task for p in pairs.held_out]
+    reference = scored_logps(model, pairs.held_out, pad_id)
     before = preference_scores(reference, reference, tasks, d.beta)
     log(f"dpo: the federated SFT adapter (the reference) ranks the chosen answer first on "
-        f"{before['likelihood_accuracy']:.1%} of {len(held_out)} held-out pairs")
-    result = train_dpo(model, tokenizer, train_pairs, d, sft_adapter_state, log=log)
+        f"{before['likelihood_accuracy']:.1%} of {len(pairs.held_out)} held-out pairs")
+    result = train_dpo(model, tokenizer, pairs.train, d, sft_adapter_state, log=log)
     set_adapter_state(model, result.state)
-    after = preference_scores(scored_logps(model, held_out, pad_id), reference, tasks, d.beta)
+    after = preference_scores(scored_logps(model, pairs.held_out, pad_id), reference, tasks, d.beta)
     log(f"dpo: held-out preference accuracy (implicit reward vs the reference) 50.0% -> "
         f"{after['pref_accuracy']:.1%}; chosen ranked first {before['likelihood_accuracy']:.1%} -> "
         f"{after['likelihood_accuracy']:.1%}")
     save_adapter(model, result.state, dpo_dir / "adapter")
     atomic_write_jsonl(dpo_dir / "history.jsonl", result.history)
+    summary = stage_summary(d, pairs, result, before, after, wall_s=time.time() - start)
+    atomic_write_json(dpo_dir / "summary.json", summary)
+    return summary
+
+
+@dataclass(frozen=True)
+class StagePairs:
+    """The DPO stage's training pairs and tokenized held-out pairs, with where they came from."""
+
+    train: list[PreferencePair]
+    held_out: list[TokenizedPair]
+    train_path: Path | str
+    eval_path: Path | str
+    origins: dict | None  # write_model_pairs' counts, with dpo.rejected_from = "model"
+
+
+def stage_pairs(cfg: FedftConfig, model, tokenizer, dpo_dir: Path, log: Callable[[str], None] = print
+                ) -> StagePairs:
+    """The pairs of ``dpo.train_path`` and ``dpo.eval_path``, or (rejected_from = "model") rebuilt first."""
+    d = cfg.dpo
+    train_path, eval_path, origins = d.train_path, d.eval_path, None
+    if d.rejected_from == "model":
+        train_path, eval_path, origins = write_model_pairs(cfg, model, tokenizer, dpo_dir, log)
+    train, _ = load_pairs(str(train_path), tokenizer, d.max_length)
+    _, held_out = load_pairs(str(eval_path), tokenizer, d.max_length, d.eval_max_pairs, d.seed)
+    return StagePairs(train, held_out, train_path, eval_path, origins)
+
+
+def stage_summary(d: DpoConfig, pairs: StagePairs, result: DpoResult, before: dict, after: dict,
+                  *, wall_s: float) -> dict:
+    """dpo/summary.json: the settings, the pairs, the scores before and after, the times."""
     summary = {
         "steps": d.steps,
-        "train_pairs": len(train_pairs),
-        "eval_pairs": len(held_out),
-        "train_path": str(train_path),
-        "eval_path": str(eval_path),
+        "train_pairs": len(pairs.train),
+        "eval_pairs": len(pairs.held_out),
+        "train_path": str(pairs.train_path),
+        "eval_path": str(pairs.eval_path),
         "rejected_from": d.rejected_from,
         "beta": d.beta,
         "learning_rate": d.learning_rate,
         "batch_size": d.batch_size,
         "train_wall_s": round(result.wall_s, 2),
-        "wall_s": round(time.time() - start, 2),
+        "wall_s": round(wall_s, 2),
         "final_train_loss": result.history[-1]["loss"] if result.history else None,
         **{f"{key}_{when}": scores[key] for when, scores in (("before", before), ("after", after))
            for key in ("pref_accuracy", "reward_margin", "likelihood_accuracy", "pref_accuracy_by_task")},
         "reference": "the federated SFT adapter, frozen (TRL's 'ref' adapter)",
         "reward_scale": "implicit rewards against the reference, so the federated SFT adapter scores 50%",
     }
-    if origins is not None:
-        summary["model_pairs"] = origins
-    atomic_write_json(dpo_dir / "summary.json", summary)
+    if pairs.origins is not None:
+        summary["model_pairs"] = pairs.origins
     return summary

@@ -75,8 +75,6 @@ def train_local_dp(
     seed: int = 0,
 ) -> tuple[LocalResult, DpSgdRound]:
     """``train.local_steps`` DP-SGD steps from ``global_state``; the adapter and what it spent."""
-    from opacus import PrivacyEngine
-
     if not examples:
         raise ValueError("train_local_dp: this client has no training examples")
     train = cfg.train
@@ -84,39 +82,12 @@ def train_local_dp(
         torch.set_num_threads(train.num_threads)
     set_adapter_state(model, global_state)
     params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device
     sigma = noise_for_client(cfg, len(examples))
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
-    loader = torch.utils.data.DataLoader(
-        _Indices(len(examples)), batch_size=train.batch_size,
-        generator=torch.Generator().manual_seed(seed))
-    logging.getLogger("opacus").setLevel(logging.ERROR)
-    model.train()  # Opacus refuses a model in eval mode (the cached model ends rounds in eval)
-    engine = PrivacyEngine(accountant="rdp")
-    hooks, dp_optimizer, dp_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-        max_grad_norm=cfg.privacy.dp_sgd_clip_norm, poisson_sampling=True, wrap_model=False,
-        noise_generator=noise_generator, loss_reduction="mean",
-    )
-    total_steps = cfg.strategy.num_rounds * train.local_steps
-    first_step = (round_index - 1) * train.local_steps
+    hooks, dp_optimizer, dp_loader = _make_private(model, params, cfg, len(examples), sigma, noise_generator, seed)
     torch.manual_seed(seed)  # LoRA dropout
-    losses = []
     try:
-        batches = _endless(dp_loader)
-        for step in range(train.local_steps):
-            for group in dp_optimizer.param_groups:
-                group["lr"] = train.learning_rate * lr_multiplier(first_step + step, total_steps, train)
-            (indices,) = next(batches)
-            if indices.numel() == 0:  # an empty Poisson batch: nothing to release, skip
-                continue
-            batch = collate([examples[int(i)] for i in indices], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = per_example_loss(model, batch).mean()
-            loss.backward()
-            dp_optimizer.step()
-            dp_optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+        losses = _dp_steps(model, examples, pad_id, cfg, dp_optimizer, dp_loader, round_index,
+                           device=params[0].device)
     finally:
         hooks.cleanup() if hasattr(hooks, "cleanup") else hooks.remove_hooks()
         for p in params:
@@ -129,6 +100,50 @@ def train_local_dp(
     )
     return result, DpSgdRound(sample_rate=sample_rate(cfg, len(examples)), noise_multiplier=sigma,
                               steps=train.local_steps)
+
+
+def _make_private(model, params: list[torch.nn.Parameter], cfg: FedftConfig, num_examples: int, sigma: float,
+                  noise_generator: torch.Generator, seed: int):
+    """Opacus's (hooks, DP optimizer, Poisson loader) on the trainable LoRA layers; the model in train mode."""
+    from opacus import PrivacyEngine
+
+    train = cfg.train
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    loader = torch.utils.data.DataLoader(
+        _Indices(num_examples), batch_size=train.batch_size,
+        generator=torch.Generator().manual_seed(seed))
+    logging.getLogger("opacus").setLevel(logging.ERROR)
+    model.train()  # Opacus refuses a model in eval mode (the cached model ends rounds in eval)
+    engine = PrivacyEngine(accountant="rdp")
+    return engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+        max_grad_norm=cfg.privacy.dp_sgd_clip_norm, poisson_sampling=True, wrap_model=False,
+        noise_generator=noise_generator, loss_reduction="mean",
+    )
+
+
+def _dp_steps(model, examples: list[Example], pad_id: int, cfg: FedftConfig, dp_optimizer, dp_loader,
+              round_index: int, *, device: torch.device) -> list[float]:
+    """The round's ``train.local_steps`` noisy steps on the run's learning-rate schedule; each step's loss."""
+    train = cfg.train
+    total_steps = cfg.strategy.num_rounds * train.local_steps
+    first_step = (round_index - 1) * train.local_steps
+    losses = []
+    batches = _endless(dp_loader)
+    for step in range(train.local_steps):
+        for group in dp_optimizer.param_groups:
+            group["lr"] = train.learning_rate * lr_multiplier(first_step + step, total_steps, train)
+        (indices,) = next(batches)
+        if indices.numel() == 0:  # an empty Poisson batch: nothing to release, skip
+            continue
+        batch = collate([examples[int(i)] for i in indices], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = per_example_loss(model, batch).mean()
+        loss.backward()
+        dp_optimizer.step()
+        dp_optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
 
 
 def _endless(loader):

@@ -6,21 +6,25 @@ when present, and writes: a stage table (loss, perplexity, exact match overall a
 institution, preference accuracy, reward margin, general-text perplexity), training curves
 (federated rounds, DPO steps), per-institution exact match by stage, preference accuracy by
 stage, the audited privacy summary, bytes communicated, wall times and generated samples.
-A missing optional part is omitted with a line saying so. The same files always give the
-same report.json. Nothing here loads a model, trains or imports flwr.
+The figures are drawn by ``fedft.report.plots``. A missing optional part is omitted with a
+line saying so. The same files always give the same report.json. Nothing here loads a
+model, trains or imports flwr.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from fedft.rundir import atomic_write_json, atomic_write_text
+from fedft.report.plots import federated_curves, write_plots
+from fedft.rundir import (
+    RunDirError,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl_rows,
+)
 
 REPORT_MD, REPORT_JSON = "report.md", "report.json"
-PLOTS = {"curves": "report_curves.png", "stages": "report_stage_accuracy.png",
-         "preferences": "report_preferences.png"}
 STAGE_METRICS = ("loss", "perplexity", "exact_match", "pref_accuracy", "reward_margin", "likelihood_accuracy",
                  "general_perplexity")
 
@@ -45,18 +49,14 @@ def read_json(path: Path, *, required: bool = False) -> dict | None:
         raise ReportError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
 
 
-def read_jsonl(path: Path) -> list[dict] | None:
-    """A JSON-lines file's rows; None when absent."""
+def read_rows(path: Path) -> list[dict] | None:
+    """A JSON-lines file's rows (``fedft.rundir.read_jsonl_rows``); None when absent."""
     if not path.exists():
         return None
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ReportError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-    return rows
+    try:
+        return read_jsonl_rows(path)
+    except RunDirError as err:
+        raise ReportError(str(err)) from err
 
 
 def privacy_summary(run_dir: Path) -> dict | None:
@@ -97,10 +97,10 @@ def privacy_summary(run_dir: Path) -> dict | None:
 # Pure assembly
 # ---------------------------------------------------------------------------------------
 
-def _ppl(loss: float | None) -> float | None:
-    if loss is None:
-        return None
-    return math.exp(loss) if loss < 700 else float("inf")
+def _perplexity(loss: float | None) -> float | None:
+    from fedft.score.answers import perplexity
+
+    return None if loss is None else perplexity(loss)
 
 
 def final_stage_name(summary: dict) -> str:
@@ -125,7 +125,7 @@ def stages_from_summary(summary: dict, dpo_summary: dict | None) -> list[dict]:
     """Base and final stage from summary.json (and DPO's preference scores when present)."""
     def row(stage: str, m: dict) -> dict:
         return {"stage": stage, "source": "summary.json", "loss": m.get("eval_loss"),
-                "perplexity": _ppl(m.get("eval_loss")), "exact_match": m.get("eval_exact_match"),
+                "perplexity": _perplexity(m.get("eval_loss")), "exact_match": m.get("eval_exact_match"),
                 "exact_match_by_task": m.get("eval_exact_match_by_task", {})}
 
     rows = [row("base", summary["base"]), row(final_stage_name(summary), summary["final"])]
@@ -151,12 +151,6 @@ def group_columns(stages: list[dict], institutions: dict | None) -> list[dict]:
                 for inst, info in institutions.items()]
     tasks = sorted({t for s in stages for t in s.get("exact_match_by_task") or {}})
     return [{"label": t, "key": "exact_match_by_task", "name": t} for t in tasks]
-
-
-def federated_curves(rows: list[dict]) -> dict:
-    """Per-round train loss, held-out loss and exact match (None where not measured)."""
-    return {key: [r.get(key) for r in rows]
-            for key in ("round", "train_loss", "eval_loss", "eval_exact_match")}
 
 
 def dpo_curves(history: list[dict]) -> dict:
@@ -327,123 +321,6 @@ def report_markdown(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------------------
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _points(xs: list, ys: list) -> tuple[list, list]:
-    pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def plot_curves(curves: dict, path: Path) -> None:
-    """Federated loss and exact match per round; DPO loss and reward accuracy per step."""
-    plt = _pyplot()
-    fed, dpo = curves["federated"], curves["dpo"]
-    panels = (2 if fed else 0) + (1 if dpo else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
-    axes = list(axes[0])
-    if fed:
-        ax_loss, ax_em = axes.pop(0), axes.pop(0)
-        ax_loss.plot(*_points(fed["round"], fed["train_loss"]), marker="o", ms=3, label="train loss (clients)")
-        ax_loss.plot(*_points(fed["round"], fed["eval_loss"]), marker="s", label="held-out loss")
-        ax_loss.set(xlabel="round", ylabel="loss per answer token (log)", yscale="log", title="federated loss")
-        rounds, em = _points(fed["round"], fed["eval_exact_match"])
-        ax_em.plot(rounds, [100 * v for v in em], marker="s", color="black")
-        ax_em.set(xlabel="round", ylabel="held-out exact match (%)", ylim=(-2, 102), title="federated exact match")
-    if dpo:
-        ax = axes.pop(0)
-        ax.plot(*_points(dpo["step"], dpo["loss"]), label="DPO loss")
-        steps, acc = _points(dpo["step"], dpo["reward_accuracy"])
-        ax.plot(steps, acc, label="reward accuracy (batch)")
-        ax.set(xlabel="DPO step", title="DPO")
-    for ax in fig.axes:
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def accuracy_series(report: dict) -> list[tuple[str, list[float | None], float | None]]:
-    """(label, exact match per column, overall) per stage; a local stage's own-adapter scores after it."""
-    series = []
-    for s in report["stages"]:
-        if s.get("exact_match") is None:
-            continue
-        series.append((s["stage"], [(s.get(c["key"]) or {}).get(c["name"]) for c in report["columns"]],
-                       s["exact_match"]))
-        own = s.get("exact_match_own_model_by_institution")
-        if own and all(c["key"] == "exact_match_by_institution" for c in report["columns"]):
-            series.append((f"{s['stage']} (own adapter)", [own.get(c["name"]) for c in report["columns"]], None))
-    return series
-
-
-def plot_stage_accuracy(report: dict, path: Path) -> None:
-    """Grouped bars: exact match per institution (or task) and overall, one bar per stage."""
-    plt = _pyplot()
-    series = accuracy_series(report)
-    labels = [c["label"] for c in report["columns"]] + ["all"]
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(labels)), 4))
-    for i, (label, values, overall) in enumerate(series):
-        heights = [100 * (v or 0) for v in values] + [100 * (overall or 0)]
-        ax.bar([x + i * width for x in range(len(labels))], heights, width, label=label)
-    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels)
-    ax.set(ylabel="held-out exact match (%)", ylim=(0, 105), title="exact match by stage")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _save(fig, path)
-
-
-def plot_preferences(report: dict, path: Path) -> None:
-    """Bars per stage: implicit-reward preference accuracy and chosen-ranked-first share."""
-    plt = _pyplot()
-    stages = [s for s in report["stages"] if s.get("pref_accuracy") is not None]
-    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(stages)), 4))
-    xs = range(len(stages))
-    ax.bar([x - 0.2 for x in xs], [100 * s["pref_accuracy"] for s in stages], width=0.4, color="tab:purple",
-           label=f"implicit reward vs {report.get('preference_reference')}")
-    ax.bar([x + 0.2 for x in xs], [100 * (s.get("likelihood_accuracy") or 0) for s in stages], width=0.4,
-           color="tab:olive", label="chosen ranked first (no reference)")
-    ax.set_xticks(list(xs), [s["stage"] for s in stages])
-    ax.axhline(50, color="grey", linestyle="--", label="the reference itself (50%)")
-    ax.set(ylabel="held-out pairs (%)", ylim=(0, 105), title="preference accuracy by stage")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-
-
-def write_plots(report: dict, run_dir: Path) -> dict[str, str]:
-    """Every plot there is data for; returns {plot: file name}."""
-    plots = {}
-    if report["curves"]["federated"] or report["curves"]["dpo"]:
-        plot_curves(report["curves"], run_dir / PLOTS["curves"])
-        plots["curves"] = PLOTS["curves"]
-    if any(s.get("exact_match") is not None for s in report["stages"]):
-        plot_stage_accuracy(report, run_dir / PLOTS["stages"])
-        plots["stages"] = PLOTS["stages"]
-    if any(s.get("pref_accuracy") is not None for s in report["stages"]):
-        plot_preferences(report, run_dir / PLOTS["preferences"])
-        plots["preferences"] = PLOTS["preferences"]
-    return plots
-
-
-# ---------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------
 
@@ -457,9 +334,9 @@ def build_report(run_dir: Path) -> dict:
         if not isinstance(summary.get(key), dict):
             raise ReportError(f"{run_dir / 'summary.json'}: no {key!r} metrics; was it written by fedft?")
     report = assemble_report(
-        run_dir.resolve().name, summary, read_jsonl(run_dir / "metrics.jsonl"),
+        run_dir.resolve().name, summary, read_rows(run_dir / "metrics.jsonl"),
         read_json(run_dir / "evaluation.json"), read_json(run_dir / "dpo" / "summary.json"),
-        read_jsonl(run_dir / "dpo" / "history.jsonl"), privacy_summary(run_dir),
+        read_rows(run_dir / "dpo" / "history.jsonl"), privacy_summary(run_dir),
     )
     report["plots"] = write_plots(report, run_dir)
     atomic_write_json(run_dir / REPORT_JSON, report)

@@ -1,10 +1,10 @@
 """Scores of a model's answers: answer-token loss, greedy generation, exact match, perplexity.
 
-``answer_loss`` is the mean cross-entropy over answer tokens of held-out examples;
-``per_example_loss`` is the same loss kept per sequence (DP-SGD's privacy unit and the
-canary audit's score). ``generate_answers`` decodes greedily from left-padded prompts;
-``exact_match`` compares stripped generations with stripped references, overall and per
-task. Read-only: the model's weights are never changed here, and nothing reads files.
+``answer_loss`` is the mean cross-entropy over answer tokens of held-out examples (from
+``fedft.score.tokens``); ``per_example_loss`` is the same loss kept per sequence (DP-SGD's
+privacy unit and the canary audit's score). ``generate_answers`` decodes greedily from
+left-padded prompts; ``exact_match`` compares stripped generations with stripped references,
+overall and per task. Read-only: the model's weights are never changed here, and nothing reads files.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 
 from fedft.data.rows import IGNORE_INDEX, Example, collate
+from fedft.score.tokens import shifted, summed_nll, token_logps
 
 
 def _device(model) -> torch.device:
@@ -31,13 +32,9 @@ def answer_loss(model, examples: list[Example], pad_id: int, batch_size: int = 3
         batch = collate(examples[start:start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )
-        total += losses.item()
-        count += int((targets != IGNORE_INDEX).sum())
+        logps, mask = token_logps(logits, batch["labels"])
+        total += summed_nll(logps, mask).item()
+        count += int(mask.sum())
     return total / max(1, count)
 
 
@@ -94,10 +91,15 @@ def perplexity(loss: float) -> float:
 
 
 def per_example_loss(model, batch: dict) -> torch.Tensor:
-    """Each example's mean next-token loss over its own completion tokens, shape (batch,)."""
+    """Each example's mean next-token loss over its own completion tokens, shape (batch,).
+
+    The token losses come from ``F.cross_entropy`` over (batch, vocab, length), not from
+    ``token_logps``: that layout's log-softmax adds up the vocabulary in another order, and
+    DP-SGD's gradients and the canary scores are kept bit-identical to what runs recorded.
+    """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
+    scores, targets = shifted(logits, batch["labels"])
     token_loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
-    counts = (labels != -100).sum(dim=1).clamp(min=1)
+        scores.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
     return token_loss.sum(dim=1) / counts

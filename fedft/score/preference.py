@@ -2,10 +2,11 @@
 
 ``dpo_loss`` is DPO's sigmoid loss (Rafailov et al., 2023, arXiv:2305.18290), the one TRL's
 ``DPOTrainer`` optimises. ``scored_logps`` gives the summed answer log-probability of each
-pair's chosen and rejected answer under the active adapter (or the base). ``preference_scores``
-is pure: from policy and reference log-probs it gives the implicit-reward accuracy
-(beta * log(pi / pi_ref)), the mean reward margin and the reference-free likelihood
-accuracy (how often the model itself ranks the chosen answer first). No training here.
+pair's chosen and rejected answer (``fedft.score.tokens``) under the active adapter (or the
+base). ``preference_scores`` is pure: from policy and reference log-probs it gives the
+implicit-reward accuracy (beta * log(pi / pi_ref)), the mean reward margin and the
+reference-free likelihood accuracy (how often the model itself ranks the chosen answer
+first). No training here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from fedft.data.preferences import TokenizedPair
 from fedft.data.rows import IGNORE_INDEX
+from fedft.score.tokens import token_logps
 
 
 def dpo_loss(
@@ -65,11 +67,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
-    targets = batch["labels"][:, 1:].to(device)
-    mask = targets != IGNORE_INDEX
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logps = torch.gather(logps, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(dim=1)
+    logps, mask = token_logps(logits, batch["labels"].to(device))
+    return (logps * mask).sum(dim=1)
 
 
 @torch.no_grad()
