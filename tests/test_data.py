@@ -31,7 +31,7 @@ def test_both_row_formats_load_with_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("line, fragment", [
-    ('{"instruction": "x"', "not valid JSON"),
+    ('{"instruction": "x"', "not valid JSON (Expecting ',' delimiter at column 20)"),
     ('[1, 2]', "expected a JSON object"),
     ('{"prompt": "x", "completion": "y"}', "expected keys 'instruction' and 'output'"),
     ('{"instruction": "x", "output": 3}', "'output' must be a string"),

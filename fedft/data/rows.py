@@ -68,7 +68,7 @@ def json_lines(path: str | Path, kind: str = "data file") -> Iterator[tuple[str,
                 continue
             where = f"{path}:{number}"
             try:
-                yield where, json.loads(line)
+                yield where, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
 
