@@ -173,6 +173,7 @@ FIELD_LIMITS = {
     "dpo.negatives_per_prompt": (0, 1, "an integer >= 1"),
     "dpo.max_length": (7, 8, "an integer >= 8"),
     "dpo.eval_max_pairs": (0, 1, "an integer >= 1"),
+    "dpo.train_max_pairs": (-1, 0, "an integer >= 0 (0: all)"),
     "dpo.log_every": (0, 1, "an integer >= 1"),
     "report.samples": (-1, 0, "an integer >= 0"),
 }

@@ -124,6 +124,19 @@ def test_the_dpo_stage_trains_on_pairs_built_from_the_model(tiny_config_path, tm
     assert summary["pref_accuracy_before"] == 0.5  # the reference scores itself
 
 
+def test_train_max_pairs_bounds_the_prompts_sampled_for_training_pairs(tiny_config_path, tmp_path):
+    cfg, *_ = _tiny(tiny_config_path, tmp_path, "dpo.rejected_from=model", "dpo.samples=1",
+                    "dpo.train_max_pairs=3", "dpo.steps=1")
+    from fedft.model.load import cached_peft_model
+
+    model, _ = cached_peft_model(cfg)
+    summary = run_dpo_stage(cfg, _perturbed_adapter(model), tmp_path / "run", log=lambda line: None)
+    prompts = {json.loads(line)["prompt"] if isinstance(json.loads(line)["prompt"], str)
+               else json.dumps(json.loads(line)["prompt"]) for line in open(cfg.dpo.train_path)}
+    assert len(prompts) > 3  # the file has more prompts than the bound
+    assert sum(summary["model_pairs"]["train"].values()) == 3 and summary["train_pairs"] == 3
+
+
 def test_rejected_from_is_checked(tiny_config_path):
     with pytest.raises(ConfigError, match="dpo.rejected_from"):
         load_config(tiny_config_path, ["dpo.rejected_from=humans"])

@@ -51,7 +51,8 @@ def write_model_pairs(cfg: FedftConfig, model, tokenizer, dpo_dir: Path, log: Ca
 
     The model's active adapter is the one sampled (the federated SFT adapter). Held-out
     pairs are first cut to ``dpo.eval_max_pairs`` (as ``load_pairs`` draws them) and get one
-    wrong answer each; training prompts get up to ``dpo.negatives_per_prompt``. Writes
+    wrong answer each; training prompts (at most ``dpo.train_max_pairs``, drawn evenly) get up to
+    ``dpo.negatives_per_prompt``. Writes
     ``dpo_dir/pairs-train.jsonl`` and ``pairs-eval.jsonl`` atomically; returns their paths
     and the counts of where the rejected answers came from.
     """
@@ -63,7 +64,7 @@ def write_model_pairs(cfg: FedftConfig, model, tokenizer, dpo_dir: Path, log: Ca
     d = cfg.dpo
     settings = SamplingSettings(samples=d.samples, temperature=d.temperature, seed=d.seed)
     paths, counts = [], {}
-    for name, source, per_prompt, limit in (("train", d.train_path, d.negatives_per_prompt, None),
+    for name, source, per_prompt, limit in (("train", d.train_path, d.negatives_per_prompt, d.train_max_pairs or None),
                                             ("eval", d.eval_path, 1, d.eval_max_pairs)):
         lines = list(json_lines(source, "preference file"))
         lines = [lines[i] for i in _even_subset(len(lines), limit, d.seed)]
@@ -141,7 +142,9 @@ def stage_pairs(cfg: FedftConfig, model, tokenizer, dpo_dir: Path, log: Callable
     train_path, eval_path, origins = d.train_path, d.eval_path, None
     if d.rejected_from == "model":
         train_path, eval_path, origins = write_model_pairs(cfg, model, tokenizer, dpo_dir, log)
-    train, _ = load_pairs(str(train_path), tokenizer, d.max_length)
+    # model-built training pairs were drawn from at most dpo.train_max_pairs prompts already
+    train_limit = None if origins is not None else (d.train_max_pairs or None)
+    train, _ = load_pairs(str(train_path), tokenizer, d.max_length, train_limit, d.seed)
     _, held_out = load_pairs(str(eval_path), tokenizer, d.max_length, d.eval_max_pairs, d.seed)
     return StagePairs(train, held_out, train_path, eval_path, origins)
 

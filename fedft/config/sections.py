@@ -235,6 +235,8 @@ class DpoConfig(_Section):
     negatives_per_prompt: int = option(1, "an integer >= 1")
     max_length: int = option(128, "an integer >= 8")  # tokens of prompt + answer
     eval_max_pairs: int = option(200, "an integer >= 1")  # held-out pairs scored (drawn evenly when there are more)
+    # training prompts used (drawn evenly when there are more): bounds the pair-building work; 0 = all
+    train_max_pairs: int = option(0, "an integer >= 0 (0: all)")
     log_every: int = option(10, "an integer >= 1")  # progress line every N steps
     seed: int = 0
 
