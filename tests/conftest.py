@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
 
 def write_tiny_model(out: Path, seed: int = 0) -> Path:
     import torch

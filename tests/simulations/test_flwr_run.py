@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO_ROOT
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 
 def test_flwr_run_on_a_local_simulation_connection(tmp_path):

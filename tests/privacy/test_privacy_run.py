@@ -137,8 +137,7 @@ def dpsgd_run(tmp_path_factory, tiny_model_dir):
 
 
 def test_dp_sgd_charges_each_client_for_the_rounds_it_trained_and_a_client_declines_at_its_limit(dpsgd_run):
-    from fedft.privacy.client_accountant import epsilon_of
-    from fedft.privacy.client_accountant import DpSgdRound
+    from fedft.privacy.client_accountant import DpSgdRound, epsilon_of
 
     rows = read_ledger(dpsgd_run / LEDGER_FILE)
     assert [r.round for r in rows] == [1, 2, 3]

@@ -14,6 +14,7 @@ from fedft.privacy.canaries import (
     make_canaries,
     one_run_epsilon_lower_bound,
 )
+from tests.conftest import REPO_ROOT
 
 
 def test_one_run_bound_matches_the_binomial_test():
@@ -41,13 +42,12 @@ def test_canaries_are_deterministic_and_about_half_are_inserted(tiny_config_path
 
 @pytest.mark.slow
 def test_a_model_trained_on_its_canaries_exposes_them():
-    from pathlib import Path
 
     from fedft.model.adapter import get_adapter_state
     from fedft.model.load import cached_peft_model
     from fedft.train.local import train_local
 
-    demo = Path(__file__).resolve().parent.parent / "simulations" / "demo.toml"
+    demo = REPO_ROOT / "simulations" / "demo.toml"
     cfg = load_config(demo, ["privacy.canaries=16", "privacy.canary_repeats=8", "train.local_steps=60"])
     model, tokenizer = cached_peft_model(cfg)
     start = get_adapter_state(model)

@@ -10,7 +10,7 @@ import torch
 from fedft.config import load_config
 from fedft.federated import wire
 from fedft.federated.validate import OutgoingDataError, check_outgoing, reply_problem
-from tests.test_lora_aggregate import adapter
+from tests.federated.test_lora_aggregate import adapter
 
 
 @pytest.fixture

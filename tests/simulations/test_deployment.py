@@ -23,11 +23,11 @@ import pytest
 
 from fedft.demo.tasks import make_demo_rows, write_jsonl
 from fedft.deploy.certs import make_certificates, make_node_key
-from tests.conftest import TINY_TOML, write_tiny_model
+from tests.conftest import REPO_ROOT, TINY_TOML, write_tiny_model
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 BIN = Path(sys.executable).parent
 ROWS = {"inst-a": 24, "inst-b": 16}  # different sizes: the round's example count shows who trained
 

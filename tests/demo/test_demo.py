@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 from fedft.config import load_config
 from fedft.data.rows import read_jsonl
 from fedft.demo.base import build_char_tokenizer
 from fedft.demo.tasks import make_demo_rows, make_eval_rows
+from tests.conftest import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 DEMO_DATA = ROOT / "simulations" / "data" / "demo"
 
 

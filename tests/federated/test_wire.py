@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
@@ -14,8 +13,9 @@ from fedft.federated import wire
 from fedft.model.adapter import adapter_nbytes, get_adapter_state
 from fedft.model.load import load_peft_model
 from server.strategy import payload_bytes
+from tests.conftest import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 
 def test_demo_adapter_bytes_on_the_wire_are_within_two_percent_of_tensor_bytes():

@@ -51,8 +51,7 @@ def test_the_privacy_unit_is_one_sequence(tiny_config_path):
 
 
 def test_calibrated_noise_meets_the_client_target(tiny_config_path):
-    from fedft.privacy.client_accountant import epsilon_of
-    from fedft.privacy.client_accountant import DpSgdRound
+    from fedft.privacy.client_accountant import DpSgdRound, epsilon_of
     from fedft.privacy.dpsgd import noise_for_client
 
     cfg = load_config(tiny_config_path, ["privacy.record_level=true", "privacy.dp_sgd_target_epsilon=3.0",

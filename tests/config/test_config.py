@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedft.config import ConfigError, config_from_dict, config_to_dict, load_config, parse_override
+from tests.conftest import REPO_ROOT
 
 
 def test_loads_and_resolves_paths_relative_to_the_file(tiny_config_path):
@@ -82,9 +83,8 @@ def test_incompatible_aggregation_settings_are_refused(tiny_config_path, overrid
 
 
 def test_every_shipped_config_loads():
-    from pathlib import Path
 
-    configs = sorted((Path(__file__).resolve().parent.parent / "simulations").glob("*.toml"))
+    configs = sorted((REPO_ROOT / "simulations").glob("*.toml"))
     assert len(configs) >= 2
     for path in configs:
         cfg = load_config(path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ from fedft.rundir import EVALUATION_FILE, atomic_write_json
 from fedft.score.answers import answer_loss
 from fedft.score.preference import pair_logps
 from fedft.train.local import train_local
-from tests.conftest import write_tiny_setup
+from tests.conftest import REPO_ROOT, write_tiny_setup
 
 TASKS = {"date", "units", "json", "snake"}
 
@@ -207,7 +206,7 @@ def test_general_text_errors_name_the_file_and_line(tmp_path):
         read_general_texts(tmp_path / "missing.txt")
 
 
-DEMO_GENERAL_FILE = Path(__file__).resolve().parent.parent / "simulations" / "data" / "demo" / "general.jsonl"
+DEMO_GENERAL_FILE = REPO_ROOT / "simulations" / "data" / "demo" / "general.jsonl"
 
 
 def test_demo_probe_is_held_out_from_the_base_pretraining_text():

@@ -20,7 +20,7 @@ from fedft.align.stage import MODEL_PAIR_FILES, run_dpo_stage
 from fedft.config import ConfigError, load_config
 from fedft.data.preferences import pair_from_row, tokenize_pair
 from fedft.score.preference import preference_scores
-from tests.test_dpo import _dpo_config, _perturbed_adapter
+from tests.align.test_dpo import _dpo_config, _perturbed_adapter
 
 
 def test_wrong_answers_are_distinct_stripped_and_never_the_reference():

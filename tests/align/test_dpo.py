@@ -20,8 +20,9 @@ from fedft.demo.base import build_char_tokenizer
 from fedft.demo.pairs import make_demo_preferences
 from fedft.demo.tasks import TASKS, make_demo_rows, make_eval_rows
 from fedft.score.preference import dpo_loss, pair_batch, pair_logps, preference_metrics, scored_logps, sequence_logps
+from tests.conftest import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 DEMO_DATA = ROOT / "simulations" / "data" / "demo"
 
 

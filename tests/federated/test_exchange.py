@@ -11,7 +11,7 @@ from fedft.federated.client_round import config_for_rank, received_to_start_stat
 from fedft.federated.exchange import aggregate_replies, downlink_state
 from fedft.federated.lora_aggregate import adapter_rank, b_only
 from fedft.model.load import initial_adapter_state
-from tests.test_lora_aggregate import adapter
+from tests.federated.test_lora_aggregate import adapter
 
 
 def _with(cfg, **strategy):

@@ -15,10 +15,11 @@ import pytest
 from fedft.privacy.bookkeeping import LEDGER_FILE
 from fedft.privacy.ledger import audit, read_ledger
 from fedft.rundir import load_metrics
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 OVERRIDES = ["strategy.num_rounds=4", "strategy.eval_every=0", "strategy.aggregation=ffa",
              "strategy.server_optimizer=fedadam", "strategy.server_lr=0.01",
              "privacy.user_level=true", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.05",
