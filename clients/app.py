@@ -10,6 +10,9 @@ metrics named in ``fedft.federated.wire``.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import warnings
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -22,6 +25,22 @@ from fedft.federated.validate import check_outgoing
 from fedft.privacy.client_accountant import ClientDeclined, RecordLevelAccountant
 
 DECLINED_CODE = 1001  # an application error code for "declined by the client"
+
+
+def _quiet_simulated_client() -> None:
+    """Under ``fedft simulate`` without ``--verbose`` (simulations/console.py) each Ray actor
+    inherits FEDFT_QUIET_LOGGERS: set those loggers to ERROR (importing flwr set its own to
+    DEBUG) and ignore DeprecationWarning again (importing flwr put "show each once" ahead of
+    PYTHONWARNINGS). Elsewhere the variable is unset and nothing changes."""
+    names = os.environ.get("FEDFT_QUIET_LOGGERS")
+    if not names:
+        return
+    for name in names.split(","):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+_quiet_simulated_client()
 
 
 def guard_reply(reply: RecordDict) -> None:

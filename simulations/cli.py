@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     sim = commands.add_parser("simulate", help="run a config on Flower's Simulation Engine")
     add_config_arguments(sim)
     sim.add_argument("--out", required=True, help="the run directory (RUN_DIR)")
-    sim.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    sim.add_argument("--verbose", action="store_true",
+                     help="also show third-party output: Flower's and Ray's logs, library warnings, progress bars")
     sim.add_argument("--resume", action="store_true",
                      help="continue RUN_DIR after its latest complete checkpoint (same config)")
     sim.set_defaults(handler=_simulate)

@@ -14,16 +14,27 @@ import os
 from pathlib import Path
 
 from fedft.config import ConfigError, FedftConfig
-from fedft.data.partition import check_simulation_data
-from fedft.run.baselines import run_centralized, run_local
 from fedft.rundir import SUMMARY_FILE
+from simulations import console
 
 
 def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False, resume: bool = False) -> dict:
     """Run the configured strategy and return its summary.json contents.
 
-    ``resume`` continues a federated run after its latest complete checkpoint.
+    ``resume`` continues a federated run after its latest complete checkpoint. Without
+    ``verbose`` the console shows fedft's own lines and errors only (simulations/console.py).
     """
+    with console.quiet_third_party(verbose):  # before torch, tqdm, transformers and Ray start
+        summary = _simulate(cfg, out_dir, verbose=verbose, resume=resume)
+    if not verbose:
+        print(console.DIGEST)
+    return summary
+
+
+def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
+    from fedft.data.partition import check_simulation_data
+    from fedft.run.baselines import run_centralized, run_local
+
     if resume and cfg.strategy.name in ("local", "centralized"):
         raise ConfigError(f"--resume works for federated runs; strategy.name = {cfg.strategy.name!r} is a baseline")
     if cfg.privacy.record_level and not cfg.privacy.client_state_dir:
@@ -46,8 +57,8 @@ def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False, resume: 
     from clients.app import app as client_app
     from server.app import make_server_app
 
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    if not verbose:  # importing flwr set its logger to DEBUG
+        console.quiet_loggers()
     backend_config = {
         "client_resources": {
             "num_cpus": cfg.simulation.num_cpus,
