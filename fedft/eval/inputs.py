@@ -128,7 +128,7 @@ def default_pairs_path(cfg: FedftConfig, path: Path | None) -> Path | None:
 
 def stage_inputs(cfg: FedftConfig, tokenizer, *, general_text: Path | None = None,
                  pairs_file: Path | None = None) -> dict:
-    """What ``evaluate_stages`` scores on, from the config's files (and the demo's defaults).
+    """What ``evaluate_stages`` scores on, from the config's files (or the files named).
 
     Returns keyword arguments for ``evaluate_stages`` (``eval_examples``, ``pairs``,
     ``general_texts``, ``notes``) plus ``sources``: where the general text and pairs came from.
