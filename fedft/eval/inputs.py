@@ -21,7 +21,7 @@ from fedft.align.stage import load_pairs as load_preference_pairs
 from fedft.config import FedftConfig
 from fedft.data.rows import DataError
 from fedft.eval.stages import StageState, evaluate_stages
-from fedft.rundir import ADAPTER_WEIGHTS, write_evaluation
+from fedft.rundir import ADAPTER_DIR, ADAPTER_WEIGHTS, DPO_ADAPTER_DIR, write_evaluation
 
 # ---------------------------------------------------------------------------------------
 # The entry point the run loop calls
@@ -79,7 +79,7 @@ def run_states(run_dir: Path) -> dict[str, StageState]:
 
     run_dir = Path(run_dir)
     strategy = load_summary(run_dir).get("strategy")
-    adapter = run_dir / "adapter"
+    adapter = run_dir / ADAPTER_DIR
     if strategy == "local":
         clients = sorted(adapter.glob("client*/"), key=lambda p: int(p.name[len("client"):] or 0))
         if not clients:
@@ -87,8 +87,8 @@ def run_states(run_dir: Path) -> dict[str, StageState]:
         states: dict[str, StageState] = {"local": [load_adapter_state(c) for c in clients]}
     else:
         states = {"centralized" if strategy == "centralized" else "federated": load_adapter_state(adapter)}
-    if (run_dir / "dpo" / "adapter").is_dir():
-        states["dpo"] = load_adapter_state(run_dir / "dpo" / "adapter")
+    if (run_dir / DPO_ADAPTER_DIR).is_dir():
+        states["dpo"] = load_adapter_state(run_dir / DPO_ADAPTER_DIR)
     return states
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fedft.privacy.bookkeeping import LEDGER_FILE
 from fedft.privacy.ledger import LedgerRow, Mismatch, audit, read_ledger, recompute
+from fedft.rundir import CANARY_AUDIT_FILE
 
 PLOT_FILE = "privacy_epsilon.png"
 
@@ -37,7 +38,7 @@ def privacy_report(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     rows = load_run_ledger(run_dir)
     target = _target(run_dir)
-    canary_file = run_dir / "canary_audit.json"
+    canary_file = run_dir / CANARY_AUDIT_FILE
     return {
         "canary_audit": json.loads(canary_file.read_text()) if canary_file.exists() else None,
         "run_dir": str(run_dir),

@@ -21,14 +21,16 @@ from pathlib import Path
 from fedft.config import FedftConfig
 from fedft.rundir import (
     ADAPTER_CONFIG,
+    ADAPTER_DIR,
     ADAPTER_WEIGHTS,
+    DPO_ADAPTER_DIR,
     RunDirError,
     atomic_directory,
     atomic_write_json,
     load_run_config,
 )
 
-STAGE_DIRS = {"sft": Path("adapter"), "dpo": Path("dpo") / "adapter"}
+STAGE_DIRS = {"sft": Path(ADAPTER_DIR), "dpo": Path(DPO_ADAPTER_DIR)}
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 METADATA_FILE = "fedft-export.json"
 

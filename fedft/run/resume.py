@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 
 from fedft.config import ConfigError, FedftConfig, config_to_dict
-from fedft.rundir import jsonl_text, read_jsonl_rows
+from fedft.rundir import ADAPTER_WEIGHTS, jsonl_text, read_jsonl_rows
 
 META_FILE = "round.json"
 CONFIG_FILE = "fedft_config.json"
 METRICS_COPY = "metrics.jsonl"
 LEDGER_COPY = "privacy_ledger.jsonl"
 OPTIMIZER_FILE = "server_optimizer.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def checkpoint_extras(round_index: int, cfg: FedftConfig, metrics_rows: list[dict],
@@ -101,5 +100,5 @@ def load_resume_point(run_dir: Path, cfg: FedftConfig) -> ResumePoint:
     if (path / LEDGER_COPY).exists():
         ledger = read_jsonl_rows(path / LEDGER_COPY)
     optimizer = load((path / OPTIMIZER_FILE).read_bytes()) if (path / OPTIMIZER_FILE).exists() else {}
-    state = {k: v.to(torch.float32) for k, v in load_file(path / ADAPTER_FILE).items()}
+    state = {k: v.to(torch.float32) for k, v in load_file(path / ADAPTER_WEIGHTS).items()}
     return ResumePoint(round_index, dict(sorted(state.items())), rows, ledger, optimizer, path)
