@@ -23,7 +23,13 @@ from fedft.eval.held_out import HeldOutEvaluator
 from fedft.federated import wire
 from fedft.model.adapter import adapter_nbytes, save_adapter
 from fedft.run.loop import RoundPrivacy, RoundResult, RunLoop, StopRun
-from server.strategy import DISCARDED_ENERGY, NAIVE_ERROR, CollectedReplies, make_strategy, payload_bytes
+from server.strategy import (
+    DISCARDED_ENERGY,
+    NAIVE_ERROR,
+    CollectedReplies,
+    make_strategy,
+    payload_bytes,
+)
 
 
 class FederationError(RuntimeError):
@@ -68,7 +74,9 @@ class FlowerRounds:
         privacy = RoundPrivacy(sampled=list(self.strategy.sampled), replied=collected.node_ids,
                                clipped_fraction=collected.clipped_fraction if self.cfg.privacy.user_level else None,
                                record_level=collected.record_level, refusals=collected.refusals)
-        return RoundResult(new_state, row, privacy, tuple(f"  rejected update from {r}" for r in collected.rejected))
+        notes = (*(f"  rejected update from {r}" for r in collected.rejected),
+                 *(f"  {failure}" for failure in collected.failures))
+        return RoundResult(new_state, row, privacy, notes)
 
     def _check_enough(self, round_index: int, arrays, collected: CollectedReplies, sent: int) -> None:
         """Too few valid replies end the run: quietly when they declined at a privacy limit."""
@@ -77,10 +85,9 @@ class FlowerRounds:
         if not (arrays is None or (accepted < cfg.strategy.min_train_nodes and not cfg.privacy.poisson_clients)):
             return
         if collected.refusals and len(collected.refusals) == len(collected.failures):
-            raise StopRun(f"round {round_index}: {len(collected.refusals)} of {sent} clients declined "
-                          f"(record-level privacy limits reached) and too few remain "
-                          f"(strategy.min_train_nodes = {cfg.strategy.min_train_nodes}); stopping after round "
-                          f"{round_index - 1}")
+            raise StopRun(f"round {round_index}: {len(collected.refusals)} of {sent} clients declined and too few "
+                          f"remain (strategy.min_train_nodes = {cfg.strategy.min_train_nodes}); stopping after "
+                          f"round {round_index - 1}", declines=collected.failures)
         raise FederationError(
             f"round {round_index}: {accepted} of {sent} clients replied "
             f"(strategy.min_train_nodes = {cfg.strategy.min_train_nodes}) with a valid update; "

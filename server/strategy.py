@@ -23,7 +23,11 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedft.config import FedftConfig
 from fedft.federated import wire
-from fedft.federated.exchange import aggregate_replies, downlink_state, private_aggregate
+from fedft.federated.exchange import (
+    aggregate_replies,
+    downlink_state,
+    private_aggregate,
+)
 from fedft.federated.validate import reply_problem
 from fedft.privacy.dpfedavg import secure_generator
 
@@ -59,9 +63,11 @@ class CollectedReplies:
 
     @property
     def train_loss(self) -> float | None:
-        weights = self.weights
-        losses = [float(m.content[wire.METRICS][wire.TRAIN_LOSS]) for m in self.accepted]
-        return sum(w * l for w, l in zip(weights, losses)) / sum(weights) if weights else None
+        """Example-weighted mean over the replies that report a loss (an institution's policy may withhold it)."""
+        pairs = [(w, float(m.content[wire.METRICS][wire.TRAIN_LOSS])) for w, m in zip(self.weights, self.accepted)
+                 if wire.TRAIN_LOSS in m.content[wire.METRICS]]
+        total = sum(w for w, _ in pairs)
+        return sum(w * loss for w, loss in pairs) / total if total else None
 
     @property
     def ranks(self) -> dict[int, int]:

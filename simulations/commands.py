@@ -21,6 +21,7 @@ from fedft.config import ConfigError, load_config
 from fedft.data.partition import PartitionError
 from fedft.data.rows import DataError
 from fedft.run.export import EXPORT_DTYPES, STAGE_DIRS, ExportError
+from fedft.rundir import atomic_write_text
 
 USER_ERRORS = (ConfigError, DataError, PartitionError, ExportError, FileNotFoundError)
 
@@ -64,7 +65,11 @@ def _demo_build_base(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedft.report.compare import comparison_markdown, comparison_rows, plot_comparison
+    from fedft.report.compare import (
+        comparison_markdown,
+        comparison_rows,
+        plot_comparison,
+    )
 
     rows = comparison_rows([Path(d) for d in args.runs])
     print(comparison_markdown(rows))
@@ -73,10 +78,44 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_report(args: argparse.Namespace) -> int:
+    """``fedft privacy report --node STATE_DIR [RUN_DIR]``: the institution's own trail, checked."""
+    from fedft.federated.audit_trail import (
+        TRAIL_FILE,
+        TrailError,
+        node_report,
+        print_node_report,
+    )
+    from fedft.privacy.audit import load_run_ledger
+    from fedft.privacy.ledger import LedgerError
+
+    state_dir = Path(args.node)
+    if not (state_dir / TRAIL_FILE).is_file():
+        print(f"fedft: error: {state_dir / TRAIL_FILE} does not exist: is {state_dir} the state-dir "
+              "of a SuperNode that joined a round?", file=sys.stderr)
+        return 2
+    try:
+        ledger = load_run_ledger(Path(args.run_dir)) if args.run_dir else None
+        report = node_report(state_dir, ledger, args.run_id)
+    except (LedgerError, TrailError) as err:
+        print(f"fedft: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_node_report(report)
+    return 1 if report["mismatches"] or report["ledger_flags"] else 0
+
+
 def _privacy_report(args: argparse.Namespace) -> int:
     from fedft.privacy.audit import PLOT_FILE, plot_epsilon, print_table, privacy_report
     from fedft.privacy.ledger import LedgerError
 
+    if args.node:
+        return _node_report(args)
+    if not args.run_dir:
+        print("fedft: error: privacy report needs RUN_DIR (a run's ledger) or --node STATE_DIR", file=sys.stderr)
+        return 2
     try:
         report = privacy_report(Path(args.run_dir))
     except LedgerError as err:
@@ -157,6 +196,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     _add_compare_command(commands)
     _add_key_commands(commands)
     _add_privacy_commands(commands)
+    _add_policy_commands(commands)
     _add_export_command(commands)
     _add_report_command(commands)
     return parser, commands
@@ -210,10 +250,51 @@ def _add_privacy_commands(commands: argparse._SubParsersAction) -> None:
     report = privacy_commands.add_parser(
         "report", help="table and plot of the ledger; every epsilon recomputed, mismatches flagged "
                        "(exit status 1 if any)")
-    report.add_argument("run_dir", help="a run directory with privacy_ledger.jsonl")
+    report.add_argument("run_dir", nargs="?", help="a run directory with privacy_ledger.jsonl (with --node: the "
+                                                   "coordinator's run to compare the institution's trail with)")
+    report.add_argument("--node", metavar="STATE_DIR",
+                        help="an institution's state-dir: recompute its epsilon from its own audit trail and, "
+                             "given RUN_DIR, flag every round the coordinator's ledger records differently")
+    report.add_argument("--run-id", type=int, help="with --node and RUN_DIR: the Flower run id of RUN_DIR "
+                                                   "(default: the trail's latest run)")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument("--plot", help="where to write the epsilon plot (default RUN_DIR/privacy_epsilon.png)")
     report.set_defaults(handler=_privacy_report)
+
+
+def _policy_init(args: argparse.Namespace) -> int:
+    """``fedft policy init``: a commented policy template, the model's checksum filled in."""
+    from fedft.federated.policy import PolicyError, policy_template, weights_sha256
+
+    out = Path(args.out)
+    if out.exists():
+        print(f"fedft: error: {out} exists; remove it or choose another --out (nothing was written)", file=sys.stderr)
+        return 2
+    model, checksum = "", ""
+    if args.model:
+        model_dir = Path(args.model).resolve()
+        if not model_dir.is_dir():
+            print(f"fedft: error: --model {args.model}: not a local model directory", file=sys.stderr)
+            return 2
+        try:
+            checksum = weights_sha256(model_dir)
+        except PolicyError as err:
+            print(f"fedft: error: {err}", file=sys.stderr)
+            return 2
+        model = str(model_dir)
+    atomic_write_text(out, policy_template(model, checksum))
+    print(f"wrote {out}" + (f" (model {model}, weights sha256 {checksum[:12]}...)" if model else ""))
+    print(f"start the SuperNode with --node-config \"... policy='{out.resolve()}'\"")
+    return 0
+
+
+def _add_policy_commands(commands: argparse._SubParsersAction) -> None:
+    policy = commands.add_parser("policy", help="an institution's policy: what its client accepts")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    init = policy_commands.add_parser("init", help="write a commented policy template")
+    init.add_argument("--out", default="fedft-policy.toml", help="the policy file to write (must not exist)")
+    init.add_argument("--model", help="the base model directory to pin (its weights' SHA-256 is computed)")
+    init.set_defaults(handler=_policy_init)
 
 
 def _add_export_command(commands: argparse._SubParsersAction) -> None:

@@ -17,7 +17,7 @@ from fedft.config.fields import ConfigError
 from fedft.config.sections import PATH_FIELDS, SECTIONS, FedftConfig
 
 
-def _where(source: str | None, lines: list[str], section: str | None, key: str) -> str:
+def where_in_file(source: str | None, lines: list[str], section: str | None, key: str) -> str:
     """'file:line' of ``key`` inside ``[section]`` when it can be found, else the file."""
     if not source:
         return "config"
@@ -58,11 +58,11 @@ def _coerce(value: Any, annotation: str, name: str, where: str) -> Any:
     return value
 
 
-def _build_section(cls: type, raw: dict, section: str, source: str | None, lines: list[str]):
+def build_section(cls: type, raw: dict, section: str, source: str | None, lines: list[str]):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
-        where = _where(source, lines, section, key)
+        where = where_in_file(source, lines, section, key)
         if key not in fields:
             raise ConfigError(
                 f"{where}: unknown field {section}.{key}; allowed: {', '.join(sorted(fields))}"
@@ -91,7 +91,7 @@ def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
     """Raise for the first broken rule, naming the file and line of the field when it is there."""
     for name, allowed in _problems(cfg):
         section, key = name.split(".")
-        where, value = _where(source, lines, section, key), getattr(getattr(cfg, section), key)
+        where, value = where_in_file(source, lines, section, key), getattr(getattr(cfg, section), key)
         raise ConfigError(f"{where}: {name} = {value!r} is not allowed; expected {allowed}")
 
 
@@ -104,7 +104,7 @@ def config_from_dict(raw: dict, *, source: str | None = None, text: str = "") ->
         part = raw.pop(name, {})
         if not isinstance(part, dict):
             raise ConfigError(f"{source or 'config'}: [{name}] must be a table, got {part!r}")
-        sections[name] = _build_section(cls, part, name, source, lines)
+        sections[name] = build_section(cls, part, name, source, lines)
     seed = raw.pop("seed", 0)
     if raw:
         unknown = ", ".join(sorted(raw))
@@ -112,7 +112,7 @@ def config_from_dict(raw: dict, *, source: str | None = None, text: str = "") ->
             f"{source or 'config'}: unknown top-level key(s) {unknown}; allowed: seed, "
             + ", ".join(f"[{s}]" for s in SECTIONS)
         )
-    seed = _coerce(seed, "int", "seed", _where(source, lines, None, "seed"))
+    seed = _coerce(seed, "int", "seed", where_in_file(source, lines, None, "seed"))
     cfg = FedftConfig(seed=seed, **sections)
     _validate(cfg, source, lines)
     return cfg

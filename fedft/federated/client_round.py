@@ -18,8 +18,14 @@ import torch
 from fedft.config import ConfigError, FedftConfig
 from fedft.data.partition import partition_dataset
 from fedft.data.rows import DataError, Example, load_dataset_files, tokenize_dataset
+from fedft.federated.admission import check_noise
 from fedft.federated.exchange import wire_dtype
-from fedft.federated.lora_aggregate import LORA_A, adapter_rank, b_only, truncate_to_rank
+from fedft.federated.lora_aggregate import (
+    LORA_A,
+    adapter_rank,
+    b_only,
+    truncate_to_rank,
+)
 from fedft.model.load import cached_peft_model, initial_adapter_state
 from fedft.privacy.client_accountant import DpSgdRound, RecordLevelAccountant
 from fedft.privacy.dpfedavg import adapter_delta, clip_update, secure_generator
@@ -141,6 +147,7 @@ def run_client_round(
     node_rank: int | None = None,
     accountant: RecordLevelAccountant | None = None,
     max_epsilon: float | None = None,
+    min_noise_multiplier: float = 0.0,
     noise_generator: torch.Generator | None = None,
 ) -> LocalResult:
     """Train this client's cached model for one round from the server's adapter.
@@ -148,8 +155,9 @@ def run_client_round(
     The returned ``state`` is the reply payload (``reply_state``); ``rank`` is this
     client's LoRA rank, which the server needs for heterogeneous-rank aggregation. Under
     record-level DP the round is first checked against ``max_epsilon`` (else
-    ``privacy.client_max_epsilon``) with the client's ``accountant``, which then records the
-    round's spend (``ClientDeclined`` when the limit would be passed; nothing is trained).
+    ``privacy.client_max_epsilon``) and ``min_noise_multiplier`` with the client's
+    ``accountant``, which then records the round's spend (``ClientDeclined`` when the limit
+    would be passed; nothing is trained).
     """
     cfg = config_for_rank(cfg, client_rank(cfg, partition_id, node_rank))
     model, tokenizer = cached_peft_model(cfg)
@@ -165,7 +173,9 @@ def run_client_round(
 
         accountant = accountant if accountant is not None else RecordLevelAccountant()
         limit = max_epsilon if max_epsilon is not None else cfg.privacy.client_max_epsilon
-        accountant.check(planned_dp_sgd_round(cfg, len(examples)), cfg.privacy.delta, limit)
+        planned = planned_dp_sgd_round(cfg, len(examples))
+        check_noise(planned.noise_multiplier, min_noise_multiplier)
+        accountant.check(planned, cfg.privacy.delta, limit)
         generator = noise_generator or secure_generator()
         result, spent = train_local_dp(model, examples, tokenizer.pad_token_id, cfg, global_state=start,
                                        round_index=round_index, noise_generator=generator, seed=seed)

@@ -32,6 +32,7 @@ DP_SGD_STEPS = "dp-sgd-steps"
 REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_STEPS, LORA_RANK, CLIPPED,
                  DP_SGD_SAMPLE_RATE, DP_SGD_NOISE, DP_SGD_STEPS)
 DECLINED = "fedft-declined"  # reason prefix of an error reply: the client refused the round
+FAILED = "fedft-failed"  # reason prefix of an error reply: the client failed (fedft.federated.public_errors)
 
 # Node config keys (simulation sets the first two; deployment sets data-path per institution).
 PARTITION_ID = "partition-id"
@@ -42,6 +43,7 @@ NODE_MAX_EPSILON = "max-epsilon"  # this institution's record-level privacy limi
 NODE_STATE_DIR = "state-dir"  # where this institution keeps its DP-SGD spend across runs
 NODE_DEVICE = "device"  # this institution's device: cpu, cuda, cuda:N (overrides model.device)
 NODE_MODEL_PATH = "model-path"  # where this institution keeps the base model (overrides model.path)
+NODE_POLICY = "policy"  # this institution's policy file (fedft.federated.policy)
 DP_SGD_HISTORY = "fedft-dp-sgd-history"  # node state: the DP-SGD rounds this client ran
 
 

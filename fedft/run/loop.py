@@ -22,7 +22,12 @@ from fedft.privacy.bookkeeping import LEDGER_FILE, PrivacyBookkeeper
 from fedft.run.final_stages import run_final_stages, write_report
 from fedft.run.recorder import RunRecorder, format_progress, summarize
 from fedft.run.resume import ResumePoint, checkpoint_extras, load_resume_point
-from fedft.rundir import ADAPTER_DIR, CANARY_AUDIT_FILE, atomic_write_json, checkpoint_dir
+from fedft.rundir import (
+    ADAPTER_DIR,
+    CANARY_AUDIT_FILE,
+    atomic_write_json,
+    checkpoint_dir,
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,12 @@ class RoundResult:
 
 class StopRun(Exception):
     """A round cannot run and the run ends after the previous one (not an error: e.g. every
-    remaining client declined at its privacy limit). The message says why."""
+    remaining client declined at its privacy limit). The message says why; ``declines`` are the
+    clients' own reasons ("node N: fedft-declined: key: why"), kept in summary.json."""
+
+    def __init__(self, message: str, declines: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.declines = list(declines or [])
 
 
 class Rounds(Protocol):
@@ -106,6 +116,7 @@ class RunLoop:
         resume_rows = None if self.point is None else self.point.ledger_rows or []
         self.privacy = (PrivacyBookkeeper(cfg.privacy, self.out_dir / LEDGER_FILE, resume_rows)
                         if accounted else None)
+        self.stopped: dict | None = None  # the round that could not run, and why (StopRun)
 
     def run(self, initial_state) -> dict:
         """Every round, then the summary, the final stages and the report; returns summary.json."""
@@ -158,6 +169,9 @@ class RunLoop:
                 result, num_clients = self._train(round_index, state)
             except StopRun as stop:
                 self.progress(str(stop))
+                for decline in stop.declines:
+                    self.progress(f"  {decline}")
+                self.stopped = {"round": round_index, "reason": str(stop), "declines": stop.declines}
                 break
             state, completed = result.state, round_index
             row = {"round": round_index, **result.row}
@@ -207,6 +221,8 @@ class RunLoop:
             summary["privacy"] = self.privacy.summary()
         if canary_audit is not None:
             summary["canary_audit"] = canary_audit
+        if self.stopped is not None:
+            summary["stopped"] = self.stopped
         self.recorder.write_summary(summary)
         final = summary["final"]
         self.progress(f"{self.rounds.stage} rounds done in {summary['wall_seconds']:.0f}s: exact match "

@@ -53,13 +53,20 @@ def test_fedft_never_imports_flwr():
 def test_an_institution_picks_its_own_device_and_base_model_location(tiny_config_path):
     import pytest
 
-    from clients.app import node_settings
     from fedft.config import ConfigError, load_config
+    from fedft.federated.admission import NodeSettings, admit
+    from fedft.federated.policy import InstitutionPolicy
 
     cfg = load_config(tiny_config_path)
-    assert node_settings(cfg, {"data-path": "x.jsonl"}) is cfg
-    placed = node_settings(cfg, {"device": "cuda:1", "model-path": "/models/llama"})
-    assert placed.model.device == "cuda:1" and placed.model.path == "/models/llama"
-    assert placed.lora == cfg.lora and placed.train == cfg.train
-    with pytest.raises(ConfigError, match="node-config.*model.device"):
-        node_settings(cfg, {"device": "gpu0"})
+    policy = InstitutionPolicy()
+
+    def placed(node: dict):
+        return admit(cfg, policy, NodeSettings.from_node_config(node)).cfg
+
+    assert placed({"data-path": "x.jsonl", "partition-id": 0}) is cfg  # a simulated client keeps its config
+    moved = placed({"device": "cuda:1", "model-path": "/models/llama"})
+    assert moved.model.device == "cuda:1" and moved.model.path == "/models/llama"
+    assert moved.lora == cfg.lora and moved.train == cfg.train
+    assert placed({"data-path": "x.jsonl"}).model.device == "auto"  # never the coordinator's device
+    with pytest.raises(ConfigError, match="model.device"):
+        placed({"device": "gpu0"})

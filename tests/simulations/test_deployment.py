@@ -3,7 +3,9 @@
 A ``flower-superlink`` with TLS (certificates from ``fedft certs``) and SuperNode
 authentication; two institutions' ``flower-supernode`` processes, each registered with
 ``flwr supernode register`` and pointed at its own JSONL file through ``--node-config``; a
-2-round job started with ``flwr run``. In the same family: a SuperNode whose key was never
+2-round job started with ``flwr run`` under record-level DP-SGD, one institution with a policy
+that declines the second round (the server records it; both audit trails agree with the
+coordinator's ledger). In the same family: a SuperNode whose key was never
 registered is refused, and one that does not have the CA certificate cannot connect.
 """
 
@@ -94,11 +96,22 @@ class Deployment:
         return subprocess.run([_tool("flwr"), *args], cwd=ROOT, env=self.env, capture_output=True,
                               text=True, timeout=timeout)
 
+    def wait_online(self, count: int, timeout: float = 90) -> None:
+        """Until the SuperLink lists ``count`` SuperNodes as online (a job then samples them all)."""
+        deadline = time.monotonic() + timeout
+        listed = ""
+        while time.monotonic() < deadline:
+            listed = self.flwr("supernode", "list", "coordinator", "--format", "json").stdout
+            if listed.count('"online"') >= count:
+                return
+            time.sleep(1)
+        pytest.fail(f"fewer than {count} SuperNodes online after {timeout}s:\n{listed[-2000:]}")
+
     def start_supernode(self, name: str, key: Path, data: Path, *, with_ca: bool = True,
-                        max_retries: int | None = None) -> tuple[subprocess.Popen, Path]:
+                        max_retries: int | None = None, node_config: str = "") -> tuple[subprocess.Popen, Path]:
         args = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                 "--auth-supernode-private-key", str(key), "--port", str(_free_port()),
-                "--node-config", f"data-path='{data}' device='cpu'"]
+                "--node-config", f"data-path='{data}' device='cpu' {node_config}".strip()]
         if with_ca:
             args += ["--root-certificates", str(self.certs["ca.crt"])]
         if max_retries is not None:
@@ -171,24 +184,50 @@ def test_a_supernode_without_the_ca_certificate_cannot_connect(deployment):
     assert "CERTIFICATE_VERIFY_FAILED" in text, text[-3000:]
 
 
-def test_two_registered_institutions_train_over_tls(deployment):
+def test_two_institutions_train_over_tls_under_their_own_policies(deployment):
+    """Record-level DP-SGD, 2 rounds. inst-a applies the safe defaults; inst-b's policy accepts one
+    round a day, so it trains round 1 and declines round 2. The server records the decline with
+    the policy key; each institution's audit trail agrees with the coordinator's ledger."""
+    policy = deployment.root / "inst-b" / "policy.toml"
+    policy.write_text("[compute]\nmax_rounds_per_day = 1\n")
     for name in ROWS:
         institution = deployment.root / name
-        deployment.start_supernode(name, institution / "keys" / "node", institution / "train.jsonl")
+        extra = f"state-dir='{institution / 'state'}'" + (f" policy='{policy}'" if name == "inst-b" else "")
+        deployment.start_supernode(name, institution / "keys" / "node", institution / "train.jsonl",
+                                   node_config=extra)
+    deployment.wait_online(len(ROWS))
     out = deployment.root / "coordinator" / "run"
     config = deployment.root / "coordinator" / "deploy.toml"
+    overrides = ("strategy.num_rounds=2 strategy.min_train_nodes=1 train.local_steps=1 "
+                 "privacy.record_level=true privacy.dp_sgd_noise_multiplier=1.0")
     done = deployment.flwr(
         "run", ".", "coordinator", "--stream", "--run-config",
-        f"config='{config}' overrides='strategy.num_rounds=2 train.local_steps=1' out-dir='{out}'",
-        timeout=240)
+        f"config='{config}' overrides='{overrides}' out-dir='{out}'", timeout=240)
     logs = "\n".join(f"--- {name}\n{(deployment.root / f'{name}.log').read_text()[-2000:]}" for name in ROWS)
     assert (out / "adapter" / "adapter_model.safetensors").is_file(), done.stdout[-3000:] + done.stderr[-3000:] + logs
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
-    for row in rows[1:]:
-        assert row["clients"] == 2 and row["rejected_updates"] == [] and row["client_failures"] == []
-        assert row["num_examples"] == sum(ROWS.values())  # each institution trained on its own file
+    assert rows[1]["clients"] == 2 and rows[1]["client_failures"] == [] and rows[1]["rejected_updates"] == []
+    assert rows[1]["num_examples"] == sum(ROWS.values())  # each institution trained on its own file
+    assert rows[2]["clients"] == 1 and rows[2]["num_examples"] == ROWS["inst-a"]
+    declined, = rows[2]["client_failures"]
+    assert "fedft-declined: compute.max_rounds_per_day: 1 rounds accepted in the last 24 hours" in declined
+    ledger = [json.loads(line) for line in (out / "privacy_ledger.jsonl").read_text().splitlines()]
+    node_b = declined.split(":")[0].removeprefix("node ")
+    assert ledger[1]["refusals"] == [node_b]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["data"]["train_files"] == []
     run_files = " ".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.suffix in {".json", ".jsonl"})
     assert "inst-a" not in run_files and "inst-b" not in run_files  # no institution path reached the server
+    decisions = {}
+    for name in ROWS:
+        state = deployment.root / name / "state"
+        trail = [json.loads(line) for line in (state / "audit-trail.jsonl").read_text().splitlines()]
+        decisions[name] = [(r["round"], r["decision"], r["policy_key"]) for r in trail]
+        assert all(r["reply_sha256"] for r in trail if r["decision"] == "accepted")
+        report = subprocess.run([sys.executable, "-m", "simulations.cli", "privacy", "report", "--node", str(state),
+                                 str(out)], cwd=ROOT, capture_output=True, text=True)
+        assert report.returncode == 0 and "no disagreement found" in report.stdout, report.stdout + report.stderr
+    assert "settings chosen by the coordinator: " in (deployment.root / "inst-a.log").read_text()
+    assert decisions == {"inst-a": [(1, "accepted", ""), (2, "accepted", "")],
+                         "inst-b": [(1, "accepted", ""), (2, "declined", "compute.max_rounds_per_day")]}

@@ -1,0 +1,96 @@
+"""Institutions' ClientApps called in this process: a train message in, the real ``clients.app.train`` out.
+
+``InProcessGrid`` is a Flower ``Grid`` for fedft's server loop (``server.federation``) that,
+instead of a SuperLink, hands each message to the real ClientApp function with that
+institution's ``Context`` (its own ``--node-config``). An exception that escapes the
+ClientApp becomes an error reply carrying the exception's type and text, as
+``flwr-clientapp`` does, so a leak through an uncaught error would show. The real transport
+is covered by tests/simulations/test_deployment.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    Metadata,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+
+from clients.app import train
+from fedft.federated import wire
+
+_IDS = itertools.count(1)
+
+
+def institution(node_config: dict, node_id: int = 7, run_id: int = 1) -> Context:
+    """A deployed institution's context: its own node config, empty node state."""
+    return Context(run_id=run_id, node_id=node_id, node_config=dict(node_config), state=RecordDict(), run_config={})
+
+
+def train_message(cfg, state: dict, round_index: int = 1, node_id: int = 7, run_id: int = 1,
+                  config_json: str | None = None) -> Message:
+    """What the coordinator sends an institution for one round."""
+    content = RecordDict({
+        wire.ARRAYS: ArrayRecord(torch_state_dict=state),
+        wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: round_index,
+                                   wire.CONFIG_JSON: config_json or wire.encode_config(cfg)}),
+    })
+    return Message(content=content, metadata=_metadata(run_id, node_id, str(round_index)))
+
+
+def _metadata(run_id: int, node_id: int, group_id: str) -> Metadata:
+    return Metadata(run_id=run_id, message_id=f"m{next(_IDS)}", src_node_id=0, dst_node_id=node_id,
+                    reply_to_message_id="", group_id=group_id, created_at=time.time(), ttl=3600,
+                    message_type="train")
+
+
+def deliver(message: Message, context: Context) -> Message:
+    """The ClientApp's reply, or what flwr-clientapp would send if an exception escaped it."""
+    try:
+        return train(message, context)
+    except Exception as ex:  # noqa: BLE001 - mirrors flwr/supernode/runtime/run_clientapp.py
+        return Message(error=Error(code=0, reason=f"{type(ex)}:<'{ex}'>"), reply_to=message)
+
+
+class InProcessGrid(Grid):
+    """Node id -> institution context; messages are delivered in turn to the real ClientApp."""
+
+    def __init__(self, contexts: dict[int, Context]) -> None:
+        self.contexts = contexts
+        self._run = None
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # pragma: no cover - fedft uses send_and_receive
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            stamped = Message(content=message.content,
+                              metadata=_metadata(message.metadata.run_id, node, message.metadata.group_id))
+            replies.append(deliver(stamped, self.contexts[node]))
+        return replies
