@@ -2,7 +2,9 @@
 the readers that read it back.
 
 A reader (or a crash) never sees a half-written checkpoint, metrics file, ledger or summary:
-each write goes to a temporary sibling, is fsync'd and moved into place with ``os.replace``.
+each write goes to a temporary sibling, is fsync'd and moved into place with ``os.replace``,
+and the directory holding it is fsync'd after the rename, so a power cut leaves the old file
+or the new one, never an empty one.
 Every layer that writes into RUN_DIR takes the file's name from here; ``read_jsonl_rows``
 reads its JSON-lines files back, naming file:line for a bad line. Nothing here trains,
 loads a model or imports flwr.
@@ -30,15 +32,42 @@ ADAPTER_CONFIG = "adapter_config.json"
 CHECKPOINTS_DIR = "checkpoints"  # checkpoints/round-NNN/
 DPO_ADAPTER_DIR = "dpo/adapter"  # the DPO stage's adapter (PEFT format)
 CANARY_AUDIT_FILE = "canary_audit.json"
+FAILURE_FILE = "failed.json"  # why the run's last attempt ended in an error (removed when a resumed run finishes)
 
 
 class RunDirError(ValueError):
-    """A run directory is missing something it should hold, or holds something unreadable."""
+    """A run directory is missing something it should hold, holds something unreadable, or
+    cannot be used for a new run (in use, not empty, not writable)."""
+
+
+class RunFailed(RuntimeError):
+    """A run started but could not finish (e.g. too few clients replied); the message says why.
+    RUN_DIR keeps what was done: the checkpoints of every complete round."""
 
 
 def checkpoint_dir(run_dir: Path, round_index: int) -> Path:
     """RUN_DIR/checkpoints/round-NNN."""
     return Path(run_dir) / CHECKPOINTS_DIR / f"round-{round_index:03d}"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory``, then each directory in it (deepest first)."""
+    directory = Path(directory)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fsync_path(path)
+    for path in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        fsync_path(path)
+    fsync_path(directory)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -52,6 +81,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)  # the rename itself survives a power cut
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -106,12 +136,14 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_tree(tmp)  # every file's data is on disk before the directory appears
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
     os.replace(tmp, target)
+    fsync_path(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -126,7 +158,9 @@ def save_tensors_atomic(tensors: dict, path: Path) -> None:
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        fsync_path(Path(tmp))
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -2,7 +2,9 @@
 
 Under ``flwr run .`` the run config (``[tool.flwr.app.config]`` in pyproject.toml, or
 ``--run-config``) names the fedft TOML file (``config``), optional ``overrides``
-(space-separated ``section.key=value``) and the output directory (``out-dir``).
+(space-separated ``section.key=value``), the output directory (``out-dir``), and
+``resume=true`` (continue after the latest complete checkpoint in out-dir, e.g. after a
+coordinator crash) or ``overwrite=true`` (replace a finished run there).
 ``fedft simulate`` builds the same app around an already-loaded config.
 """
 
@@ -14,17 +16,32 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedft.config import FedftConfig, load_config
+from fedft.config import ConfigError, FedftConfig, load_config
+from fedft.model.files import check_model_files
+from fedft.run.directory import claimed_run_dir
+from fedft.run.resume import load_resume_point
 from server.federation import run_federation
 
 
-def make_server_app(cfg: FedftConfig, out_dir: Path, resume: bool = False) -> ServerApp:
-    """A ServerApp bound to a loaded config (used by the simulation runner)."""
+def make_server_app(cfg: FedftConfig, out_dir: Path, resume: bool = False,
+                    outcome: dict | None = None) -> ServerApp:
+    """A ServerApp bound to a loaded config (used by the simulation runner).
+
+    ``outcome`` receives the run's ``summary`` or the ``error`` that ended it; the runner, in
+    the same process, raises that error itself (so ``fedft simulate`` exits non-zero with one
+    line) rather than leaving it to Flower's log.
+    """
     bound = ServerApp()
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, out_dir, resume=resume)
+        if outcome is None:
+            run_federation(grid, cfg, out_dir, resume=resume)
+            return
+        try:
+            outcome["summary"] = run_federation(grid, cfg, out_dir, resume=resume)
+        except Exception as error:  # noqa: BLE001 - handed to the runner, which raises it
+            outcome["error"] = error
 
     return bound
 
@@ -42,4 +59,20 @@ def main(grid: Grid, context: Context) -> None:
     if not config_path.is_absolute():  # relative to the app (where pyproject.toml is)
         config_path = APP_DIR / config_path
     cfg = load_config(config_path, overrides)
-    run_federation(grid, cfg, Path(str(run_config.get("out-dir", "runs/flwr-run"))).resolve())
+    check_model_files(cfg.model_path)
+    out_dir = Path(str(run_config.get("out-dir", "runs/flwr-run"))).resolve()
+    resume, overwrite = _flag(run_config, "resume"), _flag(run_config, "overwrite")
+    if resume:
+        load_resume_point(out_dir, cfg)  # a refused resume changes nothing
+    with claimed_run_dir(out_dir, resume=resume, overwrite=overwrite):
+        run_federation(grid, cfg, out_dir, resume=resume)
+
+
+def _flag(run_config, key: str) -> bool:
+    """A boolean run-config key (``--run-config "resume=true"``)."""
+    value = run_config.get(key, False)
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false"):
+            raise ConfigError(f"--run-config {key} = {value!r}: expected true or false")
+        return value.lower() == "true"
+    return bool(value)

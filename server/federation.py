@@ -23,6 +23,7 @@ from fedft.eval.held_out import HeldOutEvaluator
 from fedft.federated import wire
 from fedft.model.adapter import adapter_nbytes, save_adapter
 from fedft.run.loop import RoundPrivacy, RoundResult, RunLoop, StopRun
+from fedft.rundir import RunFailed
 from server.strategy import (
     DISCARDED_ENERGY,
     NAIVE_ERROR,
@@ -32,7 +33,7 @@ from server.strategy import (
 )
 
 
-class FederationError(RuntimeError):
+class FederationError(RunFailed):
     """A round could not complete."""
 
 

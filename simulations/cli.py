@@ -10,14 +10,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from simulations.commands import add_config_arguments, build_parser, config_from_args, run
+from simulations.commands import (
+    add_config_arguments,
+    build_parser,
+    config_from_args,
+    run,
+)
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.runner import simulate
 
     cfg = config_from_args(args)
-    simulate(cfg, Path(args.out), verbose=args.verbose, resume=args.resume)
+    simulate(cfg, Path(args.out), verbose=args.verbose, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -30,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="also show third-party output: Flower's and Ray's logs, library warnings, progress bars")
     sim.add_argument("--resume", action="store_true",
                      help="continue RUN_DIR after its latest complete checkpoint (same config)")
+    sim.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in RUN_DIR (moved aside in one rename, then removed whole); "
+                          "without it a non-empty RUN_DIR is refused")
     sim.set_defaults(handler=_simulate)
     return run(parser, argv)
 

@@ -21,9 +21,9 @@ from fedft.config import ConfigError, load_config
 from fedft.data.partition import PartitionError
 from fedft.data.rows import DataError
 from fedft.run.export import EXPORT_DTYPES, STAGE_DIRS, ExportError
-from fedft.rundir import atomic_write_text
+from fedft.rundir import RunDirError, RunFailed, atomic_write_text
 
-USER_ERRORS = (ConfigError, DataError, PartitionError, ExportError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, PartitionError, ExportError, FileNotFoundError, RunDirError)
 
 DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "simulations" / "data" / "demo"
 
@@ -197,6 +197,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     _add_key_commands(commands)
     _add_privacy_commands(commands)
     _add_policy_commands(commands)
+    _add_status_command(commands)
     _add_export_command(commands)
     _add_report_command(commands)
     return parser, commands
@@ -297,6 +298,22 @@ def _add_policy_commands(commands: argparse._SubParsersAction) -> None:
     init.set_defaults(handler=_policy_init)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from fedft.run.status import run_status
+
+    status = run_status(Path(args.run_dir))
+    print(f"{args.run_dir}: {status.text}")
+    return status.code
+
+
+def _add_status_command(commands: argparse._SubParsersAction) -> None:
+    status = commands.add_parser(
+        "status", help="how a run ended: exit 0 finished, 1 failed or incomplete, 3 still running "
+                       "(for deployments, where `flwr run --stream` exits 0 either way)")
+    status.add_argument("run_dir", help="a run directory (--out, or the ServerApp's out-dir)")
+    status.set_defaults(handler=_status)
+
+
 def _add_export_command(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export", help="write a run's adapter (PEFT format) or, with --merge, one standalone model")
@@ -332,13 +349,21 @@ def _add_report_command(commands: argparse._SubParsersAction) -> None:
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse and dispatch; user errors print one clear line and exit 2."""
+    """Parse and dispatch: user errors print one clear line and exit 2, a run that could not
+    finish exits 1 with its reason, an interrupted one 130."""
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except USER_ERRORS as err:
         print(f"fedft: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"fedft: run failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedft: interrupted; the run directory keeps every complete round (--resume continues it)",
+              file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,49 +8,61 @@ Ray-backed Simulation Engine with the client resources from ``[simulation]``; th
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
 
 from fedft.config import ConfigError, FedftConfig
-from fedft.rundir import SUMMARY_FILE
+from fedft.run.directory import claimed_run_dir
+from fedft.rundir import RunFailed
 from simulations import console
 
 
-def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False, resume: bool = False) -> dict:
+def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False, resume: bool = False,
+             overwrite: bool = False) -> dict:
     """Run the configured strategy and return its summary.json contents.
 
-    ``resume`` continues a federated run after its latest complete checkpoint. Without
+    ``resume`` continues a run after its latest complete checkpoint; ``overwrite`` replaces a
+    run already in ``out_dir`` (else it is refused: ``fedft.run.directory``). Without
     ``verbose`` the console shows fedft's own lines and errors only (simulations/console.py).
+    A run that cannot finish raises ``RunFailed`` (the federation's own error).
     """
     with console.quiet_third_party(verbose):  # before torch, tqdm, transformers and Ray start
-        summary = _simulate(cfg, out_dir, verbose=verbose, resume=resume)
+        summary = _simulate(cfg, Path(out_dir), verbose=verbose, resume=resume, overwrite=overwrite)
     if not verbose:
         print(console.DIGEST)
     return summary
 
 
-def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
+def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool, overwrite: bool) -> dict:
     from fedft.data.partition import check_simulation_data
+    from fedft.model.files import check_model_files
     from fedft.run.baselines import run_centralized, run_local
 
-    if resume and cfg.strategy.name in ("local", "centralized"):
-        raise ConfigError(f"--resume works for federated runs; strategy.name = {cfg.strategy.name!r} is a baseline")
+    if resume and cfg.strategy.name == "local":
+        raise ConfigError("--resume works for federated and centralized runs; strategy.name = 'local' keeps one "
+                          "adapter per client and writes no checkpoint")
     if cfg.privacy.record_level and not cfg.privacy.client_state_dir:
         # simulated clients keep their DP-SGD spend beside the run, so a resumed run still
         # enforces every client's limit (deployed clients use their node's state-dir)
-        privacy = dataclasses.replace(cfg.privacy, client_state_dir=str(Path(out_dir).resolve() / "client-privacy"))
+        privacy = dataclasses.replace(cfg.privacy, client_state_dir=str(out_dir.resolve() / "client-privacy"))
         cfg = dataclasses.replace(cfg, privacy=privacy)
     sizes = check_simulation_data(cfg)  # bad rows or empty partitions fail before anything starts
-    print(f"fedft: {len(sizes)} clients with {', '.join(map(str, sizes))} training rows")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.strategy.name == "local":
-        return run_local(cfg, out_dir)
-    if cfg.strategy.name == "centralized":
-        return run_centralized(cfg, out_dir)
+    check_model_files(cfg.model_path)
+    if resume:
+        from fedft.run.resume import load_resume_point
 
+        load_resume_point(out_dir, cfg)  # a changed config is refused before anything is touched
+    print(f"fedft: {len(sizes)} clients with {', '.join(map(str, sizes))} training rows")
+    with claimed_run_dir(out_dir, resume=resume, overwrite=overwrite):
+        if cfg.strategy.name == "local":
+            return run_local(cfg, out_dir)
+        if cfg.strategy.name == "centralized":
+            return run_centralized(cfg, out_dir, resume=resume)
+        return _simulate_federation(cfg, out_dir, verbose=verbose, resume=resume)
+
+
+def _simulate_federation(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
@@ -66,15 +78,17 @@ def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool) -
         },
         "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
     }
-    (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    outcome: dict = {}
     run_simulation(
-        server_app=make_server_app(cfg, out_dir, resume=resume),
+        server_app=make_server_app(cfg, out_dir, resume=resume, outcome=outcome),
         client_app=client_app,
         num_supernodes=cfg.simulation.num_supernodes,
         backend_config=backend_config,
         verbose_logging=verbose,
     )
-    summary_path = out_dir / SUMMARY_FILE
-    if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
-    return json.loads(summary_path.read_text())
+    if "error" in outcome:
+        raise outcome["error"]
+    if "summary" not in outcome:
+        raise RunFailed(f"the simulation ended before the run finished; {out_dir} keeps every complete round "
+                        "(see the log above; --resume continues it)")
+    return outcome["summary"]

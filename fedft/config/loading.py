@@ -17,8 +17,13 @@ from fedft.config.fields import ConfigError
 from fedft.config.sections import PATH_FIELDS, SECTIONS, FedftConfig
 
 
-def where_in_file(source: str | None, lines: list[str], section: str | None, key: str) -> str:
-    """'file:line' of ``key`` inside ``[section]`` when it can be found, else the file."""
+def where_in_file(source: str | None, lines: list[str], section: str | None, key: str,
+                  given: dict[str, str] | None = None) -> str:
+    """'file:line' of ``key`` inside ``[section]`` when it can be found, else the file; the
+    ``--set`` argument instead when the value came from one (``given``: "section.key" -> argument)."""
+    name = f"{section}.{key}" if section else key
+    if given and name in given:
+        return f"--set {given[name]}"
     if not source:
         return "config"
     current = None
@@ -58,11 +63,12 @@ def _coerce(value: Any, annotation: str, name: str, where: str) -> Any:
     return value
 
 
-def build_section(cls: type, raw: dict, section: str, source: str | None, lines: list[str]):
+def build_section(cls: type, raw: dict, section: str, source: str | None, lines: list[str],
+                  given: dict[str, str] | None = None):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
-        where = where_in_file(source, lines, section, key)
+        where = where_in_file(source, lines, section, key, given)
         if key not in fields:
             raise ConfigError(
                 f"{where}: unknown field {section}.{key}; allowed: {', '.join(sorted(fields))}"
@@ -87,16 +93,18 @@ def _problems(cfg: FedftConfig) -> Iterator[tuple[str, str]]:
     yield from cfg.problems()
 
 
-def _validate(cfg: FedftConfig, source: str | None, lines: list[str]) -> None:
+def _validate(cfg: FedftConfig, source: str | None, lines: list[str], given: dict[str, str] | None) -> None:
     """Raise for the first broken rule, naming the file and line of the field when it is there."""
     for name, allowed in _problems(cfg):
         section, key = name.split(".")
-        where, value = where_in_file(source, lines, section, key), getattr(getattr(cfg, section), key)
+        where, value = where_in_file(source, lines, section, key, given), getattr(getattr(cfg, section), key)
         raise ConfigError(f"{where}: {name} = {value!r} is not allowed; expected {allowed}")
 
 
-def config_from_dict(raw: dict, *, source: str | None = None, text: str = "") -> FedftConfig:
-    """Build and validate a config from a nested dict (parsed TOML or the wire form)."""
+def config_from_dict(raw: dict, *, source: str | None = None, text: str = "",
+                     given: dict[str, str] | None = None) -> FedftConfig:
+    """Build and validate a config from a nested dict (parsed TOML or the wire form); errors in
+    values that came from ``--set`` name that argument (``given``)."""
     lines = text.splitlines()
     raw = dict(raw)
     sections = {}
@@ -104,7 +112,7 @@ def config_from_dict(raw: dict, *, source: str | None = None, text: str = "") ->
         part = raw.pop(name, {})
         if not isinstance(part, dict):
             raise ConfigError(f"{source or 'config'}: [{name}] must be a table, got {part!r}")
-        sections[name] = build_section(cls, part, name, source, lines)
+        sections[name] = build_section(cls, part, name, source, lines, given)
     seed = raw.pop("seed", 0)
     if raw:
         unknown = ", ".join(sorted(raw))
@@ -112,9 +120,9 @@ def config_from_dict(raw: dict, *, source: str | None = None, text: str = "") ->
             f"{source or 'config'}: unknown top-level key(s) {unknown}; allowed: seed, "
             + ", ".join(f"[{s}]" for s in SECTIONS)
         )
-    seed = _coerce(seed, "int", "seed", where_in_file(source, lines, None, "seed"))
+    seed = _coerce(seed, "int", "seed", where_in_file(source, lines, None, "seed", given))
     cfg = FedftConfig(seed=seed, **sections)
-    _validate(cfg, source, lines)
+    _validate(cfg, source, lines, given)
     return cfg
 
 
@@ -189,7 +197,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> FedftCo
             raw[section] = {**raw[section], **value}
         else:
             raw[section] = value
-    return config_from_dict(raw, source=str(path), text=text)
+    given = {".".join(parse_override(item)[0]): item for item in overrides or []}
+    return config_from_dict(raw, source=str(path), text=text, given=given)
 
 
 def config_to_dict(cfg: FedftConfig) -> dict:

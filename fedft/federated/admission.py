@@ -97,7 +97,7 @@ class Admission:
 # Settings that shape what a client does with its machine and data (announced when the coordinator chose them).
 CLIENT_SIDE = ("model.path", "model.quantization", "model.compute_dtype", "lora.r", "lora.alpha", "lora.dropout",
                "lora.target_modules", "data.max_length", "train.local_steps", "train.batch_size", "train.grad_accum",
-               "train.learning_rate", "train.optimizer", "privacy.record_level", "privacy.user_level",
+               "train.learning_rate", "privacy.record_level", "privacy.user_level",
                "privacy.clip_norm", "privacy.dp_sgd_noise_multiplier", "privacy.dp_sgd_clip_norm",
                "privacy.dp_sgd_target_epsilon", "strategy.num_rounds", "strategy.aggregation")
 

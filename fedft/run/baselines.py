@@ -129,10 +129,11 @@ class LocalRounds(_InProcessRounds):
             save_adapter(self.model, state, Path(directory) / f"client{i}")
 
 
-def run_centralized(cfg: FedftConfig, out_dir: Path, progress: Callable[[str], None] = print) -> dict:
-    """The centralized baseline, from the base model to the report."""
+def run_centralized(cfg: FedftConfig, out_dir: Path, progress: Callable[[str], None] = print,
+                    resume: bool = False) -> dict:
+    """The centralized baseline, from the base model (or its latest checkpoint) to the report."""
     evaluator = HeldOutEvaluator(cfg)
-    loop = RunLoop(cfg, out_dir, CentralizedRounds(cfg, evaluator), progress=progress)
+    loop = RunLoop(cfg, out_dir, CentralizedRounds(cfg, evaluator), resume=resume, progress=progress)
     return loop.run(evaluator.initial_state)
 
 

@@ -22,12 +22,7 @@ from fedft.privacy.bookkeeping import LEDGER_FILE, PrivacyBookkeeper
 from fedft.run.final_stages import run_final_stages, write_report
 from fedft.run.recorder import RunRecorder, format_progress, summarize
 from fedft.run.resume import ResumePoint, checkpoint_extras, load_resume_point
-from fedft.rundir import (
-    ADAPTER_DIR,
-    CANARY_AUDIT_FILE,
-    atomic_write_json,
-    checkpoint_dir,
-)
+from fedft.rundir import ADAPTER_DIR, CANARY_AUDIT_FILE, FAILURE_FILE, atomic_write_json, checkpoint_dir
 
 
 @dataclass(frozen=True)
@@ -119,7 +114,21 @@ class RunLoop:
         self.stopped: dict | None = None  # the round that could not run, and why (StopRun)
 
     def run(self, initial_state) -> dict:
-        """Every round, then the summary, the final stages and the report; returns summary.json."""
+        """Every round, then the summary, the final stages and the report; returns summary.json.
+
+        An error that ends the run is recorded in RUN_DIR/failed.json (class and message, for
+        ``fedft status``) before it is raised; a run that finishes removes a stale one.
+        """
+        try:
+            summary = self._run(initial_state)
+        except Exception as error:
+            atomic_write_json(self.out_dir / FAILURE_FILE, {"error": type(error).__name__, "message": str(error),
+                                                            "time": time.time()})
+            raise
+        (self.out_dir / FAILURE_FILE).unlink(missing_ok=True)
+        return summary
+
+    def _run(self, initial_state) -> dict:
         started = time.time()
         state, first_round = self._start(initial_state)
         final_metrics, evaluated, state, completed = self._rounds(state, first_round)

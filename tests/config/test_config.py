@@ -319,3 +319,15 @@ def test_a_broken_rule_in_a_file_names_the_line_of_the_field_it_names(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)  # a field the file does not set: the file, no line
     assert str(err.value).startswith(f"{path}: dpo.train_path = '' is not allowed")
+
+
+def test_a_bad_set_value_names_the_set_argument_not_a_line_of_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[data]\neval_file = "e.jsonl"\n[train]\nbatch_size = 8\n')
+    with pytest.raises(ConfigError, match=r"^--set train.batch_size=abc: train.batch_size = 'abc' has the wrong type"):
+        load_config(path, ["train.batch_size=abc"])
+    with pytest.raises(ConfigError, match=r"^--set train.batch_size=0: train.batch_size = 0 is not allowed"):
+        load_config(path, ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"c.toml:4: train.batch_size = 0 is not allowed"):
+        path.write_text('[data]\neval_file = "e.jsonl"\n[train]\nbatch_size = 0\n')
+        load_config(path)

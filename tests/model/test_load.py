@@ -88,3 +88,24 @@ def test_set_adapter_state_refuses_wrong_keys_and_shapes(cfg):
         set_adapter_state(model, {k: v for k, v in state.items() if k != key})
     with pytest.raises(ValueError, match="shape"):
         set_adapter_state(model, {**state, key: torch.zeros(1, 1)})
+
+
+def test_a_missing_or_truncated_model_is_named_before_anything_runs(tiny_model_dir, tmp_path):
+    import shutil
+
+    from fedft.config import ConfigError
+    from fedft.model.files import check_model_files
+
+    check_model_files(str(tiny_model_dir))
+    check_model_files("meta-llama/Llama-3.2-1B")  # a hub id is from_pretrained's to resolve
+    with pytest.raises(ConfigError, match=r"model.path = '/nonexistent/model': no such directory"):
+        check_model_files("/nonexistent/model")
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=f"{weights}: incomplete safetensors file"):
+        check_model_files(str(copy))
+    (copy / "config.json").unlink()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        check_model_files(str(copy))

@@ -69,8 +69,27 @@ def test_resume_refuses_a_different_config(tiny_config_path, tmp_path):
     first = subprocess.run(_command(tiny_config_path, out, "--set", "strategy.num_rounds=1"), cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     again = subprocess.run(_command(tiny_config_path, out, "--set", "strategy.num_rounds=1", "--set",
                                     "privacy.clip_norm=0.1", "--resume"),
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0
     assert "the config differs: privacy.clip_norm" in again.stdout + again.stderr
+    assert "Traceback" not in again.stderr
+    # the refusal changed nothing: summary.json (which export, report and compare read) is still there
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_a_failed_federation_exits_non_zero_with_its_reason(tiny_config_path, tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--config", str(tiny_config_path),
+                           "--out", str(out), "--set", "strategy.max_update_norm=1e-9"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedft: run failed: round 1: 0 of 2 clients replied"), done.stderr[-2000:]
+    assert "update norm" in last
+    assert not (out / "summary.json").exists() and (out / "metrics.jsonl").exists()
+    status = subprocess.run([sys.executable, "-m", "simulations.cli", "status", str(out)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert status.returncode == 1 and "failed: FederationError: round 1: 0 of 2 clients replied" in status.stdout

@@ -1,0 +1,86 @@
+"""The deployment ServerApp (``flwr run``): resume after a coordinator crash, and its run directory.
+
+``server.app.main`` is called as Flower calls it, with a run config, over an in-process Grid
+that delivers each round to the institutions' real ClientApps (tests/clients/inprocess.py).
+A Grid that fails in round 2 stands in for a SuperLink killed mid-run; the job is started
+again with ``resume=true`` and must end where an uninterrupted job ends.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from safetensors.torch import load_file
+
+from fedft.demo.tasks import make_demo_rows, write_jsonl
+from fedft.run.status import run_status
+from fedft.rundir import RunDirError
+from server.app import main
+from tests.clients.inprocess import InProcessGrid, institution
+from tests.clients.test_secret_row import task_identity  # noqa: F401 - fixture
+from tests.conftest import TINY_TOML
+
+
+class SuperLinkDies(RuntimeError):
+    pass
+
+
+class DyingGrid(InProcessGrid):
+    """Delivers round 1, then fails like a SuperLink that was killed."""
+
+    rounds = 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.rounds += 1
+        if self.rounds == 2:
+            raise SuperLinkDies("Connection to the SuperLink is unavailable")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.fixture
+def job(tiny_model_dir, tmp_path, task_identity):  # noqa: F811
+    coordinator = tmp_path / "coordinator"
+    coordinator.mkdir()
+    write_jsonl(make_demo_rows(2, 4, 0.5, seed=1), coordinator / "eval.jsonl")
+    toml = TINY_TOML.format(model=tiny_model_dir).replace('train_files = ["train.jsonl"]\n', "")
+    (coordinator / "deploy.toml").write_text(toml)
+    rows = make_demo_rows(2, 24, 0.9, seed=0)
+    contexts = {}
+    for node, inst in ((11, "inst0"), (12, "inst1")):
+        site = tmp_path / f"site-{node}"
+        write_jsonl([r for r in rows if r["institution"] == inst][:12], site / "train.jsonl")
+        contexts[node] = {"data-path": str(site / "train.jsonl")}
+
+    def start(grid_class, out, **flags):
+        grid = grid_class({n: institution(c, node_id=n) for n, c in contexts.items()})
+        run_config = {"config": str(coordinator / "deploy.toml"), "overrides": "train.local_steps=2",
+                      "out-dir": str(out), **{k: str(v).lower() for k, v in flags.items()}}
+        main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+
+    return start, tmp_path
+
+
+def test_a_job_resumes_after_the_superlink_dies_and_ends_as_an_uninterrupted_one(job):
+    start, root = job
+    start(InProcessGrid, root / "whole")
+    crashed = root / "crashed"
+    with pytest.raises(SuperLinkDies):
+        start(DyingGrid, crashed)
+    assert (crashed / "checkpoints" / "round-001").is_dir() and not (crashed / "summary.json").exists()
+    status = run_status(crashed)  # what `fedft status` tells a coordinator whose `flwr run` exited 0
+    assert status.code == 1 and status.text.startswith("failed: SuperLinkDies: Connection to the SuperLink")
+    assert "last complete round 1" in status.text
+    with pytest.raises(RunDirError, match="already holds a run"):  # a restart must say resume or overwrite
+        start(InProcessGrid, crashed)
+    start(InProcessGrid, crashed, resume=True)
+    rows = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    whole = load_file(root / "whole" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(crashed / "adapter" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert run_status(crashed).code == 0 and not (crashed / "failed.json").exists()
+    start(InProcessGrid, crashed, overwrite=True)  # a finished job replaced on request
+    assert json.loads((crashed / "summary.json").read_text())["rounds"] == 2
