@@ -49,17 +49,32 @@ def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool, o
         cfg = dataclasses.replace(cfg, privacy=privacy)
     sizes = check_simulation_data(cfg)  # bad rows or empty partitions fail before anything starts
     check_model_files(cfg.model_path)
+    tokenized = check_tokenized_data(cfg)  # long prompts, empty answers: refused or counted, before anything runs
     if resume:
         from fedft.run.resume import load_resume_point
 
         load_resume_point(out_dir, cfg)  # a changed config is refused before anything is touched
-    print(f"fedft: {len(sizes)} clients with {', '.join(map(str, sizes))} training rows")
+    print(f"fedft: {len(sizes)} clients with {', '.join(map(str, sizes))} training rows"
+          + (f"; {tokenized}" if tokenized else ""))
     with claimed_run_dir(out_dir, resume=resume, overwrite=overwrite):
         if cfg.strategy.name == "local":
             return run_local(cfg, out_dir)
         if cfg.strategy.name == "centralized":
             return run_centralized(cfg, out_dir, resume=resume)
         return _simulate_federation(cfg, out_dir, verbose=verbose, resume=resume)
+
+
+def check_tokenized_data(cfg: FedftConfig) -> str:
+    """Tokenize the training and held-out rows as the run will; a refused row raises ``DataError``
+    naming every such row; returns what was truncated or skipped, in words."""
+    from fedft.data.rows import TokenizeReport, load_dataset_files, read_jsonl, tokenize_dataset
+    from fedft.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    report = TokenizeReport([], [])
+    for rows in (load_dataset_files(cfg.data.train_files), read_jsonl(cfg.data.eval_file)):
+        tokenize_dataset(rows, tokenizer, cfg.data, report)
+    return report.line()
 
 
 def _simulate_federation(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool) -> dict:

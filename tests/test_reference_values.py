@@ -43,8 +43,7 @@ def setup(tiny_model_dir, tmp_path_factory):
 
 def local_steps_values(cfg, model) -> dict:
     tokenizer = load_tokenizer(cfg)
-    examples = tokenize_dataset(load_dataset_files(cfg.data.train_files), tokenizer, cfg.data.max_length,
-                                cfg.data.task_column)
+    examples = tokenize_dataset(load_dataset_files(cfg.data.train_files), tokenizer, cfg.data)
     result = train_local(model, examples, tokenizer.pad_token_id, dataclasses.replace(cfg.train, local_steps=5),
                          global_state=initial_adapter_state(cfg), round_index=1, total_rounds=1, seed=7)
     return {"steps": result.steps, "train_loss": result.train_loss,

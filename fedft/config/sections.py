@@ -100,6 +100,10 @@ class DataConfig(_Section):
     dirichlet_alpha: float = option(0.5, "a number > 0")
     task_column: str = "task"  # held-out rows are scored per value of this column, if present
     max_length: int = option(256, "an integer >= 8")
+    # a prompt of max_length tokens or more: refuse the data (naming every such row), or keep its last
+    # max_length / 2 tokens
+    long_prompts: str = option("refuse", choices=("refuse", "truncate"))
+    empty_answers: str = option("refuse", choices=("refuse", "skip"))  # a row whose answer is blank
     eval_max_examples: int = option(200, "an integer >= 1")
     seed: int = 0
 

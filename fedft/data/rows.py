@@ -62,11 +62,16 @@ def json_lines(path: str | Path, kind: str = "data file") -> Iterator[tuple[str,
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{kind} {path} does not exist")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}:{err.start + 1}: byte 0x{raw[err.start]:02x} is not valid UTF-8; "
+                                "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 yield where, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
@@ -134,8 +139,24 @@ class Example:
     source: str
 
 
-def tokenize_row(row: dict, tokenizer, max_length: int, task_column: str = "task") -> Example:
-    """Tokenize one normalised row; prompt tokens get label -100, the answer keeps its ids."""
+class LongPrompt(DataError):
+    """A prompt of ``data.max_length`` tokens or more (refused unless ``data.long_prompts = 'truncate'``)."""
+
+
+class EmptyAnswer(DataError):
+    """A row whose answer is blank (refused unless ``data.empty_answers = 'skip'``)."""
+
+
+def tokenize_row(row: dict, tokenizer, max_length: int, task_column: str = "task",
+                 long_prompts: str = "refuse") -> Example:
+    """Tokenize one normalised row; prompt tokens get label -100, the answer keeps its ids.
+
+    A blank answer raises ``EmptyAnswer``; a prompt of ``max_length`` tokens or more raises
+    ``LongPrompt``, or with ``long_prompts = "truncate"`` keeps its last ``max_length // 2`` tokens.
+    """
+    source = row.get("source", "row")
+    if not row["messages"][-1]["content"].strip():
+        raise EmptyAnswer(f"{source}: the answer is empty")
     prompt, completion = prompt_and_completion(row["messages"], tokenizer)
     uses_template = bool(getattr(tokenizer, "chat_template", None))
     prompt_ids = tokenizer(prompt, add_special_tokens=not uses_template)["input_ids"]
@@ -143,10 +164,10 @@ def tokenize_row(row: dict, tokenizer, max_length: int, task_column: str = "task
     if tokenizer.eos_token_id is not None and (not answer_ids or answer_ids[-1] != tokenizer.eos_token_id):
         answer_ids = answer_ids + [tokenizer.eos_token_id]
     if len(prompt_ids) >= max_length:
-        raise DataError(
-            f"{row.get('source', 'row')}: the prompt is {len(prompt_ids)} tokens, not shorter "
-            f"than data.max_length = {max_length}; raise data.max_length or shorten the row"
-        )
+        if long_prompts != "truncate":
+            raise LongPrompt(f"{source}: the prompt is {len(prompt_ids)} tokens, not shorter than "
+                             f"data.max_length = {max_length}")
+        prompt_ids = prompt_ids[-(max_length // 2):]
     input_ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
     task = row.get(task_column)
@@ -157,9 +178,55 @@ def tokenize_row(row: dict, tokenizer, max_length: int, task_column: str = "task
     )
 
 
-def tokenize_dataset(dataset, tokenizer, max_length: int, task_column: str = "task") -> list[Example]:
-    """Tokenize every row of a ``datasets.Dataset`` (or list of rows) once."""
-    return [tokenize_row(row, tokenizer, max_length, task_column) for row in dataset]
+@dataclass
+class TokenizeReport:
+    """What tokenizing a data set left out or cut (each entry a row's file:line)."""
+
+    truncated: list[str]
+    skipped: list[str]
+
+    def line(self) -> str:
+        parts = []
+        if self.truncated:
+            parts.append(f"{len(self.truncated)} long prompts truncated (data.long_prompts = 'truncate')")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} rows with an empty answer skipped (data.empty_answers = 'skip')")
+        return "; ".join(parts)
+
+
+def _places(errors: list[DataError], limit: int = 5) -> str:
+    shown = ", ".join(str(e) for e in errors[:limit])
+    return shown + (f", and {len(errors) - limit} more" if len(errors) > limit else "")
+
+
+def tokenize_dataset(dataset, tokenizer, data, report: TokenizeReport | None = None) -> list[Example]:
+    """Tokenize every row of a ``datasets.Dataset`` (or list of rows) once, as ``data`` (a
+    ``DataConfig``) says: its max_length, task column, long prompts and empty answers.
+
+    Refused rows are all named in one ``DataError`` (the first few places and the count);
+    ``report`` receives the places of truncated and skipped rows.
+    """
+    examples, long, empty = [], [], []
+    for row in dataset:
+        try:
+            examples.append(tokenize_row(row, tokenizer, data.max_length, data.task_column, "refuse"))
+        except LongPrompt as err:
+            long.append(err)
+            if data.long_prompts == "truncate":
+                examples.append(tokenize_row(row, tokenizer, data.max_length, data.task_column, "truncate"))
+        except EmptyAnswer as err:
+            empty.append(err)
+    if long and data.long_prompts == "refuse":
+        raise DataError(f"{len(long)} prompts are not shorter than data.max_length = {data.max_length} tokens: "
+                        f"{_places(long)}; raise data.max_length, shorten them, or set data.long_prompts = "
+                        "'truncate'")
+    if empty and data.empty_answers == "refuse":
+        raise DataError(f"{len(empty)} rows have an empty answer: {_places(empty)}; fix them or set "
+                        "data.empty_answers = 'skip'")
+    if report is not None:
+        report.truncated.extend(str(e).split(": ", 1)[0] for e in long)
+        report.skipped.extend(str(e).split(": ", 1)[0] for e in empty)
+    return examples
 
 
 def collate(examples: list[Example], pad_id: int):

@@ -37,7 +37,7 @@ def load_eval_examples(cfg, tokenizer) -> list[Example]:
     indices = list(range(len(rows)))
     if len(indices) > cfg.data.eval_max_examples:
         indices = sorted(random.Random(cfg.data.seed).sample(indices, cfg.data.eval_max_examples))
-    return tokenize_dataset(rows.select(indices), tokenizer, cfg.data.max_length, cfg.data.task_column)
+    return tokenize_dataset(rows.select(indices), tokenizer, cfg.data)
 
 
 class HeldOutEvaluator:

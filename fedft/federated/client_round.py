@@ -55,7 +55,7 @@ def client_examples(
                 rows = parts[partition_id]
             else:
                 raise DataError("a client needs either a partition-id (simulation) or a data-path")
-            examples = tokenize_dataset(rows, tokenizer, cfg.data.max_length, cfg.data.task_column)
+            examples = tokenize_dataset(rows, tokenizer, cfg.data)
             if not examples:
                 raise DataError(f"client {partition_id if data_path is None else data_path} has no examples")
             if p.canaries and data_path is None and partition_id == p.canary_client:

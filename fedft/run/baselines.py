@@ -61,8 +61,7 @@ class CentralizedRounds(_InProcessRounds):
 
     def __init__(self, cfg: FedftConfig, evaluator: HeldOutEvaluator) -> None:
         super().__init__(cfg, evaluator)
-        self.examples = tokenize_dataset(load_dataset_files(cfg.data.train_files), self.tokenizer,
-                                         cfg.data.max_length, cfg.data.task_column)
+        self.examples = tokenize_dataset(load_dataset_files(cfg.data.train_files), self.tokenizer, cfg.data)
         self.train_cfg = dataclasses.replace(cfg.train, local_steps=cfg.train.local_steps * clients_per_round(cfg))
 
     def headline(self, state) -> str:
@@ -92,7 +91,7 @@ class LocalRounds(_InProcessRounds):
         super().__init__(cfg, evaluator)
         n = cfg.simulation.num_supernodes
         parts = partition_dataset(load_dataset_files(cfg.data.train_files), cfg.data, n)
-        self.examples = [tokenize_dataset(p, self.tokenizer, cfg.data.max_length, cfg.data.task_column)
+        self.examples = [tokenize_dataset(p, self.tokenizer, cfg.data)
                          for p in parts]
 
     def headline(self, state) -> str:

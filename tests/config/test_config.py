@@ -117,6 +117,8 @@ FIELD_LIMITS = {
     "data.partition": ("random", "iid", "one of 'iid', 'dirichlet', 'natural'"),
     "data.dirichlet_alpha": (0.0, 1e-9, "a number > 0"),
     "data.max_length": (7, 8, "an integer >= 8"),
+    "data.long_prompts": ("drop", "truncate", "one of 'refuse', 'truncate'"),
+    "data.empty_answers": ("keep", "skip", "one of 'refuse', 'skip'"),
     "data.eval_max_examples": (0, 1, "an integer >= 1"),
     "train.local_steps": (0, 1, "an integer >= 1"),
     "train.batch_size": (0, 1, "an integer >= 1"),

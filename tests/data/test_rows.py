@@ -77,6 +77,39 @@ def test_prompt_longer_than_max_length_is_an_error_naming_the_row(tokenizer):
         tokenize_row(row, tokenizer, max_length=20)
 
 
+def test_long_prompts_and_empty_answers_are_refused_together_or_handled_as_configured(tokenizer):
+    from fedft.config import DataConfig
+    from fedft.data.rows import TokenizeReport, tokenize_dataset
+
+    def row(prompt: str, answer: str, line: int) -> dict:
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                "source": f"f.jsonl:{line}"}
+
+    rows = [row("ok", "fine", 1), row("x" * 50, "y", 2), row("z" * 60, "y", 3), row("ok", "  ", 4)]
+    data = DataConfig(eval_file="e.jsonl", max_length=20)
+    with pytest.raises(DataError, match=r"^2 prompts are not shorter than data.max_length = 20 tokens: f.jsonl:2: "
+                                        r"the prompt is \d+ tokens.*f.jsonl:3: .*long_prompts = 'truncate'"):
+        tokenize_dataset(rows, tokenizer, data)
+    data = DataConfig(eval_file="e.jsonl", max_length=20, long_prompts="truncate")
+    with pytest.raises(DataError, match=r"^1 rows have an empty answer: f.jsonl:4: the answer is empty"):
+        tokenize_dataset(rows, tokenizer, data)
+    report = TokenizeReport([], [])
+    data = DataConfig(eval_file="e.jsonl", max_length=20, long_prompts="truncate", empty_answers="skip")
+    examples = tokenize_dataset(rows, tokenizer, data, report)
+    assert [e.source for e in examples] == ["f.jsonl:1", "f.jsonl:2", "f.jsonl:3"]
+    assert all(len(e.prompt_ids) == 10 and len(e.input_ids) <= 20 for e in examples[1:])
+    assert report.truncated == ["f.jsonl:2", "f.jsonl:3"] and report.skipped == ["f.jsonl:4"]
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_file_line_and_column(tmp_path):
+    from fedft.data.rows import read_jsonl
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(DataError, match=f"{path}:2:21: byte 0xe9 is not valid UTF-8"):
+        read_jsonl(path)
+
+
 def test_collate_pads_right_and_masks_padding(tokenizer):
     rows = [{"messages": [{"role": "user", "content": c}, {"role": "assistant", "content": "ok"}]}
             for c in ("a", "abcdef")]

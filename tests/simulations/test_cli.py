@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -61,3 +62,19 @@ def test_demo_data_per_institution_and_node_keys(tmp_path, capsys):
     assert main(["node-key", "hospital-a", "--out", str(tmp_path / "k")]) == 0
     assert "flwr supernode register hospital-a.pub" in capsys.readouterr().out
     assert main(["node-key", "hospital-a", "--out", str(tmp_path / "k")]) == 2  # never overwrites a key
+
+
+def test_long_prompts_and_empty_answers_are_named_before_anything_runs(tiny_config_path, tmp_path):
+    train = tiny_config_path.parent / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[2] = lines[2].replace('"instruction": "', '"instruction": "' + "x" * 300, 1)
+    lines[6] = re.sub(r'"output": "[^"]*"', '"output": ""', lines[6])
+    train.write_text("\n".join(lines) + "\n")
+    result = _fedft("simulate", "--config", str(tiny_config_path), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"1 prompts are not shorter than data.max_length = 96 tokens: {train}:3: the prompt is" in result.stderr
+    assert not (tmp_path / "run").exists()
+    result = _fedft("simulate", "--config", str(tiny_config_path), "--out", str(tmp_path / "run"),
+                    "--set", "data.long_prompts=truncate")
+    assert result.returncode == 2 and f"1 rows have an empty answer: {train}:7: the answer is empty" in result.stderr
+    assert not (tmp_path / "run").exists()
