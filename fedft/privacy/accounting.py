@@ -1,6 +1,7 @@
 """Pure privacy accounting over Google's dp-accounting: parameters in, events and epsilons out.
 
-Two guarantees are accounted here (see /work/shared/PRIVACY_NOTES.md):
+Two guarantees are accounted here (the README's privacy section explains them;
+tests/privacy/test_accounting.py pins reference values computed with dp-accounting directly):
 user-level DP-FedAvg (one privacy unit = one client) and record-level DP-SGD inside a client
 (one privacy unit = one training example). Every function is pure and cheap to call again;
 nothing here holds state, does I/O, or imports Flower, torch or Opacus, so the ledger can
@@ -283,6 +284,24 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
         event = record_level_round_event(sample_rate, sigma, steps_per_round)
         return epsilon([(event, rounds)], delta, accountant, pld_discretization=pld_discretization)
 
+    return _smallest_noise(eps_at, target, tolerance)
+
+
+def calibrate_user_level_noise(target_epsilon: float, delta: float, num_clients: int, sampling_rate: float,
+                               sampling: str, rounds: int, *, epsilon_tolerance: float = 1e-4) -> float:
+    """Smallest server z (DP-FedAvg) whose user-level RDP epsilon over ``rounds`` rounds is <= target."""
+    target = _check_real("target_epsilon", target_epsilon, 0.0, math.inf, low_open=True, high_open=True)
+    _check_real("delta", delta, 0.0, 1.0, low_open=True, high_open=True)
+    rounds = _check_int("rounds", rounds, 1)
+
+    def eps_at(z: float) -> float:
+        return epsilon([(dp_fedavg_round_event(num_clients, sampling_rate, z, sampling), rounds)], delta, "rdp")
+
+    return _smallest_noise(eps_at, target, epsilon_tolerance)
+
+
+def _smallest_noise(eps_at, target: float, tolerance: float) -> float:
+    """Bisection: the smallest noise multiplier whose epsilon ``eps_at(noise)`` is <= ``target``."""
     sigma_min, sigma_max = 1e-2, 1e4
     hi = 1.0
     while eps_at(hi) > target:

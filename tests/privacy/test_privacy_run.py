@@ -155,6 +155,17 @@ def test_dp_sgd_charges_each_client_for_the_rounds_it_trained_and_a_client_decli
     assert audit(rows) == []
 
 
+def test_a_plan_made_before_the_run_agrees_with_its_ledger(dpsgd_run):
+    from fedft.privacy.planner import plan_record_level, plan_user_level
+
+    rows = read_ledger(dpsgd_run / LEDGER_FILE)
+    user = plan_user_level(2, 3, 1e-5, sampled=2, sampling="fixed", noise_multiplier=Z)
+    assert [r.epsilon_user_rdp for r in rows] == pytest.approx(user.epsilon_per_round, abs=1e-9)
+    big = next(cid for cid, e in rows[0].record_level.items() if e["sample_rate"] == 0.2)
+    record = plan_record_level(40, 8, 4, 3, 1e-5, noise_multiplier=1.0)  # institution 1: 40 rows, batches of 8
+    assert [r.record_level[big]["epsilon"] for r in rows] == pytest.approx(record.epsilon_per_round, abs=1e-9)
+
+
 def test_dp_sgd_and_dp_fedavg_still_train_the_adapter(dpsgd_run):
     first = load_file(dpsgd_run / "checkpoints" / "round-001" / "adapter_model.safetensors")
     last = load_file(dpsgd_run / "adapter" / "adapter_model.safetensors")
