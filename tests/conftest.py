@@ -86,3 +86,24 @@ def write_tiny_setup(directory: Path, model_dir: Path, train_rows: list[dict] | 
 @pytest.fixture
 def tiny_config_path(tiny_model_dir, tmp_path) -> Path:
     return write_tiny_setup(tmp_path, tiny_model_dir)
+
+
+_PROCESSES_AT_START: dict[int, str] = {}
+
+
+def pytest_sessionstart(session):
+    from tests.processes import federation_processes
+
+    _PROCESSES_AT_START.update(federation_processes())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if a Ray or Flower process a test started outlives it (tests/processes.py)."""
+    from tests.processes import leftovers
+
+    left = leftovers(_PROCESSES_AT_START)
+    if left:
+        lines = "\n".join(f"  pid {pid}: {cmd[:200]}" for pid, cmd in sorted(left.items()))
+        session.config.get_terminal_writer().line(
+            f"\nprocesses a test started are still running 30 s after the last test:\n{lines}", red=True)
+        session.exitstatus = 1
