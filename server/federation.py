@@ -67,7 +67,8 @@ class FlowerRounds:
         messages = list(self.strategy.configure_train(
             round_index, ArrayRecord(torch_state_dict=state), self.train_config, self.grid))
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout_s))
-        collected = self.strategy.collect_replies(round_index, replies)
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        collected = self.strategy.collect_replies(round_index, replies, sent_to)
         arrays, metrics = self.strategy.aggregate_train(round_index, collected)
         self._check_enough(round_index, arrays, collected, len(messages))
         new_state = arrays.to_torch_state_dict()

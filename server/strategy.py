@@ -142,13 +142,23 @@ class AdapterAggregation:
                                   dst_node_id=node))
         return shaped
 
-    def collect_replies(self, server_round: int, replies: Iterable[Message]) -> CollectedReplies:
-        """Validate the replies: errors and declines are named, a bad update is named and left out."""
+    def collect_replies(self, server_round: int, replies: Iterable[Message],
+                        sent_to: dict[str, int] | None = None) -> CollectedReplies:
+        """Validate the replies: errors and declines are named, a bad update is named and left out.
+
+        ``sent_to`` (message id -> the node it was sent to) names an error reply by the node the
+        round was sent to: Flower builds some error replies itself (a ClientApp that died, a
+        reply whose upload expired) with its own node id as the sender.
+        """
         valid, errors = self._check_and_log_replies(list(replies), is_train=True)
+        sent_to = sent_to or {}
+
+        def node_of(m: Message) -> int:
+            return sent_to.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+
         collected = CollectedReplies(
-            failures=[f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors],
-            refusals=[m.metadata.src_node_id for m in errors
-                      if str(m.error.reason or "").startswith(wire.DECLINED)],
+            failures=[f"node {node_of(m)}: {m.error.reason}" for m in errors],
+            refusals=[node_of(m) for m in errors if str(m.error.reason or "").startswith(wire.DECLINED)],
         )
         for m in valid:
             state = m.content[wire.ARRAYS].to_torch_state_dict()

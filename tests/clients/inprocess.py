@@ -89,8 +89,9 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for message in messages:
-            node = message.metadata.dst_node_id
-            stamped = Message(content=message.content,
-                              metadata=_metadata(message.metadata.run_id, node, message.metadata.group_id))
-            replies.append(deliver(stamped, self.contexts[node]))
+            message.metadata.__dict__["_message_id"] = f"m{next(_IDS)}"  # as Flower's Grid does on push
+            replies.append(self.reply(message))
         return replies
+
+    def reply(self, message: Message) -> Message:
+        return deliver(message, self.contexts[message.metadata.dst_node_id])

@@ -12,12 +12,12 @@ import json
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Error, Message, Metadata, RecordDict
 from safetensors.torch import load_file
 
 from fedft.demo.tasks import make_demo_rows, write_jsonl
 from fedft.run.status import run_status
-from fedft.rundir import RunDirError
+from fedft.rundir import RunDirError, RunFailed
 from server.app import main
 from tests.clients.inprocess import InProcessGrid, institution
 from tests.clients.test_secret_row import task_identity  # noqa: F401 - fixture
@@ -84,3 +84,24 @@ def test_a_job_resumes_after_the_superlink_dies_and_ends_as_an_uninterrupted_one
     assert run_status(crashed).code == 0 and not (crashed / "failed.json").exists()
     start(InProcessGrid, crashed, overwrite=True)  # a finished job replaced on request
     assert json.loads((crashed / "summary.json").read_text())["rounds"] == 2
+
+
+class DeadClientAppGrid(InProcessGrid):
+    """Node 12's ClientApp process dies: Flower answers for it, with the ServerApp's node as the sender."""
+
+    def reply(self, message):
+        if message.metadata.dst_node_id != 12:
+            return super().reply(message)
+        error = Error(code=0, reason="ClientApp process exited unexpectedly")
+        return Message(error=error, metadata=Metadata(
+            run_id=message.metadata.run_id, message_id="", src_node_id=1, dst_node_id=1,
+            reply_to_message_id=message.metadata.message_id, group_id="", created_at=0.0, ttl=0,
+            message_type="system"))
+
+
+def test_a_failure_row_names_the_node_the_round_was_sent_to(job):
+    start, root = job
+    with pytest.raises(RunFailed, match="node 12: ClientApp process exited unexpectedly"):
+        start(DeadClientAppGrid, root / "dead")
+    row = json.loads((root / "dead" / "failed.json").read_text())
+    assert "node 1:" not in row["message"]
