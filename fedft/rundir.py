@@ -30,6 +30,7 @@ ADAPTER_DIR = "adapter"  # the final SFT adapter (PEFT format); local-only runs:
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 CHECKPOINTS_DIR = "checkpoints"  # checkpoints/round-NNN/
+CHECKPOINT_META = "round.json"  # written last into a checkpoint: {"round": N}
 DPO_ADAPTER_DIR = "dpo/adapter"  # the DPO stage's adapter (PEFT format)
 CANARY_AUDIT_FILE = "canary_audit.json"
 FAILURE_FILE = "failed.json"  # why the run's last attempt ended in an error (removed when a resumed run finishes)
@@ -68,6 +69,12 @@ def fsync_tree(directory: Path) -> None:
     for path in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
         fsync_path(path)
     fsync_path(directory)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory of a run, or None."""
+    candidates = sorted(Path(run_dir).glob(f"{CHECKPOINTS_DIR}/round-*/{CHECKPOINT_META}"))
+    return candidates[-1].parent if candidates else None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -179,16 +179,22 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     return raw
 
 
+def read_toml(path: Path, missing: str, error: type[ConfigError] = ConfigError) -> tuple[dict, str]:
+    """The parsed file and its text; ``error(missing)`` when it does not exist, ``error`` naming the
+    file when it is not TOML."""
+    if not path.is_file():
+        raise error(missing)
+    text = path.read_text()
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{path}: not valid TOML: {err}") from err
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> FedftConfig:
     """Load a TOML config file, apply ``--set`` overrides, resolve paths, validate."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    raw, text = read_toml(path, f"config file {path} does not exist")
     # Paths in the file are relative to the file; paths given with --set to the shell's cwd.
     raw = _resolve_paths(raw, path.parent)
     given = _resolve_paths(apply_overrides({}, overrides or []), Path.cwd())

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedft.config import SECTIONS, ConfigError, option
-from fedft.config.loading import build_section, where_in_file
+from fedft.config.loading import build_section, read_toml, where_in_file
 from fedft.federated import wire
 
 # The metrics a reply may leave out: the server needs the others (weights, ranks, the DP-SGD spend).
@@ -152,13 +151,8 @@ def policy_from_dict(raw: dict, source: str, text: str = "") -> InstitutionPolic
 def load_policy(path: str | Path) -> InstitutionPolicy:
     """The policy in ``path`` (a TOML file); relative model paths are relative to the file."""
     path = Path(path)
-    if not path.is_file():
-        raise PolicyError(f"policy file {path} does not exist (write one with `fedft policy init`)")
-    text = path.read_text()
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise PolicyError(f"{path}: not valid TOML: {err}") from None
+    raw, text = read_toml(path, f"policy file {path} does not exist (write one with `fedft policy init`)",
+                          PolicyError)
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str) and model["path"]:
         raw["model"] = {**model, "path": str((path.parent / model["path"]).resolve())}

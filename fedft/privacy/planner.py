@@ -127,6 +127,11 @@ def _shown_rounds(rounds: int, limit: int = 12) -> list[int]:
     return sorted(set(list(range(step, rounds, step)) + [1, rounds]))
 
 
+def _epsilon_lines(per_round: list[float]) -> list[str]:
+    """'round  epsilon (RDP)' and a row for each shown round."""
+    return ["  round  epsilon (RDP)"] + [f"  {r:>5}  {per_round[r - 1]:.4f}" for r in _shown_rounds(len(per_round))]
+
+
 def _norm_line(ratio: float, trainable: int | None, what: str) -> str:
     if not trainable:
         return ""
@@ -142,8 +147,7 @@ def format_plan(user: UserLevelPlan | None, record: RecordLevelPlan | None, trai
         lines.append(f"user level (DP-FedAvg): {user.num_clients} clients, {user.sampling} sampling, "
                      f"{user.expected_sample:g} per round (q = {user.sampling_rate:.4g}), {user.rounds} rounds, "
                      f"delta {user.delta:g}, z = {user.noise_multiplier:.4g}")
-        lines.append("  round  epsilon (RDP)")
-        lines += [f"  {r:>5}  {user.epsilon_per_round[r - 1]:.4f}" for r in _shown_rounds(user.rounds)]
+        lines += _epsilon_lines(user.epsilon_per_round)
         pld = "n/a (fixed-size sampling)" if user.epsilon_pld is None else f"{user.epsilon_pld:.4f}"
         lines.append(f"  total: epsilon {user.epsilon_rdp:.4f} (RDP), {pld} (PLD); round 1 alone "
                      f"{user.epsilon_per_round[0]:.4f}")
@@ -155,8 +159,7 @@ def format_plan(user: UserLevelPlan | None, record: RecordLevelPlan | None, trai
         lines.append(f"record level (DP-SGD, per client): {record.num_examples} examples, batch {record.batch_size} "
                      f"(q = {record.sample_rate:.4g}), {record.steps_per_round} steps per round, {record.rounds} "
                      f"rounds, delta {record.delta:g}, sigma = {record.noise_multiplier:.4g}")
-        lines.append("  round  epsilon (RDP)")
-        lines += [f"  {r:>5}  {record.epsilon_per_round[r - 1]:.4f}" for r in _shown_rounds(record.rounds)]
+        lines += _epsilon_lines(record.epsilon_per_round)
         pld = "n/a" if record.epsilon_pld is None else f"{record.epsilon_pld:.4f}"
         lines.append(f"  total: epsilon {record.epsilon_rdp:.4f} (RDP), {pld} (PLD), for a client in every round")
         lines.append(f"  noise: std sigma*C/B = {record.noise_ratio:.4g} x C on the mean batch gradient")

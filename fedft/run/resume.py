@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from fedft.config import ConfigError, FedftConfig, config_to_dict
-from fedft.rundir import ADAPTER_WEIGHTS, jsonl_text, read_jsonl_rows
+from fedft.rundir import ADAPTER_WEIGHTS, CHECKPOINT_META, jsonl_text, latest_checkpoint, read_jsonl_rows
 
-META_FILE = "round.json"
 CONFIG_FILE = "fedft_config.json"
 METRICS_COPY = "metrics.jsonl"
 LEDGER_COPY = "privacy_ledger.jsonl"
@@ -32,7 +31,7 @@ def checkpoint_extras(round_index: int, cfg: FedftConfig, metrics_rows: list[dic
     from safetensors.torch import save
 
     extras = {
-        META_FILE: json.dumps({"round": round_index}).encode(),
+        CHECKPOINT_META: json.dumps({"round": round_index}).encode(),
         CONFIG_FILE: json.dumps(config_to_dict(cfg), sort_keys=True, indent=1).encode(),
         METRICS_COPY: jsonl_text(metrics_rows).encode(),
     }
@@ -55,12 +54,6 @@ class ResumePoint:
     path: Path
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory of a run, or None."""
-    candidates = sorted(Path(run_dir).glob("checkpoints/round-*/" + META_FILE))
-    return candidates[-1].parent if candidates else None
-
-
 POST_FEDERATION_SECTIONS = ("dpo", "report")  # may change between a run and its resumption
 
 
@@ -81,9 +74,9 @@ def load_resume_point(run_dir: Path, cfg: FedftConfig) -> ResumePoint:
 
     path = latest_checkpoint(run_dir)
     if path is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint (checkpoints/round-NNN/{META_FILE}) "
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint (checkpoints/round-NNN/{CHECKPOINT_META}) "
                                 "to resume from")
-    round_index = int(json.loads((path / META_FILE).read_text())["round"])
+    round_index = int(json.loads((path / CHECKPOINT_META).read_text())["round"])
     saved = json.loads((path / CONFIG_FILE).read_text())
     current = config_to_dict(cfg)
     for after_the_rounds in POST_FEDERATION_SECTIONS:  # do not change what the rounds compute

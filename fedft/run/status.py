@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedft.run.directory import lock_holder
-from fedft.rundir import CHECKPOINTS_DIR, FAILURE_FILE, SUMMARY_FILE, RunDirError
+from fedft.rundir import CHECKPOINT_META, FAILURE_FILE, SUMMARY_FILE, RunDirError, latest_checkpoint
 
 FINISHED, FAILED, RUNNING = 0, 1, 3
 
@@ -26,8 +26,8 @@ class RunStatus:
 
 def last_complete_round(run_dir: Path) -> int:
     """The round of the newest complete checkpoint (0 when there is none)."""
-    done = sorted(Path(run_dir).glob(f"{CHECKPOINTS_DIR}/round-*/round.json"))
-    return int(json.loads(done[-1].read_text())["round"]) if done else 0
+    latest = latest_checkpoint(run_dir)
+    return int(json.loads((latest / CHECKPOINT_META).read_text())["round"]) if latest else 0
 
 
 def run_status(run_dir: Path) -> RunStatus:
