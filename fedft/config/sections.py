@@ -70,6 +70,9 @@ class ModelConfig(_Section):
                          check=lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v))
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # train even when bitsandbytes left weight layers of the base in full precision (their types are
+    # named when loading refuses; summary.json records the effective quantization either way)
+    allow_unquantized: bool = False
 
 
 @dataclass(frozen=True)

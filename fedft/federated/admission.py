@@ -146,6 +146,7 @@ def admit(asked: FedftConfig, policy: InstitutionPolicy, node: NodeSettings, *,
     if asked.model.trust_remote_code and not model.trust_remote_code:
         raise PolicyViolation("model.trust_remote_code: this institution does not run a model's own code")
     apply("model.trust_remote_code", model.trust_remote_code)
+    apply("model.allow_unquantized", model.allow_unquantized)
     if model.path:
         apply("model.path", model.path)
     if model.device or not node.device:

@@ -46,6 +46,8 @@ class ModelPolicy:
     sha256: str = option("", "64 hex digits (fedft policy init computes it), or ''",
                          check=lambda v: v == "" or (len(v) == 64 and all(c in "0123456789abcdef" for c in v)))
     trust_remote_code: bool = False  # only ever from here: a message's model.trust_remote_code is never obeyed
+    # train a base whose layers bitsandbytes leaves partly in full precision (more memory); only ever from here
+    allow_unquantized: bool = False
     device: str = ""  # cpu, cuda, cuda:N, auto; "" keeps the node's device key, else 'auto'
 
 
@@ -193,6 +195,9 @@ path = "{model_path}"
 sha256 = "{sha256}"
 # Run the model's own Python code (needs path and sha256). A message can never turn it on.
 trust_remote_code = false
+# Train a base whose layers bitsandbytes leaves (partly) in full precision, e.g. Falcon's
+# FalconLinear or mixture-of-experts weights: more memory than 4-bit. Only ever from here.
+allow_unquantized = false
 # cpu, cuda, cuda:N or auto; "" keeps the node's device key, else auto.
 device = ""
 

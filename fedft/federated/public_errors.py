@@ -16,6 +16,7 @@ PUBLIC_REASONS = {
     "DataError": "its training data could not be read or tokenized",
     "PolicyError": "its policy file or --node-config is invalid",
     "ConfigError": "the round's config could not be applied",
+    "QuantizationError": "its base model cannot be quantized as asked on its machine",
     "OutOfMemoryError": "it ran out of accelerator memory",
     "MemoryError": "it ran out of memory",
     "FileNotFoundError": "a file it needs is missing",

@@ -16,6 +16,7 @@ import torch
 
 from fedft.config import FedftConfig
 from fedft.model.adapter import get_adapter_state
+from fedft.model.quantization import check_cpu_kernel_shapes, check_quantization, quantization_census
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,6 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LOAD_COUNTS: Counter = Counter()
 _CACHE: dict = {}
 _INITIAL: dict = {}
+_FACTS: dict = {}  # what each cached configuration turned out to be (quantization, prompt format)
 _CACHE_LOCK = threading.Lock()
 
 
@@ -62,7 +64,8 @@ def quantization_config(cfg: FedftConfig):
 
 
 def load_tokenizer(cfg: FedftConfig):
-    """The tokenizer of the base model, with a pad token."""
+    """The tokenizer of the base model, with a pad token (its eos token when it has none:
+    ``fedft.data.prompt_format`` records which)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -70,7 +73,26 @@ def load_tokenizer(cfg: FedftConfig):
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.fedft_pad_from_eos = True
     return tokenizer
+
+
+def lora_targets(model, targets: tuple[str, ...]):
+    """PEFT's ``target_modules`` for ``lora.target_modules``.
+
+    ``all-linear`` means every linear layer but the output head. On a mixture-of-experts base
+    PEFT would also put LoRA on the 3-D expert weights, at rank r x experts (and 2r for fused
+    gate/up), which breaks the one-rank adapter that aggregation, heterogeneous ranks and SVD
+    rely on; there the linear layers are named explicitly and the experts stay frozen.
+    """
+    if targets != ("all-linear",):
+        return list(targets)
+    if not any(p.dim() >= 3 for p in model.parameters()):
+        return "all-linear"
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if module is not head and (isinstance(module, torch.nn.Linear)
+                                              or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"))})
 
 
 def load_peft_model(cfg: FedftConfig):
@@ -94,6 +116,11 @@ def load_peft_model(cfg: FedftConfig):
         device_map={"": device},
         trust_remote_code=cfg.model.trust_remote_code,
     )
+    census = quantization_census(model, cfg.model.quantization)
+    check_quantization(census, cfg.model.allow_unquantized)
+    check_cpu_kernel_shapes(model, cfg.model.quantization, device)
+    if quant is not None and not census.quantized_layers:
+        quant = None  # nothing was quantized (allowed above): train it as the full-precision model it is
     if quant is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
@@ -102,17 +129,17 @@ def load_peft_model(cfg: FedftConfig):
     elif cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.enable_input_require_grads()
-    targets = cfg.lora.target_modules
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules="all-linear" if targets == ("all-linear",) else list(targets),
+        target_modules=lora_targets(model, cfg.lora.target_modules),
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(cfg.seed)
     model = get_peft_model(model, lora)
     model.config.use_cache = False
+    model.fedft_quantization = census
     return model
 
 
@@ -127,9 +154,25 @@ def cached_peft_model(cfg: FedftConfig):
         if key not in _CACHE:
             LOAD_COUNTS[key] += 1
             model = load_peft_model(cfg)
-            _CACHE[key] = (model, load_tokenizer(cfg))
+            tokenizer = load_tokenizer(cfg)
+            _CACHE[key] = (model, tokenizer)
             _INITIAL[key] = get_adapter_state(model)
+            _FACTS[key] = model_facts(model, tokenizer)
         return _CACHE[key]
+
+
+def model_facts(model, tokenizer) -> dict:
+    """What a loaded model is: its effective quantization and the prompt format its data gets."""
+    from fedft.data.prompt_format import prompt_format
+
+    return {"quantization": model.fedft_quantization.as_dict(), "quantization_line": model.fedft_quantization.line(),
+            "prompt_format": prompt_format(tokenizer)}
+
+
+def cached_model_facts(cfg: FedftConfig) -> dict:
+    """``model_facts`` of this configuration's cached model (loading it if needed), for summary.json."""
+    cached_peft_model(cfg)
+    return _FACTS[_cache_key(cfg)]
 
 
 def initial_adapter_state(cfg: FedftConfig) -> dict[str, torch.Tensor]:
@@ -148,3 +191,4 @@ def clear_model_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()
         _INITIAL.clear()
+        _FACTS.clear()

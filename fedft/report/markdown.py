@@ -193,6 +193,7 @@ def assemble_report(run_name: str, summary: dict, metrics: list[dict] | None, ev
         "rounds": summary.get("rounds"),
         "clients": cfg.get("simulation", {}).get("num_supernodes"),
         "base_model": cfg.get("model", {}).get("path"),
+        "base_model_facts": model_fact_lines(summary.get("model")),
         "stage_table_source": "evaluation.json" if evaluation else "summary.json",
         "preference_reference": preference_reference(summary, evaluation),
         "stages": stages,
@@ -209,6 +210,22 @@ def assemble_report(run_name: str, summary: dict, metrics: list[dict] | None, ev
         "omitted": omitted,
         "plots": {},
     }
+
+
+def model_fact_lines(facts: dict | None) -> list[str]:
+    """What the base was computed with (effective quantization) and how prompts were formatted."""
+    if not facts:
+        return []
+    q, p = facts["quantization"], facts["prompt_format"]
+    lines = [f"Effective quantization: {q['effective']} (asked: {q['requested']}; {q['quantized_layers']} "
+             f"quantized layers, {100 * q['quantized_share']:.0f}% of the weight-layer weights)"
+             + ("; in full precision: " + ", ".join(f"{v['layers']} {k}" for k, v in q["unquantized"].items())
+                if q["unquantized"] else "") + "."]
+    prompts = "the tokenizer's chat template" if p["prompts"] == "chat template" else (
+        "no chat template: the fallback '### Instruction: ... ### Response:' layout")
+    lines.append(f"Prompts: {prompts}; pad token {p['pad_token']!r}" + (" (the eos token)" if p["pad_is_eos"] else "")
+                 + ".")
+    return lines
 
 
 def sample_sets(evaluation: dict | None, summary: dict) -> dict[str, list[dict]]:
@@ -289,6 +306,8 @@ def report_markdown(report: dict) -> str:
     lines = [f"# fedft run report: {report['run']}", "",
              f"Strategy {report['strategy']}, {report['rounds']} rounds, {report['clients']} clients, "
              f"base model `{report['base_model']}`. Stage table from {report['stage_table_source']}.", "",
+             *[f"{line}" for line in report.get("base_model_facts") or []],
+             *([""] if report.get("base_model_facts") else []),
              "## Stages", "", *stage_table(report), ""]
     if any(s.get("pref_accuracy") is not None for s in report["stages"]):
         lines += [f"Preference accuracy: share of held-out pairs whose implicit reward beta * log(pi / pi_ref) "

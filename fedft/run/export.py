@@ -123,37 +123,96 @@ def load_training_base_fp32(cfg: FedftConfig, device: str = "cpu",
 
     A quantized base is dequantized: every 4-bit (or 8-bit) linear layer becomes an
     ``nn.Linear`` holding exactly the weights the quantized forward computes with, and the
-    quantization config is removed, so ``save_pretrained`` writes a plain checkpoint.
+    quantization config is removed, so ``save_pretrained`` writes a plain checkpoint. A base
+    in which bitsandbytes quantized nothing (trained with ``model.allow_unquantized``) is
+    loaded in full precision, as training computed with it.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     from fedft.model.load import DTYPES, quantization_config, resolve_device
+    from fedft.model.quantization import quantization_census
 
     path = cfg.model_path
     if Path(path).is_absolute() and not Path(path).exists():
         raise ExportError(f"the run's base model {path} (model.path) does not exist on this machine")
     quant = quantization_config(cfg)
+
+    def load(quantization):
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quantization, dtype=DTYPES[cfg.model.compute_dtype],
+            device_map={"": resolve_device(device)}, trust_remote_code=cfg.model.trust_remote_code)
+
     progress(f"loading base {cfg.model.path} ({cfg.model.quantization}, {cfg.model.compute_dtype}, as in training)")
-    model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quant, dtype=DTYPES[cfg.model.compute_dtype],
-        device_map={"": resolve_device(device)}, trust_remote_code=cfg.model.trust_remote_code,
-    )
+    model = load(quant)
     if quant is not None:
-        progress(f"dequantizing the {cfg.model.quantization} weights to float32")
-        model = model.dequantize(dtype=torch.float32)
+        census = quantization_census(model, cfg.model.quantization)
+        if not census.quantized_layers:
+            progress(f"bitsandbytes quantized none of its layers ({census.describe_unquantized()}): "
+                     "merging into the full-precision base training used")
+            model = load(None)
+        else:
+            progress(f"dequantizing the {cfg.model.quantization} weights to float32")
+            model = model.dequantize(dtype=torch.float32)
     model = model.to(torch.float32)
     if getattr(model.config, "quantization_config", None) is not None:  # pragma: no cover - defensive
         raise ExportError("the base model still carries a quantization config after dequantizing")
     return model
 
 
-def merge_adapter(base, adapter_dir: Path):
-    """``base`` with the PEFT adapter in ``adapter_dir`` merged into its weights (in base's dtype)."""
-    from peft import PeftModel
+def probe_ids(tokenizer, vocab_size: int) -> list[int]:
+    """A few token ids to compare logits on: a short sentence, or the first ids of the vocabulary."""
+    ids = tokenizer("The answer is 42, as the report says.", add_special_tokens=False)["input_ids"][:16]
+    return [i for i in ids if i < vocab_size] or list(range(min(8, vocab_size)))
 
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    return model.merge_and_unload(safe_merge=True)
+
+MERGE_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}  # max |logit difference| / max |logit|
+
+
+def merged_model(cfg: FedftConfig, adapter: Path, tokenizer, device: str, progress: Callable[[str], None]):
+    """(merged float32 model, probe ids, the unmerged base + adapter's logits on them)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = load_training_base_fp32(cfg, device, progress)
+    with torch.device("meta"):
+        architecture = AutoModelForCausalLM.from_config(base.config)
+    model = PeftModel.from_pretrained(base, adapter)
+    ids = probe_ids(tokenizer, base.config.get_text_config().vocab_size)
+    with torch.no_grad():
+        reference = model(torch.tensor([ids], device=base.device)).logits.float().cpu()
+    model = model.merge_and_unload(safe_merge=True)
+    from fedft.model.quantization import restore_conv1d_layers
+
+    restored = restore_conv1d_layers(model, architecture)
+    if restored:
+        progress(f"restored {len(restored)} Conv1D layers to their checkpoint layout (weight [in, out])")
+    return model, ids, reference
+
+
+def check_merged_export(directory: Path, ids: list[int], reference, dtype: str) -> float:
+    """Reload the saved merged model as any user would and compare its logits with ``reference``.
+
+    Returns the relative difference (max |difference| / max |reference logit|); raises
+    ``ExportError`` above ``MERGE_TOLERANCE[dtype]``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    except Exception as err:  # the saved layout does not fit the architecture
+        raise ExportError(f"the merged model does not load back ({type(err).__name__}: {err}); nothing was "
+                          "written") from err
+    with torch.no_grad():
+        logits = reloaded(torch.tensor([ids])).logits.float()
+    difference = float((logits - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
+    if not difference <= MERGE_TOLERANCE[dtype]:
+        raise ExportError(f"the merged model reloaded gives logits {difference:.2e} (relative) away from the "
+                          f"base + adapter it was merged from (allowed {MERGE_TOLERANCE[dtype]:.0e} in {dtype}); "
+                          "nothing was written")
+    return difference
 
 
 def export_run(run_dir: Path, out: Path, *, merge: bool = False, dtype: str = "fp32",
@@ -178,10 +237,15 @@ def export_run(run_dir: Path, out: Path, *, merge: bool = False, dtype: str = "f
     tokenizer = load_tokenizer(cfg)
     with atomic_directory(out) as tmp:
         if merge:
-            model = merge_adapter(load_training_base_fp32(cfg, device, progress), adapter)
+            model, ids, reference = merged_model(cfg, adapter, tokenizer, device, progress)
             progress(f"merged the {stage} adapter in float32; saving as {EXPORT_DTYPES[dtype]}")
             model = model.to(DTYPES[EXPORT_DTYPES[dtype]])
             model.save_pretrained(tmp)
+            del model
+            metadata["reload_check"] = {"relative_logit_difference": check_merged_export(tmp, ids, reference, dtype),
+                                        "tolerance": MERGE_TOLERANCE[dtype], "tokens": len(ids)}
+            progress(f"reloaded the merged model: logits within {metadata['reload_check']['relative_logit_difference']:.1e} "
+                     "(relative) of the base + adapter")
         else:
             progress(f"copying the {stage} adapter ({adapter})")
             write_adapter_copy(adapter, tmp, dtype)

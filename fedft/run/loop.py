@@ -151,6 +151,12 @@ class RunLoop:
             rounds.restore_optimizer(point.optimizer_state)
         rounds.start(first_round)
         self.progress(rounds.headline(state))
+        from fedft.data.prompt_format import prompt_format_line
+        from fedft.model.load import cached_model_facts
+
+        self.model_facts = cached_model_facts(self.cfg)
+        self.progress(f"model: {self.model_facts['quantization_line']}")
+        self.progress(prompt_format_line(self.model_facts["prompt_format"]))
         return state, first_round
 
     def _round_zero(self, state) -> tuple[dict, int]:
@@ -232,6 +238,8 @@ class RunLoop:
             summary["canary_audit"] = canary_audit
         if self.stopped is not None:
             summary["stopped"] = self.stopped
+        summary["model"] = {"quantization": self.model_facts["quantization"],
+                            "prompt_format": self.model_facts["prompt_format"]}
         self.recorder.write_summary(summary)
         final = summary["final"]
         self.progress(f"{self.rounds.stage} rounds done in {summary['wall_seconds']:.0f}s: exact match "

@@ -77,6 +77,19 @@ def test_a_deployed_node_applies_the_safe_defaults(cfg):
     assert simulated.cfg is cfg  # the operator's own simulation keeps its config
 
 
+def test_only_the_institution_lets_its_base_train_unquantized(cfg, tmp_path):
+    import dataclasses
+
+    asking = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, allow_unquantized=True))
+    admitted = admit(asking, InstitutionPolicy(), NodeSettings(data_path="x.jsonl"))
+    assert admitted.cfg.model.allow_unquantized is False
+    assert admitted.overridden["model.allow_unquantized"] == (True, False)
+    path = tmp_path / "policy.toml"
+    path.write_text("[model]\nallow_unquantized = true\n")
+    node = NodeSettings(data_path="x.jsonl", policy_path=str(path))
+    assert admit(cfg, node_policy(node), node).cfg.model.allow_unquantized is True
+
+
 def test_the_stricter_limit_of_node_and_policy_applies(cfg, tmp_path):
     path = tmp_path / "policy.toml"
     path.write_text("[privacy]\nmax_epsilon = 4.0\n")
