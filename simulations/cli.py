@@ -26,8 +26,40 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_serve(args: argparse.Namespace) -> int:
+    from flwr.common.config import parse_config_args
+
+    from clients.worker import WorkerError, serve
+
+    node_config = parse_config_args([args.node_config]) if args.node_config else {}
+    try:
+        if "worker" in node_config:
+            raise WorkerError("--node-config: 'worker' belongs in the SuperNode's node config, not the worker's")
+        serve(Path(args.socket), node_config)
+    except WorkerError as error:
+        print(f"fedft: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_node_commands(commands) -> None:
+    node = commands.add_parser("node", help="an institution's own processes beside its SuperNode")
+    node_commands = node.add_subparsers(dest="node_command", required=True)
+    serve = node_commands.add_parser(
+        "serve", help="a resident worker that keeps the 4-bit base loaded between rounds",
+        description="Start it beside the SuperNode, with the node config the SuperNode would have had "
+                    "(data-path, state-dir, policy, device, model-path, ...); start the SuperNode with only "
+                    "--node-config \"worker='SOCKET'\". Rounds the ClientApp forwards run here, the base "
+                    "loaded once.")
+    serve.add_argument("--socket", required=True, help="the Unix socket to listen on (created mode 0600)")
+    serve.add_argument("--node-config", default="",
+                       help="this institution's settings, as for flower-supernode: \"data-path='...' ...\"")
+    serve.set_defaults(handler=_node_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, commands = build_parser()
+    _add_node_commands(commands)
     sim = commands.add_parser("simulate", help="run a config on Flower's Simulation Engine")
     add_config_arguments(sim)
     sim.add_argument("--out", required=True, help="the run directory (RUN_DIR)")

@@ -33,6 +33,8 @@ REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_STEPS, LORA_RANK, CLIPPED,
                  DP_SGD_SAMPLE_RATE, DP_SGD_NOISE, DP_SGD_STEPS)
 DECLINED = "fedft-declined"  # reason prefix of an error reply: the client refused the round
 FAILED = "fedft-failed"  # reason prefix of an error reply: the client failed (fedft.federated.public_errors)
+DECLINED_CODE = 1001  # the application error code of a declined round
+FAILED_CODE = 1002  # the application error code of a failed round
 
 # Node config keys (simulation sets the first two; deployment sets data-path per institution).
 PARTITION_ID = "partition-id"

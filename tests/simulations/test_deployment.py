@@ -3,9 +3,10 @@
 A ``flower-superlink`` with TLS (certificates from ``fedft certs``) and SuperNode
 authentication; two institutions' ``flower-supernode`` processes, each registered with
 ``flwr supernode register`` and pointed at its own JSONL file through ``--node-config``; a
-2-round job started with ``flwr run`` under record-level DP-SGD, one institution with a policy
-that declines the second round (the server records it; both audit trails agree with the
-coordinator's ledger). In the same family: a SuperNode whose key was never
+2-round job started with ``flwr run`` under record-level DP-SGD, one institution training in its
+resident worker (``fedft node serve``: the base loaded once for the job), the other with a
+policy that declines the second round (the server records it; both audit trails agree with
+the coordinator's ledger). In the same family: a SuperNode whose key was never
 registered is refused, and one that does not have the CA certificate cannot connect.
 """
 
@@ -107,16 +108,28 @@ class Deployment:
             time.sleep(1)
         pytest.fail(f"fewer than {count} SuperNodes online after {timeout}s:\n{listed[-2000:]}")
 
-    def start_supernode(self, name: str, key: Path, data: Path, *, with_ca: bool = True,
+    def start_supernode(self, name: str, key: Path, data: Path | None, *, with_ca: bool = True,
                         max_retries: int | None = None, node_config: str = "") -> tuple[subprocess.Popen, Path]:
+        own = f"data-path='{data}' device='cpu' " if data is not None else ""
         args = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                 "--auth-supernode-private-key", str(key), "--port", str(_free_port()),
-                "--node-config", f"data-path='{data}' device='cpu' {node_config}".strip()]
+                "--node-config", f"{own}{node_config}".strip()]
         if with_ca:
             args += ["--root-certificates", str(self.certs["ca.crt"])]
         if max_retries is not None:
             args += ["--max-retries", str(max_retries)]
         return self.start(name, args)
+
+    def start_worker(self, name: str, socket_path: Path, node_config: str) -> tuple[subprocess.Popen, Path]:
+        """The institution's resident worker (``fedft node serve``), listening before its SuperNode starts."""
+        process, log = self.start(name, [sys.executable, "-m", "simulations.cli", "node", "serve",
+                                         "--socket", str(socket_path), "--node-config", node_config])
+        deadline = time.monotonic() + 60
+        while not socket_path.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the worker did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        return process, log
 
     def stop(self) -> None:
         for process in self.processes:
@@ -190,11 +203,14 @@ def test_two_institutions_train_over_tls_under_their_own_policies(deployment):
     the policy key; each institution's audit trail agrees with the coordinator's ledger."""
     policy = deployment.root / "inst-b" / "policy.toml"
     policy.write_text("[compute]\nmax_rounds_per_day = 1\n")
-    for name in ROWS:
-        institution = deployment.root / name
-        extra = f"state-dir='{institution / 'state'}'" + (f" policy='{policy}'" if name == "inst-b" else "")
-        deployment.start_supernode(name, institution / "keys" / "node", institution / "train.jsonl",
-                                   node_config=extra)
+    inst_a = deployment.root / "inst-a"
+    socket_path = inst_a / "run" / "worker.sock"  # inst-a trains in its resident worker
+    deployment.start_worker("inst-a-worker", socket_path,
+                            f"data-path='{inst_a / 'train.jsonl'}' device='cpu' state-dir='{inst_a / 'state'}'")
+    deployment.start_supernode("inst-a", inst_a / "keys" / "node", None, node_config=f"worker='{socket_path}'")
+    inst_b = deployment.root / "inst-b"
+    deployment.start_supernode("inst-b", inst_b / "keys" / "node", inst_b / "train.jsonl",
+                               node_config=f"state-dir='{inst_b / 'state'}' policy='{policy}'")
     deployment.wait_online(len(ROWS))
     out = deployment.root / "coordinator" / "run"
     config = deployment.root / "coordinator" / "deploy.toml"
@@ -228,6 +244,10 @@ def test_two_institutions_train_over_tls_under_their_own_policies(deployment):
         report = subprocess.run([sys.executable, "-m", "simulations.cli", "privacy", "report", "--node", str(state),
                                  str(out)], cwd=ROOT, capture_output=True, text=True)
         assert report.returncode == 0 and "no disagreement found" in report.stdout, report.stdout + report.stderr
-    assert "settings chosen by the coordinator: " in (deployment.root / "inst-a.log").read_text()
+    worker_log = (deployment.root / "inst-a-worker.log").read_text()
+    assert "settings chosen by the coordinator: " in worker_log
+    # the worker loaded the base once for both rounds; inst-a's SuperNode loaded nothing
+    assert "round 2 of run" in worker_log and "base loads in this worker: 1, rounds: 2" in worker_log, worker_log
+    assert "Loading weights" not in (deployment.root / "inst-a.log").read_text()
     assert decisions == {"inst-a": [(1, "accepted", ""), (2, "accepted", "")],
                          "inst-b": [(1, "accepted", ""), (2, "declined", "compute.max_rounds_per_day")]}
