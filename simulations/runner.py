@@ -67,13 +67,14 @@ def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool, o
 def check_tokenized_data(cfg: FedftConfig) -> str:
     """Tokenize the training and held-out rows as the run will; a refused row raises ``DataError``
     naming every such row; returns what was truncated or skipped, in words."""
-    from fedft.data.rows import TokenizeReport, load_dataset_files, read_jsonl, tokenize_dataset
+    from fedft.data.rows import TokenizeReport, load_dataset_files, read_rows, tokenize_dataset
     from fedft.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     report = TokenizeReport([], [])
-    for rows in (load_dataset_files(cfg.data.train_files), read_jsonl(cfg.data.eval_file)):
-        tokenize_dataset(rows, tokenizer, cfg.data, report)
+    data = cfg.data
+    for rows in (load_dataset_files(data.train_files, data.columns), read_rows(data.eval_file, data.columns)):
+        tokenize_dataset(rows, tokenizer, data, report)
     return report.line()
 
 

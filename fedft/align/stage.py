@@ -57,8 +57,8 @@ def write_model_pairs(cfg: FedftConfig, model, tokenizer, dpo_dir: Path, log: Ca
     and the counts of where the rejected answers came from.
     """
     from fedft.align.pairs import SamplingSettings, model_error_rows
+    from fedft.data.files import json_lines
     from fedft.data.preferences import pair_from_row
-    from fedft.data.rows import json_lines
     from fedft.rundir import atomic_write_jsonl
 
     d = cfg.dpo

@@ -5,11 +5,12 @@
 take the section they use (``TrainConfig``, ``LoraConfig``, ...), not the whole config.
 """
 
-from fedft.config.fields import ConfigError, option
+from fedft.config.fields import ConfigError, FrozenTable, option
 from fedft.config.loading import apply_overrides, config_from_dict, config_to_dict, load_config, parse_override
 from fedft.config.sections import (
     DEMO_MODEL,
     PATH_FIELDS,
+    ROW_FIELDS,
     SECTIONS,
     DataConfig,
     DpoConfig,
@@ -25,7 +26,8 @@ from fedft.config.sections import (
 )
 
 __all__ = [
-    "ConfigError", "option", "apply_overrides", "config_from_dict", "config_to_dict", "load_config", "parse_override",
-    "DEMO_MODEL", "PATH_FIELDS", "SECTIONS", "DataConfig", "DpoConfig", "FedftConfig", "LoraConfig", "ModelConfig",
-    "PrivacyConfig", "ReportConfig", "SimulationConfig", "StrategyConfig", "TrainConfig", "demo_model_dir",
+    "ConfigError", "FrozenTable", "option", "apply_overrides", "config_from_dict", "config_to_dict", "load_config",
+    "parse_override", "DEMO_MODEL", "PATH_FIELDS", "ROW_FIELDS", "SECTIONS", "DataConfig", "DpoConfig", "FedftConfig",
+    "LoraConfig", "ModelConfig", "PrivacyConfig", "ReportConfig", "SimulationConfig", "StrategyConfig", "TrainConfig",
+    "demo_model_dir",
 ]

@@ -3,7 +3,7 @@
 ``option(default, allowed, choices=..., check=...)`` puts the field's choices or its range
 (in words, parsed into the test, so the two cannot drift apart) beside the field.
 ``_Section.problems()`` yields (field, allowed) pairs for rules that tie a section's fields
-together. Pure: no I/O.
+together. ``FrozenTable`` is how a frozen section holds a table (a TOML inline table). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -16,6 +16,22 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
+
+
+class FrozenTable(dict):
+    """A string -> string table as a frozen config section holds it: read-only and hashable, so the
+    section stays usable as a cache key; it is still a ``dict`` for JSON, equality and ``asdict``."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("a config table is read-only; build a new section with dataclasses.replace")
+
+    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _read_only
+
+    def __reduce__(self):
+        return (FrozenTable, (dict(self),))
 
 
 # A range in words, as the error shows it: "an integer >= 1", "a number > 0 (note)", "a number in [0, 1)".

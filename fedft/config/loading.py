@@ -56,10 +56,13 @@ def _coerce(value: Any, annotation: str, name: str, where: str) -> Any:
             value = [value]
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         value = tuple(value) if ok else value
+    elif annotation == "dict[str, str]":  # a TOML table: the section makes it a read-only FrozenTable
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
     else:  # pragma: no cover - every field type is listed above
         raise TypeError(f"unsupported field type {annotation}")
     if not ok:
-        raise ConfigError(f"{where}: {name} = {value!r} has the wrong type: expected {annotation}")
+        expected = {"dict[str, str]": 'a table of strings, e.g. {instruction = "question"}'}.get(annotation, annotation)
+        raise ConfigError(f"{where}: {name} = {value!r} has the wrong type: expected {expected}")
     return value
 
 
@@ -127,12 +130,13 @@ def config_from_dict(raw: dict, *, source: str | None = None, text: str = "",
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``section.key=value``; the value is read as TOML, else taken as a plain string."""
+    """Split ``section.key=value`` (or ``section.table.key=value`` for a table field such as
+    ``data.columns``); the value is read as TOML, else taken as a plain string."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     dotted, text = item.split("=", 1)
     keys = dotted.strip().split(".")
-    if not all(keys):
+    if not all(keys) or len(keys) > 3:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -142,20 +146,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Return a copy of ``raw`` with each ``section.key=value`` applied."""
+    """Return a copy of ``raw`` with each ``section.key=value`` applied; ``section.table.key=value``
+    sets one entry of a table field, keeping its other entries."""
     merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for item in overrides:
         keys, value = parse_override(item)
         if len(keys) == 1:
             merged[keys[0]] = value
-        elif len(keys) == 2:
-            if keys[0] not in SECTIONS:
-                raise ConfigError(
-                    f"--set {item!r}: unknown section {keys[0]!r}; allowed: {', '.join(SECTIONS)}"
-                )
-            merged.setdefault(keys[0], {})[keys[1]] = value
-        else:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
+            continue
+        if keys[0] not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: unknown section {keys[0]!r}; allowed: {', '.join(SECTIONS)}")
+        section = merged.setdefault(keys[0], {})
+        if not isinstance(section, dict):
+            section = merged[keys[0]] = {}
+        if len(keys) == 3:
+            table = section.get(keys[1])
+            value = {**(table if isinstance(table, dict) else {}), keys[2]: value}
+        section[keys[1]] = value
     return merged
 
 
@@ -196,14 +203,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> FedftCo
     path = Path(path)
     raw, text = read_toml(path, f"config file {path} does not exist")
     # Paths in the file are relative to the file; paths given with --set to the shell's cwd.
-    raw = _resolve_paths(raw, path.parent)
+    raw = apply_overrides(_resolve_paths(raw, path.parent), overrides or [])
     given = _resolve_paths(apply_overrides({}, overrides or []), Path.cwd())
-    for section, value in given.items():
-        if isinstance(value, dict) and isinstance(raw.get(section), dict):
-            raw[section] = {**raw[section], **value}
-        else:
-            raw[section] = value
-    given = {".".join(parse_override(item)[0]): item for item in overrides or []}
+    for name in PATH_FIELDS:
+        section, key = name.split(".")
+        part = given.get(section)
+        if isinstance(part, dict) and key in part:
+            raw[section][key] = part[key]
+    # an error names the --set argument that gave the field (a table's entry names its table)
+    given = {".".join(parse_override(item)[0][:2]): item for item in overrides or []}
     return config_from_dict(raw, source=str(path), text=text, given=given)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fedft.config.fields import (
     ConfigError,
+    FrozenTable,
     _learning_rate,
     _lr_schedule,
     _max_grad_norm,
@@ -92,12 +93,22 @@ class LoraConfig(_Section):
             yield "client_ranks", f"ranks at most lora.r = {self.r} (the global adapter's rank)"
 
 
+# A row's fields, under the names data.columns may give them in an institution's files.
+ROW_FIELDS = ("instruction", "input", "output", "messages")
+
+
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    """Where the training and held-out data live and how simulated institutions split it."""
+    """Where the training and held-out data live, what their columns are called, and how simulated
+    institutions split them."""
 
+    # data files: .jsonl, .json (a list of objects, or one object per line), .csv, .parquet, or a folder
+    # written by datasets' save_to_disk
     train_files: tuple[str, ...] = ()
-    eval_file: str = option("", "a held-out JSONL file", check=bool)
+    eval_file: str = option("", "a held-out data file", check=bool)  # in any of the formats above
+    # row field -> the column holding it in your files, e.g. {instruction = "question", output = "answer"}; the
+    # fields are instruction, input, output, messages; for every data file (one in these names reads as it is)
+    columns: dict[str, str] = field(default_factory=FrozenTable)
     partition: str = option("natural", choices=("iid", "dirichlet", "natural"))
     partition_by: str = "institution"  # column for natural, label column for dirichlet
     dirichlet_alpha: float = option(0.5, "a number > 0")
@@ -109,6 +120,19 @@ class DataConfig(_Section):
     empty_answers: str = option("refuse", choices=("refuse", "skip"))  # a row whose answer is blank
     eval_max_examples: int = option(200, "an integer >= 1")
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.columns, FrozenTable):  # a plain dict would make the section unhashable
+            object.__setattr__(self, "columns", FrozenTable(self.columns))
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        unknown = [key for key in self.columns if key not in ROW_FIELDS]
+        if unknown:
+            yield "columns", (f"a table from row fields ({', '.join(ROW_FIELDS)}) to your files' column names, "
+                              'e.g. {instruction = "question", output = "answer"}; not a row field: '
+                              + ", ".join(map(repr, unknown)))
+        if not all(self.columns.values()):
+            yield "columns", "a table whose values are column names (non-empty strings)"
 
 
 @dataclass(frozen=True)

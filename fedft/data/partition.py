@@ -77,11 +77,11 @@ def check_simulation_data(cfg: FedftConfig) -> list[int]:
     bad row (with its file and line), a missing column or an empty partition.
     """
     from fedft.config import ConfigError
-    from fedft.data.rows import read_jsonl
+    from fedft.data.rows import read_rows
 
     if not cfg.data.train_files:  # a deployment's coordinator config has none; a simulation needs them
-        raise ConfigError("data.train_files is empty; a simulation or baseline needs at least one JSONL file")
-    read_jsonl(cfg.data.eval_file)
-    parts = partition_dataset(load_dataset_files(cfg.data.train_files), cfg.data,
+        raise ConfigError("data.train_files is empty; a simulation or baseline needs at least one data file")
+    read_rows(cfg.data.eval_file, cfg.data.columns)
+    parts = partition_dataset(load_dataset_files(cfg.data.train_files, cfg.data.columns), cfg.data,
                               cfg.simulation.num_supernodes)
     return [len(p) for p in parts]

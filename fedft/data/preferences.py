@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedft.data.rows import ROLES, DataError, json_lines, prompt_and_completion
+from fedft.data.files import DataError, json_lines
+from fedft.data.rows import ROLES, prompt_and_completion
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 

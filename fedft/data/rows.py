@@ -1,110 +1,141 @@
-"""Institution data: JSONL loading with line-exact errors, prompt formatting, completion-only labels.
+"""Institution data: rows from data files with place-exact errors, prompt formatting, completion-only labels.
 
-Two row formats are accepted, one object per line:
+``fedft.data.files`` reads the file formats (JSONL, JSON, CSV, Parquet, a saved dataset);
+here each record becomes a row. Two row formats are accepted:
 ``{"instruction": ..., "input": ... (optional), "output": ...}`` and
 ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` whose last
-message is the assistant's answer. Any other scalar keys (``task``, ``institution``, ...)
-are kept as columns for partitioning and per-task scoring. Prompts go through the
-tokenizer's chat template when it has one; the loss sees only the answer's tokens
-(prompt tokens are labelled -100). Nothing here trains or talks to a server.
+message is the assistant's answer. ``data.columns`` names the files' own columns for these
+fields (``{instruction = "question", output = "answer"}``). Any other scalar columns
+(``task``, ``institution``, ...) are kept for partitioning and per-task scoring; ``source``
+is the row's place (``file:line`` or ``file row N``). Prompts go through the tokenizer's chat
+template when it has one; the loss sees only the answer's tokens (prompt tokens are labelled
+-100). Nothing here trains or talks to a server.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedft.config import ROW_FIELDS
+from fedft.data.files import DataError, records
+
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 FALLBACK_PROMPT = "### Instruction:\n{content}\n\n### Response:\n"
+COLUMNS_EXAMPLE = 'data.columns = {instruction = "question", output = "answer"}'
 
 
-class DataError(ValueError):
-    """A data file or row cannot be used; the message names the file and line."""
+def _renamed(raw: dict, columns: Mapping[str, str]) -> dict:
+    """The record under the row fields' names: each column ``columns`` names becomes its field (a
+    column already called like that field is then left out); a record without it keeps its own."""
+    found = {field: column for field, column in columns.items() if column in raw}
+    row = {k: v for k, v in raw.items() if k not in found and k not in found.values()}
+    row.update((field, raw[column]) for field, column in found.items())
+    return row
 
 
-def _row_to_messages(row: dict, where: str) -> list[dict]:
+def _name(field: str, columns: Mapping[str, str]) -> str:
+    """A row field as an error names it: its column, and the data.columns entry that chose it."""
+    column = columns.get(field, field)
+    return repr(field) if column == field else f"{column!r} (data.columns.{field})"
+
+
+def _missing_fields(raw: dict, row: dict, where: str, columns: Mapping[str, str]) -> DataError:
+    missing = [_name(f, columns) for f in ("instruction", "output") if f not in row]
+    found = ", ".join(map(repr, raw)) or "nothing"
+    fix = ("fix data.columns" if columns else
+           f"if your columns are named otherwise, name them with data.columns, e.g. {COLUMNS_EXAMPLE}")
+    return DataError(f"{where}: expected keys 'instruction' and 'output' (optionally 'input') or 'messages'; "
+                     f"no column{'s' if len(missing) > 1 else ''} {' and '.join(missing)}; found {found}; {fix}")
+
+
+def _row_to_messages(row: dict, where: str, columns: Mapping[str, str]) -> list[dict] | None:
+    """The row's conversation; None when it has neither format's fields."""
     if "messages" in row:
-        messages = row["messages"]
+        messages, name = row["messages"], _name("messages", columns)
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
+            text = isinstance(messages, str)  # e.g. from a CSV cell, which holds only text
+            hint = "; a CSV file cannot hold chat rows: use JSONL, JSON or Parquet" if text else ""
+            raise DataError(f"{where}: {name} must be a non-empty list of messages, got {messages!r}{hint}")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(
                 m.get("content"), str
             ):
-                raise DataError(
-                    f"{where}: messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}, "
-                    f"got {m!r}"
-                )
+                raise DataError(f"{where}: {columns.get('messages', 'messages')}[{i}] must be "
+                                f"{{'role': one of {ROLES}, 'content': str}}, got {m!r}")
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message must be the assistant's answer")
         if not any(m["role"] == "user" for m in messages):
-            raise DataError(f"{where}: 'messages' has no user message")
+            raise DataError(f"{where}: {name} has no user message")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     if "instruction" in row and "output" in row:
         for key in ("instruction", "input", "output"):
-            if key in row and not isinstance(row[key], str):
-                raise DataError(f"{where}: {key!r} must be a string, got {row[key]!r}")
+            if key in row and not isinstance(row[key], str) and not (key == "input" and row[key] is None):
+                raise DataError(f"{where}: {_name(key, columns)} must be a string, got {row[key]!r}")
         user = row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-    raise DataError(
-        f"{where}: expected keys 'instruction' and 'output' (optionally 'input') or 'messages'; "
-        f"found {sorted(row)}"
-    )
+    return None
 
 
-def json_lines(path: str | Path, kind: str = "data file") -> Iterator[tuple[str, Any]]:
-    """``(file:line, parsed value)`` for each non-blank line; a missing file or bad JSON raises
-    ``DataError`` naming the place. ``kind`` names the file in messages."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{kind} {path} does not exist")
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{where}:{err.start + 1}: byte 0x{raw[err.start]:02x} is not valid UTF-8; "
-                                "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
+def normalise_row(raw: Any, where: str, columns: Mapping[str, str] | None = None) -> dict:
+    """One record as a row: ``messages`` + its other scalar columns + ``source`` (its place)."""
+    columns = columns or {}
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    row = _renamed(raw, columns)
+    messages = _row_to_messages(row, where, columns)
+    if messages is None:
+        raise _missing_fields(raw, row, where, columns)
+    out = {"messages": messages, "source": where}
+    for key, value in row.items():
+        if key not in ROW_FIELDS:
+            if not isinstance(value, (str, int, float, bool)) and value is not None:
+                raise DataError(f"{where}: extra column {key!r} must be a scalar (text, a number, a boolean or "
+                                f"empty), got {type(value).__name__}")
+            out[key] = value
+    return out
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read and normalise a JSONL file: rows of ``messages`` + metadata + ``source`` (file:line)."""
-    rows = []
-    for where, raw in json_lines(path):
-        if not isinstance(raw, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-        row = {"messages": _row_to_messages(raw, where), "source": where}
-        for key, value in raw.items():
-            if key not in ("messages", "instruction", "input", "output"):
-                if not isinstance(value, (str, int, float, bool)) and value is not None:
-                    raise DataError(f"{where}: extra column {key!r} must be a scalar")
-                row[key] = value
-        rows.append(row)
+def _check_columns(path: str | Path, present: set[str], columns: Mapping[str, str]) -> None:
+    """A column data.columns names that no row of the file has (while the file does not use the field's
+    own name either) is a misspelling, even for the optional 'input'."""
+    chat = "messages" in present or columns.get("messages") in present
+    for field, column in columns.items():
+        if column in present or field in present or (field == "messages") != chat:
+            continue  # found, not needed, or a field of the other row format
+        raise DataError(f"{path}: no column {column!r} (data.columns.{field}); the file has columns "
+                        f"{', '.join(map(repr, sorted(present)))}; fix data.columns")
+
+
+def _rows(path: str | Path, found: Iterable[tuple[str, Any]], columns: Mapping[str, str]) -> list[dict]:
+    rows, present = [], set()
+    for where, raw in found:
+        rows.append(normalise_row(raw, where, columns))
+        present.update(raw)
     if not rows:
         raise DataError(f"data file {path} has no rows")
+    _check_columns(path, present, columns)
     return rows
 
 
-def load_dataset_files(paths: list[str] | tuple[str, ...]):
-    """Load one or more JSONL files into a ``datasets.Dataset`` (metadata columns kept)."""
+def read_rows(path: str | Path, columns: Mapping[str, str] | None = None) -> list[dict]:
+    """Read and normalise one data file in any accepted format (``fedft.data.files``), its columns
+    named by ``columns`` (``data.columns``); a bad record raises ``DataError`` naming its place."""
+    return _rows(path, records(path), columns or {})
+
+
+def load_dataset_files(paths: list[str] | tuple[str, ...], columns: Mapping[str, str] | None = None):
+    """Load one or more data files into a ``datasets.Dataset`` (metadata columns kept)."""
     from datasets import Dataset
 
-    rows = [row for path in paths for row in read_jsonl(path)]
-    columns = set().union(*(row.keys() for row in rows))
+    rows = [row for path in paths for row in read_rows(path, columns)]
+    names = set().union(*(row.keys() for row in rows))
     for row in rows:
-        for column in columns:
-            row.setdefault(column, None)
+        for name in names:
+            row.setdefault(name, None)
     return Dataset.from_list(rows)
 
 

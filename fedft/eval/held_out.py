@@ -33,7 +33,7 @@ def load_eval_examples(cfg, tokenizer) -> list[Example]:
 
     from fedft.data.rows import load_dataset_files, tokenize_dataset
 
-    rows = load_dataset_files([cfg.data.eval_file])
+    rows = load_dataset_files([cfg.data.eval_file], cfg.data.columns)
     indices = list(range(len(rows)))
     if len(indices) > cfg.data.eval_max_examples:
         indices = sorted(random.Random(cfg.data.seed).sample(indices, cfg.data.eval_max_examples))

@@ -305,11 +305,11 @@ def stage_line(name: str, m: dict) -> str:
 
 def training_institutions(cfg: FedftConfig) -> dict[str, dict]:
     """``institution_tasks`` of the configured training files; empty when they are not here."""
-    from fedft.data.rows import read_jsonl
+    from fedft.data.rows import read_rows
 
     paths = [Path(p) for p in cfg.data.train_files]
-    if not paths or not all(p.is_file() for p in paths):
+    if not paths or not all(p.exists() for p in paths):
         return {}
     column = cfg.data.partition_by if cfg.data.partition == "natural" else "institution"
-    rows = [row for p in paths for row in read_jsonl(p)]
+    rows = [row for p in paths for row in read_rows(p, cfg.data.columns)]
     return institution_tasks(rows, column, cfg.data.task_column)

@@ -45,10 +45,10 @@ def client_examples(
     with _LOCK:
         if key not in _EXAMPLES:
             if data_path:
-                rows = load_dataset_files([data_path])
+                rows = load_dataset_files([data_path], cfg.data.columns)
             elif partition_id is not None:
                 parts = partition_dataset(
-                    load_dataset_files(cfg.data.train_files), cfg.data, cfg.simulation.num_supernodes
+                    load_dataset_files(cfg.data.train_files, cfg.data.columns), cfg.data, cfg.simulation.num_supernodes
                 )
                 if not 0 <= partition_id < len(parts):
                     raise DataError(f"partition-id {partition_id} is outside 0..{len(parts) - 1}")

@@ -28,7 +28,7 @@ from fedft.federated import wire
 # The metrics a reply may leave out: the server needs the others (weights, ranks, the DP-SGD spend).
 OPTIONAL_METRICS = (wire.TRAIN_LOSS, wire.TRAIN_STEPS)
 # What [fixed] may set: settings that change only this institution's own training.
-FIXABLE = ("model.device", "model.compute_dtype", "data.max_length", "lora.dropout",
+FIXABLE = ("model.device", "model.compute_dtype", "data.max_length", "data.columns", "lora.dropout",
            "privacy.dp_sgd_noise_multiplier", "privacy.dp_sgd_clip_norm", "privacy.dp_sgd_target_epsilon",
            *(f"train.{f.name}" for f in dataclasses.fields(SECTIONS["train"])))
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -232,5 +232,6 @@ metrics = [{metrics}]
 # Settings that are this institution's whatever the coordinator sends, e.g.
 #   train = {{ learning_rate = 1e-4, batch_size = 8 }}
 #   privacy = {{ dp_sgd_noise_multiplier = 1.2 }}
+#   data = {{ columns = {{ instruction = "question", output = "answer" }} }}   # this institution's column names
 # Allowed: {", ".join(FIXABLE)}
 '''

@@ -61,7 +61,8 @@ class CentralizedRounds(_InProcessRounds):
 
     def __init__(self, cfg: FedftConfig, evaluator: HeldOutEvaluator) -> None:
         super().__init__(cfg, evaluator)
-        self.examples = tokenize_dataset(load_dataset_files(cfg.data.train_files), self.tokenizer, cfg.data)
+        rows = load_dataset_files(cfg.data.train_files, cfg.data.columns)
+        self.examples = tokenize_dataset(rows, self.tokenizer, cfg.data)
         self.train_cfg = dataclasses.replace(cfg.train, local_steps=cfg.train.local_steps * clients_per_round(cfg))
 
     def headline(self, state) -> str:
@@ -90,7 +91,7 @@ class LocalRounds(_InProcessRounds):
     def __init__(self, cfg: FedftConfig, evaluator: HeldOutEvaluator) -> None:
         super().__init__(cfg, evaluator)
         n = cfg.simulation.num_supernodes
-        parts = partition_dataset(load_dataset_files(cfg.data.train_files), cfg.data, n)
+        parts = partition_dataset(load_dataset_files(cfg.data.train_files, cfg.data.columns), cfg.data, n)
         self.examples = [tokenize_dataset(p, self.tokenizer, cfg.data)
                          for p in parts]
 

@@ -57,12 +57,14 @@ class ResumePoint:
 POST_FEDERATION_SECTIONS = ("dpo", "report")  # may change between a run and its resumption
 
 
-def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def _config_differences(saved: dict, current: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Fields that differ, section by section; a field the checkpoint predates counts as its
+    default (a newer fedft added it), so upgrading fedft does not by itself refuse a resume."""
     out = []
     for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_differences(a, b, f"{prefix}{key}.")
+        a, b = saved.get(key, defaults.get(key)), current.get(key)
+        if not prefix and isinstance(b, dict):  # a section
+            out += _config_differences(a or {}, b, defaults.get(key) or {}, f"{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
     return out
@@ -82,7 +84,7 @@ def load_resume_point(run_dir: Path, cfg: FedftConfig) -> ResumePoint:
     for after_the_rounds in POST_FEDERATION_SECTIONS:  # do not change what the rounds compute
         saved.pop(after_the_rounds, None)
         current.pop(after_the_rounds, None)
-    differences = _config_differences(saved, current)
+    differences = _config_differences(saved, current, config_to_dict(FedftConfig()))
     if differences:
         raise ConfigError(f"cannot resume {run_dir} from {path.name}: the config differs: "
                           + "; ".join(differences[:5]))

@@ -113,7 +113,7 @@ FIELD_LIMITS = {
     "lora.dropout": (1.0, 0.0, "a number in [0, 1)"),
     "lora.target_modules": ([], ["q_proj"], "a non-empty list of module names or 'all-linear'"),
     "lora.client_ranks": ([0, 1, 1, 1], [1, 1, 1, 1], "a list of integers >= 1"),
-    "data.eval_file": ("", "held-out.jsonl", "a held-out JSONL file"),
+    "data.eval_file": ("", "held-out.jsonl", "a held-out data file"),
     "data.partition": ("random", "iid", "one of 'iid', 'dirichlet', 'natural'"),
     "data.dirichlet_alpha": (0.0, 1e-9, "a number > 0"),
     "data.max_length": (7, 8, "an integer >= 8"),
@@ -333,3 +333,44 @@ def test_a_bad_set_value_names_the_set_argument_not_a_line_of_the_file(tmp_path)
     with pytest.raises(ConfigError, match=r"c.toml:4: train.batch_size = 0 is not allowed"):
         path.write_text('[data]\neval_file = "e.jsonl"\n[train]\nbatch_size = 0\n')
         load_config(path)
+
+
+def test_data_columns_come_from_a_toml_table_or_set_and_round_trip(tmp_path):
+    import json
+    import pickle
+
+    path = tmp_path / "c.toml"
+    path.write_text('[data]\neval_file = "e.jsonl"\ncolumns = {instruction = "question", output = "answer"}\n')
+    cfg = load_config(path)
+    assert cfg.data.columns == {"instruction": "question", "output": "answer"}
+    # an entry adds to the file's table; a whole table replaces it
+    assert load_config(path, ["data.columns.input=context"]).data.columns == {
+        "instruction": "question", "output": "answer", "input": "context"}
+    assert load_config(path, ['data.columns={output = "reply"}']).data.columns == {"output": "reply"}
+    # hashable and read-only, so a section holding it stays a cache key; JSON and pickle round-trip
+    assert hash(cfg.data) == hash(load_config(path).data)
+    with pytest.raises(TypeError, match="read-only"):
+        cfg.data.columns["input"] = "context"
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ('columns = {question = "instruction"}', [],
+     ":3: data.columns = {'question': 'instruction'} is not allowed; expected a table from row fields (instruction, "
+     "input, output, messages) to your files' column names, e.g. {instruction = \"question\", output = \"answer\"}; "
+     "not a row field: 'question'"),
+    ("", ["data.columns.answer=reply"], "--set data.columns.answer=reply: data.columns = {'answer': 'reply'} is not "
+     "allowed; expected a table from row fields"),
+    ("columns = {output = 3}", [], ":3: data.columns = {'output': 3} has the wrong type: expected a table of "
+     'strings, e.g. {instruction = "question"}'),
+    ("", ["data.columns=answer"], "--set data.columns=answer: data.columns = 'answer' has the wrong type"),
+    ('columns = {output = ""}', [], "data.columns = {'output': ''} is not allowed; expected a table whose values "
+     "are column names (non-empty strings)"),
+])
+def test_a_bad_data_columns_names_the_field_and_the_row_fields(tmp_path, text, overrides, message):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[data]\neval_file = "e.jsonl"\n{text}\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert message in str(err.value)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedft.data.rows import IGNORE_INDEX, DataError, collate, load_dataset_files, read_jsonl, tokenize_row
+from fedft.data.rows import IGNORE_INDEX, DataError, collate, load_dataset_files, read_rows, tokenize_row
 from fedft.demo.base import build_char_tokenizer
 
 
@@ -43,7 +43,7 @@ def test_bad_rows_name_file_and_line(tmp_path, line, fragment):
     good = json.dumps({"instruction": "a", "output": "b"})
     path.write_text(f"{good}\n{good}\n{line}\n")
     with pytest.raises(DataError) as err:
-        read_jsonl(path)
+        read_rows(path)
     assert str(err.value).startswith(f"{path}:3:") and fragment in str(err.value)
 
 
@@ -102,12 +102,12 @@ def test_long_prompts_and_empty_answers_are_refused_together_or_handled_as_confi
 
 
 def test_a_byte_that_is_not_utf8_is_named_by_file_line_and_column(tmp_path):
-    from fedft.data.rows import read_jsonl
+    from fedft.data.rows import read_rows
 
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
     with pytest.raises(DataError, match=f"{path}:2:21: byte 0xe9 is not valid UTF-8"):
-        read_jsonl(path)
+        read_rows(path)
 
 
 def test_collate_pads_right_and_masks_padding(tokenizer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from fedft.config import load_config
-from fedft.data.rows import read_jsonl
+from fedft.data.rows import read_rows
 from fedft.demo.base import build_char_tokenizer
 from fedft.demo.tasks import make_demo_rows, make_eval_rows
 from tests.conftest import REPO_ROOT
@@ -23,7 +23,7 @@ def test_committed_demo_data_is_what_the_generator_writes(tmp_path):
 
 
 def test_institutions_are_non_iid():
-    rows = read_jsonl(DEMO_DATA / "train.jsonl")
+    rows = read_rows(DEMO_DATA / "train.jsonl")
     by_inst: dict[str, Counter] = {}
     for row in rows:
         by_inst.setdefault(row["institution"], Counter())[row["task"]] += 1

@@ -90,6 +90,14 @@ def test_only_the_institution_lets_its_base_train_unquantized(cfg, tmp_path):
     assert admit(cfg, node_policy(node), node).cfg.model.allow_unquantized is True
 
 
+def test_an_institution_names_its_own_columns(cfg, tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text('[fixed]\ndata = { columns = { instruction = "question", output = "answer" } }\n')
+    node = NodeSettings(data_path="x.csv", policy_path=str(path))
+    admitted = admit(cfg, node_policy(node), node)
+    assert dict(admitted.cfg.data.columns) == {"instruction": "question", "output": "answer"}
+
+
 def test_the_stricter_limit_of_node_and_policy_applies(cfg, tmp_path):
     path = tmp_path / "policy.toml"
     path.write_text("[privacy]\nmax_epsilon = 4.0\n")

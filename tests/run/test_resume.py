@@ -93,3 +93,18 @@ def test_a_failed_federation_exits_non_zero_with_its_reason(tiny_config_path, tm
     status = subprocess.run([sys.executable, "-m", "simulations.cli", "status", str(out)], cwd=ROOT,
                             capture_output=True, text=True)
     assert status.returncode == 1 and "failed: FederationError: round 1: 0 of 2 clients replied" in status.stdout
+
+
+def test_a_field_the_checkpoint_predates_counts_as_its_default():
+    """A newer fedft adds fields; a checkpoint written before them still resumes, a real change does not."""
+    from fedft.config import FedftConfig, config_to_dict
+    from fedft.run.resume import _config_differences
+
+    defaults = config_to_dict(FedftConfig())
+    current = config_to_dict(FedftConfig())
+    saved = json.loads(json.dumps(current))
+    del saved["data"]["columns"], saved["model"]["allow_unquantized"]
+    assert _config_differences(saved, current, defaults) == []
+    saved["train"]["learning_rate"] = 0.5
+    assert _config_differences(saved, current, defaults) == [
+        f"train.learning_rate: checkpoint 0.5, now {current['train']['learning_rate']!r}"]

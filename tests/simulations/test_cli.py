@@ -47,13 +47,13 @@ def test_empty_partition_fails_before_anything_runs(tiny_config_path, tmp_path):
 
 
 def test_demo_data_per_institution_and_node_keys(tmp_path, capsys):
-    from fedft.data.rows import read_jsonl
+    from fedft.data.rows import read_rows
     from simulations.commands import main
 
     assert main(["demo", "data", "--out", str(tmp_path / "d"), "--institutions", "2", "--rows", "5",
                  "--eval-rows", "1", "--per-institution"]) == 0
-    pooled = read_jsonl(tmp_path / "d" / "train.jsonl")
-    own = [read_jsonl(tmp_path / "d" / f"inst{i}.jsonl") for i in range(2)]
+    pooled = read_rows(tmp_path / "d" / "train.jsonl")
+    own = [read_rows(tmp_path / "d" / f"inst{i}.jsonl") for i in range(2)]
     def content(rows):
         return [row["messages"] for row in rows]
 
