@@ -118,8 +118,18 @@ def _make_private(model, params: list[torch.nn.Parameter], cfg: FedftConfig, num
     return engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
         max_grad_norm=cfg.privacy.dp_sgd_clip_norm, poisson_sampling=True, wrap_model=False,
-        noise_generator=noise_generator, loss_reduction="mean",
+        noise_generator=on_device(noise_generator, params[0].device), loss_reduction="mean",
     )
+
+
+def on_device(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """``generator`` where the noise is drawn: Opacus draws it on the gradients' device, and torch
+    refuses a CPU generator for CUDA tensors. A generator on another device is seeded with 62 bits
+    drawn from ``generator`` (so a fixed test seed stays reproducible, a secret seed stays secret)."""
+    if generator.device.type == torch.device(device).type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _dp_steps(model, examples: list[Example], pad_id: int, cfg: FedftConfig, dp_optimizer, dp_loader,

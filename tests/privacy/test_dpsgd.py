@@ -93,3 +93,27 @@ def test_gradient_checkpointing_under_dp_sgd_is_reentrant_so_every_lora_tensor_g
     plain = load_config(tiny_config_path, ["model.gradient_checkpointing=true"])
     got, total = _per_sample_grads(plain)
     assert got < total
+
+
+def test_the_noise_generator_follows_the_gradients_device(monkeypatch):
+    """Opacus draws noise on the gradients' device; a CPU generator is reseeded there, reproducibly."""
+    import torch
+
+    from fedft.privacy.dpsgd import on_device
+
+    cpu = torch.Generator().manual_seed(3)
+    assert on_device(cpu, torch.device("cpu")) is cpu
+    expected = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3)))
+
+    class CudaGenerator:  # this machine has no CUDA: record what a CUDA generator would be given
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def manual_seed(self, seed):
+            self.seed = seed
+            return self
+
+    source = torch.Generator().manual_seed(3)
+    monkeypatch.setattr(torch, "Generator", CudaGenerator)
+    moved = on_device(source, torch.device("cuda:0"))
+    assert moved.device == torch.device("cuda:0") and moved.seed == expected
