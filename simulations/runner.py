@@ -67,13 +67,17 @@ def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool, o
 def check_tokenized_data(cfg: FedftConfig) -> str:
     """Tokenize the training and held-out rows as the run will; a refused row raises ``DataError``
     naming every such row; returns what was truncated or skipped, in words."""
-    from fedft.data.rows import TokenizeReport, load_dataset_files, read_rows, tokenize_dataset
+    from fedft.data.partition import cached_partitions
+    from fedft.data.rows import TokenizeReport, read_rows, tokenize_dataset
     from fedft.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     report = TokenizeReport([], [])
     data = cfg.data
-    for rows in (load_dataset_files(data.train_files, data.columns), read_rows(data.eval_file, data.columns)):
+    from datasets import concatenate_datasets
+
+    train = concatenate_datasets(cached_partitions(data, cfg.simulation.num_supernodes))  # read once, split once
+    for rows in (train, read_rows(data.eval_file, data.columns)):
         tokenize_dataset(rows, tokenizer, data, report)
     return report.line()
 

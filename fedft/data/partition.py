@@ -16,6 +16,23 @@ class PartitionError(ValueError):
     """The requested split cannot give every client usable data."""
 
 
+_PARTITIONS: dict = {}  # the last split this process made: (data config, clients) -> partitions
+
+
+def cached_partitions(cfg: DataConfig, num_partitions: int) -> list:
+    """Every client's partition of the training files, read and split once per process.
+
+    A Ray actor plays many simulated clients; each new partition id takes its slice of this
+    one split instead of reading every file and splitting the whole data set again (which
+    cost O(clients x rows) per run). Only the latest split is kept.
+    """
+    key = (cfg, num_partitions)
+    if key not in _PARTITIONS:
+        _PARTITIONS.clear()
+        _PARTITIONS[key] = partition_dataset(load_dataset_files(cfg.train_files, cfg.columns), cfg, num_partitions)
+    return _PARTITIONS[key]
+
+
 def make_partitioner(cfg: DataConfig, num_partitions: int):
     """The flwr-datasets partitioner named by ``cfg.partition``."""
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
@@ -82,6 +99,4 @@ def check_simulation_data(cfg: FedftConfig) -> list[int]:
     if not cfg.data.train_files:  # a deployment's coordinator config has none; a simulation needs them
         raise ConfigError("data.train_files is empty; a simulation or baseline needs at least one data file")
     read_rows(cfg.data.eval_file, cfg.data.columns)
-    parts = partition_dataset(load_dataset_files(cfg.data.train_files, cfg.data.columns), cfg.data,
-                              cfg.simulation.num_supernodes)
-    return [len(p) for p in parts]
+    return [len(p) for p in cached_partitions(cfg.data, cfg.simulation.num_supernodes)]

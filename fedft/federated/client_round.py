@@ -16,7 +16,7 @@ import threading
 import torch
 
 from fedft.config import ConfigError, FedftConfig
-from fedft.data.partition import partition_dataset
+from fedft.data.partition import cached_partitions
 from fedft.data.rows import DataError, Example, load_dataset_files, tokenize_dataset
 from fedft.federated.admission import check_noise
 from fedft.federated.exchange import wire_dtype
@@ -47,9 +47,7 @@ def client_examples(
             if data_path:
                 rows = load_dataset_files([data_path], cfg.data.columns)
             elif partition_id is not None:
-                parts = partition_dataset(
-                    load_dataset_files(cfg.data.train_files, cfg.data.columns), cfg.data, cfg.simulation.num_supernodes
-                )
+                parts = cached_partitions(cfg.data, cfg.simulation.num_supernodes)
                 if not 0 <= partition_id < len(parts):
                     raise DataError(f"partition-id {partition_id} is outside 0..{len(parts) - 1}")
                 rows = parts[partition_id]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedft.config import FedftConfig
-from fedft.data.partition import partition_dataset
+from fedft.data.partition import cached_partitions
 from fedft.data.rows import load_dataset_files, tokenize_dataset
 from fedft.eval.held_out import HeldOutEvaluator
 from fedft.federated.client_round import client_seed
@@ -91,7 +91,7 @@ class LocalRounds(_InProcessRounds):
     def __init__(self, cfg: FedftConfig, evaluator: HeldOutEvaluator) -> None:
         super().__init__(cfg, evaluator)
         n = cfg.simulation.num_supernodes
-        parts = partition_dataset(load_dataset_files(cfg.data.train_files, cfg.data.columns), cfg.data, n)
+        parts = cached_partitions(cfg.data, n)
         self.examples = [tokenize_dataset(p, self.tokenizer, cfg.data)
                          for p in parts]
 

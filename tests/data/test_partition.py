@@ -58,3 +58,23 @@ def test_empty_partition_is_an_error_before_training():
     ds = _rows({"a": 3})
     with pytest.raises(PartitionError, match="empty|partition"):
         partition_dataset(ds, dataclasses.replace(DataConfig(), partition="iid"), 5)
+
+
+def test_a_process_reads_and_splits_the_training_files_once_for_all_its_clients(tiny_config_path, monkeypatch):
+    """A Ray actor plays many client ids; each takes its slice of one split (not O(clients x rows))."""
+    from fedft.config import load_config
+    from fedft.data import partition
+    from fedft.federated.client_round import client_examples
+    from fedft.model.load import load_tokenizer
+
+    cfg = load_config(tiny_config_path)
+    calls = []
+    real = partition.partition_dataset
+    monkeypatch.setattr(partition, "partition_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    partition._PARTITIONS.clear()
+    tokenizer = load_tokenizer(cfg)
+    first = client_examples(cfg, tokenizer, partition_id=0)
+    second = client_examples(cfg, tokenizer, partition_id=1)
+    assert len(calls) == 1 and first and second and {e.source for e in first}.isdisjoint({e.source for e in second})
+    assert partition.check_simulation_data(cfg) == [len(p) for p in real(
+        partition.load_dataset_files(cfg.data.train_files), cfg.data, 2)] and len(calls) == 1
