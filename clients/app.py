@@ -107,8 +107,10 @@ def train(msg: Message, context: Context) -> Message:
         return _forward_to_worker(msg, context, round_index, config_json, proximal_mu)
     from clients.institution import RoundRequest, run_round
 
+    correction = (msg.content[wire.CORRECTION].to_torch_state_dict() if wire.CORRECTION in msg.content
+                  else None)
     request = RoundRequest(context.run_id, context.node_id, round_index, config_json,
-                           msg.content[wire.ARRAYS].to_torch_state_dict(), proximal_mu)
+                           msg.content[wire.ARRAYS].to_torch_state_dict(), proximal_mu, correction)
     outcome = run_round(request, context.node_config, FlowerNodeState(context.state))
     if not outcome.ok:
         return Message(error=Error(code=outcome.error_code, reason=outcome.reason), reply_to=msg)
@@ -129,9 +131,11 @@ def _forward_to_worker(msg: Message, context: Context, round_index: int, config_
 
     from flwr.app import Array
 
-    from clients.worker_link import WorkerUnavailable, ask_worker
+    from clients.worker_link import CORRECTION_PREFIX, WorkerUnavailable, ask_worker
 
     arrays = {name: array.numpy() for name, array in msg.content[wire.ARRAYS].items()}
+    if wire.CORRECTION in msg.content:  # SCAFFOLD's c - c_i travels beside the adapter, its names prefixed
+        arrays.update({CORRECTION_PREFIX + name: array.numpy() for name, array in msg.content[wire.CORRECTION].items()})
     header = {"run_id": context.run_id, "node_id": context.node_id, "round": round_index,
               "config_json": config_json, "proximal_mu": proximal_mu}
     try:

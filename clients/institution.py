@@ -62,6 +62,7 @@ class RoundRequest:
     config_json: str
     arrays: dict  # name -> torch tensor (the global adapter, cut to this client)
     proximal_mu: float = 0.0
+    correction: dict | None = None  # SCAFFOLD: c - c_i, name -> torch tensor
 
 
 @dataclass
@@ -181,6 +182,7 @@ def _train_admitted(request: RoundRequest, state: MutableMapping, node: NodeSett
         max_epsilon=admission.max_epsilon,
         min_noise_multiplier=admission.min_noise_multiplier,
         noise_generator=generator,
+        correction=request.correction,
     )
     metrics = {
         wire.NUM_EXAMPLES: result.num_examples,
@@ -190,6 +192,8 @@ def _train_admitted(request: RoundRequest, state: MutableMapping, node: NodeSett
         wire.CLIPPED: int(result.clipped),
     }
     metrics = {k: v for k, v in metrics.items() if k not in OPTIONAL_METRICS or k in policy.reply.metrics}
+    if result.lr_sum is not None:
+        metrics[wire.LR_SUM] = result.lr_sum
     if result.dp_sgd is not None:
         save_accountant(state, path, accountant)
         metrics.update({wire.DP_SGD_SAMPLE_RATE: result.dp_sgd.sample_rate,

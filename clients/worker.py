@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from clients.institution import RoundRequest, log, run_round
-from clients.worker_link import WorkerUnavailable, read_frame, write_frame
+from clients.worker_link import CORRECTION_PREFIX, WorkerUnavailable, read_frame, write_frame
 
 
 class WorkerError(RuntimeError):
@@ -86,10 +86,13 @@ class Worker:
         import torch
 
         started = time.monotonic()
+        tensors = {name: torch.from_numpy(value.copy()) for name, value in arrays.items()}
+        correction = {name[len(CORRECTION_PREFIX):]: t for name, t in tensors.items()
+                      if name.startswith(CORRECTION_PREFIX)}
         request = RoundRequest(int(header["run_id"]), int(header["node_id"]), int(header["round"]),
                                str(header["config_json"]),
-                               {name: torch.from_numpy(value.copy()) for name, value in arrays.items()},
-                               float(header.get("proximal_mu", 0.0)))
+                               {name: t for name, t in tensors.items() if not name.startswith(CORRECTION_PREFIX)},
+                               float(header.get("proximal_mu", 0.0)), correction or None)
         outcome = run_round(request, self.node_config, self.states.setdefault(request.run_id, {}))
         self.rounds += 1
         log.info("worker: round %d of run %d %s in %.1f s (base loads in this worker: %d, rounds: %d)",

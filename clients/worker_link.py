@@ -17,6 +17,7 @@ import struct
 LENGTH = struct.Struct(">Q")
 MAX_HEADER = 16 * 2**20  # a config is a few kB; anything larger is not a fedft frame
 CONNECT_TIMEOUT_S = 10.0
+CORRECTION_PREFIX = "correction/"  # SCAFFOLD's correction tensors, beside the adapter's in one payload
 
 
 class WorkerUnavailable(ConnectionError):

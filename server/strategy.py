@@ -231,6 +231,70 @@ class AdapterFedProx(AdapterAggregation, FedProx):
     """FedProx: FedAvg plus ``proximal-mu`` in every train message (clients add the term)."""
 
 
+class AdapterScaffold(AdapterFedAvg):
+    """SCAFFOLD: FedAvg plus control variates (``fedft.federated.scaffold``).
+
+    Each train message carries the client's correction ``c - c_i`` beside the adapter (cut to
+    its rank, in the wire dtype: the downlink doubles); replies carry the adapter and
+    ``lr-sum``, from which the server updates ``c_i`` and ``c`` itself (nothing else travels up).
+    The new adapter is ``x + server_lr * (FedAvg of the replies - x)``.
+    """
+
+    def _bind(self, cfg: FedftConfig | None) -> None:
+        super()._bind(cfg)
+        self.variates = None  # ControlVariates, made from the first round's adapter
+        self.population = 0  # clients the SuperLink knows (SCAFFOLD's N)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        from fedft.federated.scaffold import ControlVariates
+
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.population = max(len(list(grid.get_node_ids())), len(messages))
+        if self.variates is None:
+            self.variates = ControlVariates(self.global_state)
+        for message in messages:
+            node = message.metadata.dst_node_id
+            correction = downlink_state(self.fedft_cfg, self.variates.correction_for(node), self.node_ranks.get(node))
+            message.content[wire.CORRECTION] = ArrayRecord(torch_state_dict=correction)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message] | CollectedReplies
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        collected = (replies if isinstance(replies, CollectedReplies)
+                     else self.collect_replies(server_round, replies))
+        arrays, metrics = super().aggregate_train(server_round, collected)
+        if arrays is None:
+            return arrays, metrics
+        x = self.global_state
+        averaged = arrays.to_torch_state_dict()
+        lr = self.fedft_cfg.strategy.server_lr
+        new = {k: x[k] + lr * (averaged[k] - x[k]) for k in x}
+        answers = {}
+        for message, state in zip(collected.accepted, collected.states):
+            lr_sum = float(message.content[wire.METRICS].get(wire.LR_SUM, 0.0))
+            if lr_sum > 0:  # a reply without it (an old client) leaves its c_i as it was
+                full = {k: state[k].to(torch.float32) if k in state else x[k] for k in x}
+                answers[message.metadata.src_node_id] = (full, lr_sum)
+        self.variates.update(x, answers, self.population)
+        return ArrayRecord(torch_state_dict=new), metrics
+
+    def server_optimizer_state(self) -> dict[str, torch.Tensor]:
+        out = super().server_optimizer_state()
+        if self.variates is not None:
+            out.update({f"scaffold/{k}": v for k, v in self.variates.to_tensors().items()})
+        return out
+
+    def restore_server_optimizer(self, saved: dict[str, torch.Tensor]) -> None:
+        super().restore_server_optimizer(saved)
+        mine = {k[len("scaffold/"):]: v for k, v in saved.items() if k.startswith("scaffold/")}
+        if mine:
+            from fedft.federated.scaffold import ControlVariates
+
+            self.variates = ControlVariates({k[2:]: v for k, v in mine.items() if k.startswith("c/")})
+            self.variates.restore(mine)
+
+
 # A server optimizer sits before AdapterFedAvg in the method order, so Flower's FedOpt /
 # FedAvgM step runs on the adapter that fedft's aggregation produced. Their __init__ does not
 # pass unknown arguments on, so fedft's config is bound after it.
@@ -269,6 +333,8 @@ def make_strategy(cfg: FedftConfig) -> AdapterAggregation:
     s = cfg.strategy
     if s.name == "fedprox":
         return AdapterFedProx(proximal_mu=s.proximal_mu, **common)
+    if s.name == "scaffold":
+        return AdapterScaffold(**common)
     if s.name != "fedavg":
         raise ValueError(f"strategy.name = {s.name!r} is not a federated strategy")
     if s.server_optimizer == "fedavgm":

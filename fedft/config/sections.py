@@ -154,7 +154,8 @@ class TrainConfig(_Section):
 class StrategyConfig(_Section):
     """How the server combines clients (or which baseline replaces federation)."""
 
-    name: str = option("fedavg", choices=("fedavg", "fedprox", "local", "centralized"))
+    # scaffold: FedAvg plus control variates against client drift (fedft.federated.scaffold)
+    name: str = option("fedavg", choices=("fedavg", "fedprox", "scaffold", "local", "centralized"))
     proximal_mu: float = option(0.0, "a number >= 0")
     num_rounds: int = option(10, "an integer >= 1")
     fraction_train: float = option(1.0, "a number in (0, 1]")
@@ -165,7 +166,7 @@ class StrategyConfig(_Section):
     aggregation: str = option("fedavg", choices=("fedavg", "ffa", "svd"))
     # applied to the aggregated update
     server_optimizer: str = option("none", choices=("none", "fedadam", "fedyogi", "fedavgm"))
-    server_lr: float = option(1.0, "a number > 0")  # FedAdam/FedYogi eta; FedAvgM server learning rate
+    server_lr: float = option(1.0, "a number > 0")  # FedAdam/FedYogi eta; FedAvgM, SCAFFOLD server learning rate
     server_momentum: float = option(0.9, "a number in [0, 1)")  # FedAvgM momentum; FedAdam/FedYogi beta_1
     server_beta2: float = option(0.99, "a number in [0, 1)")  # FedAdam/FedYogi second moment
     server_tau: float = option(1e-3, "a number > 0")  # FedAdam/FedYogi adaptivity
@@ -183,6 +184,13 @@ class StrategyConfig(_Section):
                              "to the tensors sent; the SVD re-factors their products)")
         if self.server_optimizer != "none" and self.name == "fedprox":
             yield "server_optimizer", "'none' with strategy.name = 'fedprox' (use fedavg with a server optimizer)"
+        if self.name == "scaffold":
+            if self.server_optimizer != "none":
+                yield "server_optimizer", "'none' with strategy.name = 'scaffold' (it has its own server step, server_lr)"
+            if self.aggregation != "fedavg" or self.robust != "none":
+                key = "aggregation" if self.aggregation != "fedavg" else "robust"
+                yield key, ("the default with strategy.name = 'scaffold' (its control variates live in the space of "
+                            "the averaged A and B tensors)")
         if self.server_optimizer != "none" and self.aggregation == "svd":
             yield "server_optimizer", ("'none' with strategy.aggregation = 'svd': the SVD re-factors A and B every "
                                        "round, so their round-to-round difference is no pseudo-gradient")
@@ -314,7 +322,13 @@ class FedftConfig:
         """("section.field", what is allowed) for each broken rule that ties sections together."""
         lora, strategy, privacy = self.lora, self.strategy, self.privacy
         clients, ranks = self.simulation.num_supernodes, lora.client_ranks
-        if strategy.min_train_nodes > clients and strategy.name in ("fedavg", "fedprox"):
+        if strategy.name == "scaffold":
+            if ranks:
+                yield "lora.client_ranks", "[] with strategy.name = 'scaffold' (control variates need one shape)"
+            if privacy.user_level or privacy.record_level:
+                key = "privacy.user_level" if privacy.user_level else "privacy.record_level"
+                yield key, "false with strategy.name = 'scaffold' (not implemented with differential privacy)"
+        if strategy.min_train_nodes > clients and strategy.name in ("fedavg", "fedprox", "scaffold"):
             yield "strategy.min_train_nodes", f"at most simulation.num_supernodes = {clients}"
         if ranks and len(ranks) != clients:
             yield "lora.client_ranks", f"one rank per simulated client ({clients}), or []"

@@ -147,8 +147,11 @@ def run_client_round(
     max_epsilon: float | None = None,
     min_noise_multiplier: float = 0.0,
     noise_generator: torch.Generator | None = None,
+    correction: dict[str, torch.Tensor] | None = None,
 ) -> LocalResult:
     """Train this client's cached model for one round from the server's adapter.
+
+    ``correction`` is SCAFFOLD's ``c - c_i`` from the server (``fedft.federated.scaffold``).
 
     The returned ``state`` is the reply payload (``reply_state``); ``rank`` is this
     client's LoRA rank, which the server needs for heterogeneous-rank aggregation. Under
@@ -166,6 +169,8 @@ def run_client_round(
             param.requires_grad = not freeze_a
     start = received_to_start_state(cfg, received_state)
     seed = client_seed(cfg, round_index, client_index)
+    if correction is not None and (cfg.privacy.record_level or cfg.privacy.user_level):
+        raise ConfigError("a SCAFFOLD correction arrived with differential privacy on; fedft does not combine them")
     if cfg.privacy.record_level:
         from fedft.privacy.dpsgd import train_local_dp
 
@@ -184,6 +189,7 @@ def run_client_round(
             model, examples, tokenizer.pad_token_id, cfg.train,
             global_state=start, round_index=round_index,
             total_rounds=cfg.strategy.num_rounds, proximal_mu=proximal_mu, seed=seed,
+            correction=None if correction is None else {k: v.to(torch.float32) for k, v in correction.items()},
         )
     if cfg.privacy.user_level:
         update, clipped = private_reply(cfg, start, result.state)

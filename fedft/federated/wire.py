@@ -16,6 +16,7 @@ from fedft.config import FedftConfig, config_from_dict, config_to_dict
 ARRAYS = "arrays"  # ArrayRecord key, both directions
 CONFIG = "config"  # ConfigRecord key, server -> client
 METRICS = "metrics"  # MetricRecord key, client -> server
+CORRECTION = "scaffold-correction"  # ArrayRecord key, server -> client under SCAFFOLD: c - c_i
 
 SERVER_ROUND = "server-round"
 CONFIG_JSON = "fedft-config"
@@ -29,8 +30,9 @@ CLIPPED = "clipped"  # DP-FedAvg: 1 if the update was scaled down to the clip no
 DP_SGD_SAMPLE_RATE = "dp-sgd-sample-rate"  # record-level DP: what this round spent
 DP_SGD_NOISE = "dp-sgd-noise-multiplier"
 DP_SGD_STEPS = "dp-sgd-steps"
+LR_SUM = "lr-sum"  # SCAFFOLD: the sum of the round's per-step learning rates
 REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_STEPS, LORA_RANK, CLIPPED,
-                 DP_SGD_SAMPLE_RATE, DP_SGD_NOISE, DP_SGD_STEPS)
+                 DP_SGD_SAMPLE_RATE, DP_SGD_NOISE, DP_SGD_STEPS, LR_SUM)
 DECLINED = "fedft-declined"  # reason prefix of an error reply: the client refused the round
 FAILED = "fedft-failed"  # reason prefix of an error reply: the client failed (fedft.federated.public_errors)
 DECLINED_CODE = 1001  # the application error code of a declined round

@@ -33,6 +33,7 @@ class LocalResult:
     rank: int = 0  # the client's LoRA rank (set by fedft.federated.client_round)
     clipped: bool = False  # DP-FedAvg: the update was scaled down to privacy.clip_norm
     dp_sgd: object = None  # record-level DP: fedft.privacy.dpsgd.DpSgdRound spent this round
+    lr_sum: float | None = None  # SCAFFOLD: the sum of the round's per-step learning rates
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -75,8 +76,13 @@ def train_local(
     proximal_mu: float = 0.0,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    correction: dict[str, torch.Tensor] | None = None,
 ) -> LocalResult:
-    """Run ``cfg.local_steps`` optimizer steps from ``global_state``; return the new adapter."""
+    """Run ``cfg.local_steps`` optimizer steps from ``global_state``; return the new adapter.
+
+    ``correction`` (SCAFFOLD's ``c - c_i``, by adapter tensor name) moves the adapter by
+    ``-lr * correction`` after every optimizer step; the result then carries ``lr_sum``.
+    """
     if not examples:
         raise ValueError("train_local: this client has no training examples")
     if cfg.num_threads:
@@ -85,6 +91,8 @@ def train_local(
     device = next(p.device for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    corrections = correction_pairs(model, correction) if correction is not None else []
+    lr_sum = 0.0
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total_steps = total_rounds * cfg.local_steps
     first_step = (round_index - 1) * cfg.local_steps
@@ -108,6 +116,11 @@ def train_local(
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]
+        lr_sum += lr
+        with torch.no_grad():
+            for param, term in corrections:
+                param.add_(term, alpha=-lr)
         losses.append(step_loss)
         if on_step is not None:
             on_step(step, step_loss)
@@ -115,4 +128,17 @@ def train_local(
     return LocalResult(
         state=get_adapter_state(model), num_examples=len(examples),
         train_loss=sum(losses) / len(losses), steps=cfg.local_steps,
+        lr_sum=lr_sum if correction is not None else None,
     )
+
+
+def correction_pairs(model, correction: dict[str, torch.Tensor]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Each trainable LoRA parameter with its correction tensor (names as the adapter state has them)."""
+    pairs = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            key = name.replace(".default.", ".")
+            if key not in correction:
+                raise ValueError(f"the SCAFFOLD correction has no tensor for {key}")
+            pairs.append((param, correction[key].to(param.device, param.dtype)))
+    return pairs

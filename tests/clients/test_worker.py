@@ -72,13 +72,20 @@ def test_rounds_through_the_worker_load_the_base_once_and_equal_in_process_round
         local = institution({"data-path": str(data), "device": "cpu", "state-dir": str(root / "state-local")})
         state = _initial_state(cfg)
         for round_index in (1, 2, 3):
-            via_worker = deliver(train_message(cfg, state, round_index), forwarded)
-            in_process = deliver(train_message(cfg, state, round_index), local)
+            messages = [train_message(cfg, state, round_index) for _ in range(2)]
+            if round_index == 3:  # a SCAFFOLD correction travels to the worker beside the adapter
+                from flwr.app import ArrayRecord
+
+                for message in messages:
+                    message.content[wire.CORRECTION] = ArrayRecord(
+                        torch_state_dict={k: torch.full_like(v, 0.01) for k, v in state.items()})
+            via_worker, in_process = deliver(messages[0], forwarded), deliver(messages[1], local)
             assert not via_worker.has_error(), via_worker.error.reason
             got = via_worker.content[wire.ARRAYS].to_torch_state_dict()
             want = in_process.content[wire.ARRAYS].to_torch_state_dict()
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
             assert dict(via_worker.content[wire.METRICS]) == dict(in_process.content[wire.METRICS])
+            assert (wire.LR_SUM in via_worker.content[wire.METRICS]) is (round_index == 3)
             state = got
     finally:
         stop_worker(worker)

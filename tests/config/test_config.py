@@ -129,7 +129,7 @@ FIELD_LIMITS = {
     "train.weight_decay": (-0.1, 0.0, "a number >= 0"),
     "train.max_grad_norm": (-0.1, 0.0, "a number >= 0 (0 disables clipping)"),
     "train.num_threads": (-1, 0, "an integer >= 0"),
-    "strategy.name": ("scaffold", "centralized", "one of 'fedavg', 'fedprox', 'local', 'centralized'"),
+    "strategy.name": ("fednova", "centralized", "one of 'fedavg', 'fedprox', 'scaffold', 'local', 'centralized'"),
     "strategy.proximal_mu": (-0.1, 0.0, "a number >= 0"),
     "strategy.num_rounds": (0, 1, "an integer >= 1"),
     "strategy.fraction_train": (1.5, 1.0, "a number in (0, 1]"),
@@ -253,6 +253,12 @@ RULES = [
     ({"privacy.record_level": True, "strategy.name": "fedprox"},
      ("strategy.name = 'fedprox' is not allowed; expected 'fedavg' with privacy.record_level (the proximal term "
       "is not per-example)")),
+    ({"strategy.name": "scaffold", "strategy.aggregation": "svd"},
+     ("strategy.aggregation = 'svd' is not allowed; expected the default with strategy.name = 'scaffold' (its "
+      "control variates live in the space of the averaged A and B tensors)")),
+    ({"strategy.name": "scaffold", "privacy.user_level": True},
+     ("privacy.user_level = True is not allowed; expected false with strategy.name = 'scaffold' (not implemented "
+      "with differential privacy)")),
     ({"strategy.name": "fedprox", "strategy.server_optimizer": "fedadam"},
      ("strategy.server_optimizer = 'fedadam' is not allowed; expected 'none' with strategy.name = 'fedprox' "
       "(use fedavg with a server optimizer)")),
