@@ -22,7 +22,49 @@ def _simulate(args: argparse.Namespace) -> int:
     from simulations.runner import simulate
 
     cfg = config_from_args(args)
+    if args.seeds is not None:
+        return _simulate_seeds(cfg, args)
     simulate(cfg, Path(args.out), verbose=args.verbose, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` (or ``0-4``) as a list of distinct integers."""
+    from fedft.config import ConfigError
+
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            seeds += list(range(int(low), int(high) + 1)) if high else [int(low)]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected integers such as 0,1,2 or 0-4") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: expected distinct integers such as 0,1,2 or 0-4")
+    return seeds
+
+
+def _simulate_seeds(cfg, args: argparse.Namespace) -> int:
+    """The same config at each seed, in OUT/seed-N, then OUT/seeds.json: mean, std and each seed."""
+    import dataclasses
+
+    from fedft.report.seeds import SEEDS_FILE, seed_statistics, seeds_markdown
+    from fedft.rundir import atomic_write_json, load_summary
+    from simulations.runner import simulate
+
+    seeds, out = parse_seeds(args.seeds), Path(args.out)
+    runs = []
+    for index, seed in enumerate(seeds, start=1):
+        run_dir = out / f"seed-{seed}"
+        print(f"fedft: seed {seed} ({index} of {len(seeds)}) in {run_dir}")
+        simulate(dataclasses.replace(cfg, seed=seed), run_dir, verbose=args.verbose, resume=args.resume,
+                 overwrite=args.overwrite)
+        runs.append(run_dir)
+    statistics = seed_statistics([load_summary(r) for r in runs])
+    atomic_write_json(out / SEEDS_FILE, {**statistics, "run_dirs": [str(r) for r in runs]})
+    print(f"fedft: {len(seeds)} seeds, final held-out exact match (federated stage):")
+    print(seeds_markdown(statistics))
+    print(f"wrote {out / SEEDS_FILE}")
     return 0
 
 
@@ -70,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--overwrite", action="store_true",
                      help="replace the run already in RUN_DIR (moved aside in one rename, then removed whole); "
                           "without it a non-empty RUN_DIR is refused")
+    sim.add_argument("--seeds", metavar="0,1,2",
+                     help="run the config once per seed (OUT/seed-N) and write OUT/seeds.json: mean, standard "
+                          "deviation and each seed's final exact match (a range such as 0-4 works too)")
     sim.set_defaults(handler=_simulate)
     return run(parser, argv)
 

@@ -1,7 +1,9 @@
 """Finished runs side by side: ``fedft compare RUN_DIR ...`` as a markdown table and a bar chart.
 
-One row per run (and one for the base model of the first): exact match overall and per
-task, bytes sent, the naive average's error, the SVD cut, seconds. Reads summary.json only.
+One row per configuration (and one for the base model of the first run): exact match overall
+and per task, bytes sent, the naive average's error, the SVD cut, seconds. Runs whose configs
+differ only in their seed share one row: mean ± standard deviation over the seeds
+(``fedft.report.seeds``), the other columns averaged. Reads summary.json only.
 """
 
 from __future__ import annotations
@@ -14,18 +16,35 @@ COMPARISON_FILE = "comparison.png"
 
 
 def comparison_rows(run_dirs: list[Path]) -> list[dict]:
-    """One row per run (and one for the base model of the first): exact match overall, per task."""
-    rows = []
-    for i, run_dir in enumerate(run_dirs):
-        summary = load_summary(run_dir)
-        if i == 0:
-            rows.append({"run": "base model", **_em(summary["base"])})
-        rows.append({"run": f"{_label(summary)} ({Path(run_dir).name})", **_em(summary["final"]),
-                     "bytes": summary["bytes_up_total"] + summary["bytes_down_total"],
-                     "up_per_client": summary.get("mean_bytes_up_per_client"),
-                     "aggregation_error": summary.get("mean_aggregation_error"),
-                     "svd_cut": summary.get("mean_svd_discarded_energy"),
-                     "seconds": summary["wall_seconds"]})
+    """One row per configuration (and one for the base model of the first run); seeds pooled."""
+    from fedft.report.seeds import same_config_groups, seed_statistics
+
+    summaries = [load_summary(run_dir) for run_dir in run_dirs]
+    rows = [{"run": "base model", **_em(summaries[0]["base"])}] if summaries else []
+    for group in same_config_groups(summaries):
+        members = [summaries[i] for i in group]
+        names = ", ".join(Path(run_dirs[i]).name for i in group)
+
+        def mean(key: str) -> float | None:
+            values = [m.get(key) for m in members if m.get(key) is not None]
+            return sum(values) / len(values) if values else None
+
+        row = {"run": f"{_label(members[0])} ({names})",
+               "bytes": mean("bytes_up_total") + mean("bytes_down_total"),
+               "up_per_client": mean("mean_bytes_up_per_client"),
+               "aggregation_error": mean("mean_aggregation_error"),
+               "svd_cut": mean("mean_svd_discarded_energy"),
+               "seconds": mean("wall_seconds")}
+        if len(members) == 1:
+            row.update(_em(members[0]["final"]))
+        else:
+            stats = seed_statistics(members)
+            row.update({"exact_match": stats["exact_match"]["mean"], "exact_match_std": stats["exact_match"]["std"],
+                        "by_task": {t: v["mean"] for t, v in stats["exact_match_by_task"].items()},
+                        "by_task_std": {t: v["std"] for t, v in stats["exact_match_by_task"].items()},
+                        "seeds": stats["seeds"]})
+            row["run"] = f"{_label(members[0])}, {len(members)} seeds ({names})"
+        rows.append(row)
     return rows
 
 
@@ -59,11 +78,15 @@ def comparison_markdown(rows: list[dict]) -> str:
         return pattern.format(value) if value else "-"
 
     for r in rows:
-        cells = [f"{100 * r['by_task'].get(t, 0):.0f}%" for t in tasks]
+        spread = r.get("by_task_std", {})
+        cells = [f"{100 * r['by_task'].get(t, 0):.0f}" + (f" ± {100 * spread[t]:.0f}" if t in spread else "") + "%"
+                 for t in tasks]
         extra = [fmt(r.get("bytes", 0) / 1e6, "{:.0f}"), fmt((r.get("up_per_client") or 0) / 1e3, "{:.0f}"),
                  fmt(r.get("aggregation_error"), "{:.3f}"), fmt(r.get("svd_cut"), "{:.3f}"),
                  fmt(r.get("seconds"), "{:.0f}")]
-        lines.append(f"| {r['run']} | **{100 * r['exact_match']:.1f}%** | " + " | ".join(cells + extra) + " |")
+        overall = f"{100 * r['exact_match']:.1f}" + (f" ± {100 * r['exact_match_std']:.1f}"
+                                                     if "exact_match_std" in r else "")
+        lines.append(f"| {r['run']} | **{overall}%** | " + " | ".join(cells + extra) + " |")
     return "\n".join(lines)
 
 
@@ -79,7 +102,9 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(8, 1.8 * len(tasks)), 4))
     for i, r in enumerate(rows):
         values = [100 * r["by_task"].get(t, 0) for t in tasks[:-1]] + [100 * r["exact_match"]]
-        ax.bar([x + i * width for x in range(len(tasks))], values, width, label=r["run"])
+        spread = [100 * r.get("by_task_std", {}).get(t, 0) for t in tasks[:-1]] + [100 * r.get("exact_match_std", 0)]
+        ax.bar([x + i * width for x in range(len(tasks))], values, width, label=r["run"],
+               yerr=spread if any(spread) else None, capsize=2)
     ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(tasks))], tasks)
     ax.set(ylabel="held-out exact match (%)", ylim=(0, 105), title="exact match by task")
     ax.grid(axis="y", alpha=0.3)

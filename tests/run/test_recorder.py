@@ -50,3 +50,31 @@ def test_comparison_names_the_aggregation_and_shows_its_costs(tmp_path):
 def test_comparison_of_a_missing_run_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="is .* a finished fedft run"):
         comparison_rows([tmp_path / "nothing"])
+
+
+def test_runs_that_differ_only_in_their_seed_share_one_row_with_mean_and_std(tmp_path):
+    from fedft.report.seeds import mean_std, seed_statistics, seeds_markdown
+
+    config = {"lora": {"r": 4}, "strategy": {"name": "fedavg"}}
+    for seed, em in ((0, 0.5), (1, 0.7), (2, 0.9)):
+        atomic_write_json(tmp_path / f"seed-{seed}" / "summary.json", {
+            "strategy": "fedavg", "config": {**config, "seed": seed}, "base": _metrics(0.0, 0.0, 0.0),
+            "final": _metrics(em, em, 1.0 - em), "bytes_up_total": 1e6, "bytes_down_total": 1e6,
+            "wall_seconds": 10 + seed})
+    atomic_write_json(tmp_path / "other" / "summary.json", {
+        "strategy": "fedavg", "config": {**config, "seed": 0, "lora": {"r": 8}}, "base": _metrics(0.0, 0.0, 0.0),
+        "final": _metrics(0.6, 0.6, 0.6), "bytes_up_total": 1e6, "bytes_down_total": 1e6, "wall_seconds": 5})
+    runs = [tmp_path / f"seed-{s}" for s in range(3)] + [tmp_path / "other"]
+    rows = comparison_rows(runs)
+    assert [r["run"] for r in rows] == ["base model", "fedavg, 3 seeds (seed-0, seed-1, seed-2)", "fedavg (other)"]
+    assert rows[1]["exact_match"] == pytest.approx(0.7) and rows[1]["exact_match_std"] == pytest.approx(0.2)
+    assert rows[1]["seconds"] == pytest.approx(11)
+    assert "| fedavg, 3 seeds (seed-0, seed-1, seed-2) | **70.0 ± 20.0%** | 70 ± 20% |" in comparison_markdown(rows)
+    assert mean_std([1.0]) == (1.0, 0.0)
+    from fedft.rundir import load_summary
+
+    stats = seed_statistics([load_summary(r) for r in runs[:3]])
+    assert stats["seeds"] == [0, 1, 2] and stats["exact_match"]["min"] == 0.5
+    assert "| mean ± std | **70.0 ± 20.0%** |" in seeds_markdown(stats)
+    plot_comparison(rows, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -78,3 +78,27 @@ def test_long_prompts_and_empty_answers_are_named_before_anything_runs(tiny_conf
                     "--set", "data.long_prompts=truncate")
     assert result.returncode == 2 and f"1 rows have an empty answer: {train}:7: the answer is empty" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_seeds_run_the_config_once_per_seed_and_report_mean_and_std(tiny_config_path, tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from fedft.config import ConfigError
+    from simulations.cli import main, parse_seeds
+
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("3-5,9") == [3, 4, 5, 9]
+    for bad in ("a", "1,1", ""):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+    out = tmp_path / "sweep"
+    assert main(["simulate", "--config", str(tiny_config_path), "--out", str(out), "--seeds", "0,1",
+                 "--set", "strategy.name=centralized", "--set", "strategy.num_rounds=1",
+                 "--set", "train.local_steps=2"]) == 0
+    stats = json.loads((out / "seeds.json").read_text())
+    assert stats["seeds"] == [0, 1] and len(stats["exact_match"]["per_seed"]) == 2
+    assert [json.loads((out / f"seed-{s}" / "summary.json").read_text())["config"]["seed"] for s in (0, 1)] == [0, 1]
+    finals = [json.loads((out / f"seed-{s}" / "summary.json").read_text())["final"]["eval_loss"] for s in (0, 1)]
+    assert stats["eval_loss"]["per_seed"] == finals and finals[0] != finals[1]  # the seed changed the run
+    assert "| mean ± std |" in capsys.readouterr().out
