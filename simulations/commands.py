@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -425,10 +426,10 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     except RunFailed as err:
         print(f"fedft: run failed: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("fedft: interrupted; the run directory keeps every complete round (--resume continues it)",
               file=sys.stderr)
-        return 130
+        return 128 + getattr(interrupt, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 def main(argv: list[str] | None = None) -> int:

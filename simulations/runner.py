@@ -83,6 +83,15 @@ def check_tokenized_data(cfg: FedftConfig) -> str:
 
 
 def _simulate_federation(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
+    """The federation in a child process group (simulations/federation_process.py), so Ctrl-C and
+    SIGTERM stop it cleanly and no Ray process outlives the command."""
+    from simulations.federation_process import run_federation_in_child
+
+    return run_federation_in_child(cfg, out_dir, resume=resume, verbose=verbose)
+
+
+def run_federation_here(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
+    """Flower's Simulation Engine with fedft's ServerApp and ClientApp, in this process."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 

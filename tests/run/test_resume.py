@@ -108,3 +108,35 @@ def test_a_field_the_checkpoint_predates_counts_as_its_default():
     saved["train"]["learning_rate"] = 0.5
     assert _config_differences(saved, current, defaults) == [
         f"train.learning_rate: checkpoint 0.5, now {current['train']['learning_rate']!r}"]
+
+
+def test_sigterm_stops_a_simulation_cleanly_and_it_resumes(tiny_config_path, tmp_path):
+    """SIGTERM (as a scheduler or `kill` sends it): exit 143 with a clear line, every complete round kept,
+    no process of the run left, `fedft status` says so, and --resume finishes the run."""
+    from fedft.run.status import run_status
+    from simulations.federation_process import TOKEN_VAR, processes_with_token
+
+    out, token = tmp_path / "run", f"test-{os.getpid()}-{time.monotonic_ns()}"
+    command = [sys.executable, "-m", "simulations.cli", "simulate", "--config", str(tiny_config_path), "--out",
+               str(out), "--set", "strategy.num_rounds=10", "--set", "strategy.eval_every=0"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, TOKEN_VAR: token})
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "round-002" / "round.json").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "round 2 never finished"
+        time.sleep(0.2)
+    assert processes_with_token(token)  # the federation runs in processes that carry the token
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "interrupted; the run directory keeps every complete round" in stderr
+    assert "Traceback" not in stderr
+    assert processes_with_token(token) == []
+    status = run_status(out)
+    assert status.code == 1 and "Interrupted: stopped by SIGTERM" in status.text
+    assert not (out / "summary.json").exists()
+    done = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [r["round"] for r in load_metrics(out)] == list(range(11))
+    assert run_status(out).code == 0 and not (out / "failed.json").exists()

@@ -1,0 +1,182 @@
+"""``fedft simulate``'s federation in a child process group, so Ctrl-C and SIGTERM stop it cleanly.
+
+Ray replaces the signal handlers of the process that starts it, and on SIGTERM its driver
+aborted a few seconds later (exit -6) with its helper processes left running. The
+federation (Flower's Simulation Engine with fedft's ServerApp and ClientApp) therefore runs
+in a child process in its own process group; this process keeps the run directory's lock
+and the signals. Ctrl-C or SIGTERM is forwarded to the child as SIGINT (the run loop stops
+where it is: every complete round is already checkpointed), the child gets ``GRACE_S``
+seconds, then its whole group is killed; at the end every process that carries this run's
+token in its environment (the child, Ray's raylet, GCS, workers and agents, which inherit
+it) is killed too, so nothing outlives the command. If this process is killed outright, the
+kernel kills the child with it (PR_SET_PDEATHSIG). The child reports how it ended in a small
+JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TOKEN_VAR = "FEDFT_RUN_TOKEN"  # inherited by every process the federation starts
+GRACE_S = 30.0  # after the forwarded Ctrl-C, before the child's group is killed
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by Ctrl-C or SIGTERM; the run directory keeps every complete round."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def processes_with_token(token: str) -> list[int]:
+    """Pids of the processes whose environment carries ``TOKEN_VAR=token`` (Linux /proc)."""
+    needle = f"{TOKEN_VAR}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def kill_token_holders(token: str) -> int:
+    """SIGKILL every process of this run still alive; returns how many there were."""
+    pids = processes_with_token(token)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+def run_federation_in_child(cfg, out_dir: Path, *, resume: bool, verbose: bool) -> dict:
+    """Run the federation in a child process group; return summary.json's contents.
+
+    Raises ``Interrupted`` after Ctrl-C / SIGTERM, ``RunFailed`` when the federation failed.
+    """
+    from fedft.config import config_to_dict
+    from fedft.rundir import RunFailed, load_summary
+
+    token = os.environ.get(TOKEN_VAR) or secrets.token_hex(8)
+    with tempfile.TemporaryDirectory(prefix="fedft-federation-") as scratch:
+        spec, result = Path(scratch) / "spec.json", Path(scratch) / "result.json"
+        spec.write_text(json.dumps({"config": config_to_dict(cfg), "out_dir": str(out_dir), "resume": resume,
+                                    "verbose": verbose, "result": str(result)}))
+        child = subprocess.Popen([sys.executable, "-m", "simulations.federation_process", str(spec)],
+                                 env={**os.environ, TOKEN_VAR: token}, start_new_session=True,
+                                 preexec_fn=_die_with_parent)
+        received: list[int] = []
+
+        def forward(signum, frame):  # noqa: ARG001 - signal handler signature
+            received.append(signum)
+            try:
+                os.killpg(child.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+        try:
+            _wait(child, received)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            kill_token_holders(token)
+        if received:
+            if not (child.returncode == 0 and (Path(out_dir) / "summary.json").is_file()):
+                record_interruption(out_dir, received[0])
+                raise Interrupted(received[0])
+        outcome = json.loads(result.read_text()) if result.is_file() else {}
+    if outcome.get("error"):
+        raise RunFailed(outcome["message"] if outcome["error"] in ("RunFailed", "FederationError")
+                        else f"{outcome['error']}: {outcome['message']}")
+    if child.returncode != 0 or not outcome.get("ok"):
+        raise RunFailed(f"the simulation process ended with exit code {child.returncode} before the run finished; "
+                        f"{out_dir} keeps every complete round (--resume continues it)")
+    return load_summary(out_dir)
+
+
+def _die_with_parent() -> None:
+    """In the child before it starts: the kernel sends it SIGKILL if this process dies (even by SIGKILL),
+    so a killed ``fedft simulate`` never leaves a federation writing into its run directory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def record_interruption(out_dir: Path, signum: int) -> None:
+    """failed.json for ``fedft status``: stopped by a signal, every complete round kept."""
+    from fedft.rundir import FAILURE_FILE, atomic_write_json
+
+    if Path(out_dir).is_dir():
+        atomic_write_json(Path(out_dir) / FAILURE_FILE, {
+            "error": "Interrupted", "message": f"stopped by {signal.Signals(signum).name}", "time": time.time()})
+
+
+def _wait(child: subprocess.Popen, received: list[int]) -> None:
+    """Until the child exits; after a forwarded signal at most ``GRACE_S`` more, then kill its group."""
+    deadline = None
+    while child.poll() is None:
+        if received and deadline is None:
+            deadline = time.monotonic() + GRACE_S
+        if deadline is not None and time.monotonic() > deadline:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.wait()
+            return
+        time.sleep(0.2)
+
+
+def _stop_quietly(signum, frame):  # noqa: ARG001 - signal handler signature
+    """The forwarded Ctrl-C in the child: Flower's and Ray's threads, cut off mid-message, would log
+    tracebacks; the parent prints the one line that matters."""
+    import logging
+
+    for name in ("flwr", "ray", "opacus", "transformers"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    raise KeyboardInterrupt
+
+
+def _child_main(spec_path: str) -> int:
+    """The child: run the federation, write how it ended."""
+    from fedft.config import config_from_dict
+    from simulations.runner import run_federation_here
+
+    spec = json.loads(Path(spec_path).read_text())
+    result = Path(spec["result"])
+    if not spec["verbose"]:
+        signal.signal(signal.SIGINT, _stop_quietly)
+    try:
+        run_federation_here(config_from_dict(spec["config"]), Path(spec["out_dir"]), resume=spec["resume"],
+                            verbose=spec["verbose"])
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
+        result.write_text(json.dumps({"error": type(error).__name__, "message": str(error)}))
+        return 1
+    result.write_text(json.dumps({"ok": True}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1]))
