@@ -70,12 +70,18 @@ def quantized_linear_bytes(num_weights: int, quantization: str, double_quant: bo
 
 
 def base_weight_bytes(shape: DecoderShape, quantization: str = "nf4", double_quant: bool = True,
-                      dtype_bytes: int = 2) -> float:
-    """The base model in memory: quantized linear layers, 16-bit embeddings / head / norms."""
+                      dtype_bytes: int = 2, prepared_for_training: bool = True) -> float:
+    """The base model in memory: quantized linear layers, then the embeddings, head and norms.
+
+    Those stay in ``dtype_bytes`` as loaded; but training a quantized base goes through peft's
+    ``prepare_model_for_kbit_training``, which casts every parameter that is not quantized to
+    float32 (``prepared_for_training``, the default), doubling them at 16-bit compute dtypes.
+    """
     linear = sum(i * o for i, o in shape.linear_shapes()) * shape.layers
     embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
     norms = shape.hidden * (2 * shape.layers + 1)
-    return quantized_linear_bytes(linear, quantization, double_quant) + (embeddings + norms) * dtype_bytes
+    rest = 4 if prepared_for_training and quantization != "none" else dtype_bytes
+    return quantized_linear_bytes(linear, quantization, double_quant) + (embeddings + norms) * rest
 
 
 def lora_parameters(shape: DecoderShape, rank: int) -> int:
@@ -89,15 +95,16 @@ def activation_bytes(shape: DecoderShape, batch: int, seq: int, checkpointing: b
     Per block, about ``seq * batch * (34 * hidden + 5 * heads * seq)`` bytes at 16 bits
     (Korthikanti et al., 2022, without sequence parallelism; an eager attention, so an
     upper bound with SDPA / flash attention). With gradient checkpointing only each block's
-    input is kept, plus one block recomputed at a time. The fp32 logits and their gradient
-    (``4 * 2 * batch * seq * vocab``) are added in both cases: at 128k vocabularies they dominate.
+    input is kept, plus one block recomputed at a time. The fp32 logits, the loss's
+    log-softmax and the logits' gradient (``4 * 3 * batch * seq * vocab``) are added in both
+    cases: at 128k vocabularies they dominate.
     """
     per_block = seq * batch * (34 * shape.hidden + 5 * shape.heads * seq) * dtype_bytes / 2
     if checkpointing:
         kept = shape.layers * seq * batch * shape.hidden * dtype_bytes + per_block
     else:
         kept = shape.layers * per_block
-    return kept + 8 * batch * seq * shape.vocab
+    return kept + 12 * batch * seq * shape.vocab
 
 
 def client_memory(shape: DecoderShape, *, rank: int = 16, batch: int = 4, seq: int = 512,

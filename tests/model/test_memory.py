@@ -36,10 +36,16 @@ def test_nf4_weight_bytes_match_what_bitsandbytes_stores(tmp_path):
                                bnb_4bit_compute_dtype=torch.bfloat16)
     model = LlamaForCausalLM.from_pretrained(_small_llama(tmp_path), quantization_config=quant,
                                              dtype=torch.bfloat16, device_map={"": "cpu"})
+    shape = DecoderShape.from_hf_config(model.config)
     measured = _stored_bytes(model)
-    estimate = base_weight_bytes(DecoderShape.from_hf_config(model.config))
+    estimate = base_weight_bytes(shape, prepared_for_training=False)
     assert abs(estimate - measured) / measured < 0.01, (estimate, measured)
-    assert base_weight_bytes(DecoderShape.from_hf_config(model.config), "none") > 2 * measured  # 16-bit linear layers
+    assert base_weight_bytes(shape, "none") > 2 * measured  # 16-bit linear layers
+    # training prepares the quantized base: peft casts embeddings, head and norms to float32
+    from peft import prepare_model_for_kbit_training
+
+    prepared = _stored_bytes(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+    assert prepared > measured and abs(base_weight_bytes(shape) - prepared) / prepared < 0.01, (prepared,)
 
 
 def test_lora_parameter_count_matches_peft(tmp_path):
