@@ -147,6 +147,44 @@ def _wait(child: subprocess.Popen, received: list[int]) -> None:
         time.sleep(0.2)
 
 
+def run_federation_here(cfg, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
+    """Flower's Simulation Engine with fedft's ServerApp and ClientApp, in this process."""
+    import logging
+
+    from fedft.rundir import RunFailed
+    from simulations import console
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import make_server_app
+
+    if not verbose:  # importing flwr set its logger to DEBUG
+        console.quiet_loggers()
+    backend_config = {
+        "client_resources": {
+            "num_cpus": cfg.simulation.num_cpus,
+            "num_gpus": cfg.simulation.num_gpus,
+        },
+        "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
+    }
+    outcome: dict = {}
+    run_simulation(
+        server_app=make_server_app(cfg, out_dir, resume=resume, outcome=outcome),
+        client_app=client_app,
+        num_supernodes=cfg.simulation.num_supernodes,
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )
+    if "error" in outcome:
+        raise outcome["error"]
+    if "summary" not in outcome:
+        raise RunFailed(f"the simulation ended before the run finished; {out_dir} keeps every complete round "
+                        "(see the log above; --resume continues it)")
+    return outcome["summary"]
+
+
 def _stop_quietly(signum, frame):  # noqa: ARG001 - signal handler signature
     """The forwarded Ctrl-C in the child: Flower's and Ray's threads, cut off mid-message, would log
     tracebacks; the parent prints the one line that matters."""
@@ -160,7 +198,6 @@ def _stop_quietly(signum, frame):  # noqa: ARG001 - signal handler signature
 def _child_main(spec_path: str) -> int:
     """The child: run the federation, write how it ended."""
     from fedft.config import config_from_dict
-    from simulations.runner import run_federation_here
 
     spec = json.loads(Path(spec_path).read_text())
     result = Path(spec["result"])

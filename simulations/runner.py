@@ -8,13 +8,10 @@ Ray-backed Simulation Engine with the client resources from ``[simulation]``; th
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 from pathlib import Path
 
 from fedft.config import ConfigError, FedftConfig
 from fedft.run.directory import claimed_run_dir
-from fedft.rundir import RunFailed
 from simulations import console
 
 
@@ -88,36 +85,3 @@ def _simulate_federation(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resu
     from simulations.federation_process import run_federation_in_child
 
     return run_federation_in_child(cfg, out_dir, resume=resume, verbose=verbose)
-
-
-def run_federation_here(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
-    """Flower's Simulation Engine with fedft's ServerApp and ClientApp, in this process."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from flwr.simulation import run_simulation
-
-    from clients.app import app as client_app
-    from server.app import make_server_app
-
-    if not verbose:  # importing flwr set its logger to DEBUG
-        console.quiet_loggers()
-    backend_config = {
-        "client_resources": {
-            "num_cpus": cfg.simulation.num_cpus,
-            "num_gpus": cfg.simulation.num_gpus,
-        },
-        "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
-    }
-    outcome: dict = {}
-    run_simulation(
-        server_app=make_server_app(cfg, out_dir, resume=resume, outcome=outcome),
-        client_app=client_app,
-        num_supernodes=cfg.simulation.num_supernodes,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
-    if "error" in outcome:
-        raise outcome["error"]
-    if "summary" not in outcome:
-        raise RunFailed(f"the simulation ended before the run finished; {out_dir} keeps every complete round "
-                        "(see the log above; --resume continues it)")
-    return outcome["summary"]
