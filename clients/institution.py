@@ -191,9 +191,9 @@ def _train_admitted(request: RoundRequest, state: MutableMapping, node: NodeSett
         wire.LORA_RANK: result.rank,
         wire.CLIPPED: int(result.clipped),
     }
-    metrics = {k: v for k, v in metrics.items() if k not in OPTIONAL_METRICS or k in policy.reply.metrics}
     if result.lr_sum is not None:
         metrics[wire.LR_SUM] = result.lr_sum
+    metrics = {k: v for k, v in metrics.items() if k not in OPTIONAL_METRICS or k in policy.reply.metrics}
     if result.dp_sgd is not None:
         save_accountant(state, path, accountant)
         metrics.update({wire.DP_SGD_SAMPLE_RATE: result.dp_sgd.sample_rate,

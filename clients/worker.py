@@ -23,7 +23,19 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from clients.institution import RoundRequest, log, run_round
-from clients.worker_link import CORRECTION_PREFIX, WorkerUnavailable, read_frame, write_frame
+from clients.worker_link import CORRECTION_PREFIX, read_frame, write_frame
+
+REQUEST_TIMEOUT_S = 60.0  # to receive one request, once connected
+
+
+def _peer_gone(conn: socket.socket) -> bool:
+    """True when the peer has closed its end (a read would return nothing)."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 class WorkerError(RuntimeError):
@@ -110,6 +122,9 @@ def serve(path: Path, node_config: Mapping, *, ready: Callable[[str], None] = pr
 
     node_policy(NodeSettings.from_node_config(node_config))  # a bad policy or node config fails now, not per round
     log.propagate = False  # one line per event: importing flwr gave the root logger a handler too
+    from fedft.model import load
+
+    load.MAX_CACHED = 1  # a job with another model, rank or seed frees the previous job's base
     server = bind_socket(path)
     worker = Worker(node_config)
     stopping = False
@@ -134,9 +149,14 @@ def serve(path: Path, node_config: Mapping, *, ready: Callable[[str], None] = pr
                     log.warning("worker: refused a connection from another user")
                     continue
                 try:
+                    conn.settimeout(REQUEST_TIMEOUT_S)  # a peer that connects and sends nothing blocks no round
                     header, arrays = read_frame(conn)
+                    conn.settimeout(None)
+                    if _peer_gone(conn):  # Flower's round timeout killed the ClientApp: do not train for no one
+                        log.warning("worker: round %s dropped: the ClientApp that sent it is gone", header.get("round"))
+                        continue
                     write_frame(conn, *worker.handle(header, arrays))
-                except (WorkerUnavailable, OSError, ValueError, KeyError) as error:
+                except Exception as error:  # noqa: BLE001 - one bad request must not stop the worker
                     log.warning("worker: a malformed or broken request was dropped (%s)", type(error).__name__)
     finally:
         for sig, handler in previous.items():

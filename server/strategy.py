@@ -231,6 +231,16 @@ class AdapterFedProx(AdapterAggregation, FedProx):
     """FedProx: FedAvg plus ``proximal-mu`` in every train message (clients add the term)."""
 
 
+def expected_lr_sum(cfg: FedftConfig, round_index: int) -> float:
+    """The sum of a client's per-step learning rates in ``round_index`` under the run's schedule."""
+    from fedft.federated.scaffold import lr_sum
+    from fedft.train.local import lr_multiplier
+
+    t = cfg.train
+    first, total = (round_index - 1) * t.local_steps, cfg.strategy.num_rounds * t.local_steps
+    return lr_sum(t.learning_rate, [lr_multiplier(first + k, total, t) for k in range(t.local_steps)])
+
+
 class AdapterScaffold(AdapterFedAvg):
     """SCAFFOLD: FedAvg plus control variates (``fedft.federated.scaffold``).
 
@@ -250,7 +260,11 @@ class AdapterScaffold(AdapterFedAvg):
         from fedft.federated.scaffold import ControlVariates
 
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.population = max(len(list(grid.get_node_ids())), len(messages))
+        nodes = set(grid.get_node_ids())
+        self.population = max(len(nodes), len(messages))
+        if self.variates is not None and self.variates.clients and not nodes & set(self.variates.clients):
+            # a resumed simulation draws new node ids: the saved c_i belong to no one now, and c averaged them
+            self.variates = None
         if self.variates is None:
             self.variates = ControlVariates(self.global_state)
         for message in messages:
@@ -271,9 +285,12 @@ class AdapterScaffold(AdapterFedAvg):
         lr = self.fedft_cfg.strategy.server_lr
         new = {k: x[k] + lr * (averaged[k] - x[k]) for k in x}
         answers = {}
+        expected = expected_lr_sum(self.fedft_cfg, server_round)
         for message, state in zip(collected.accepted, collected.states):
             lr_sum = float(message.content[wire.METRICS].get(wire.LR_SUM, 0.0))
-            if lr_sum > 0:  # a reply without it (an old client) leaves its c_i as it was
+            # a reply without it (withheld by the institution's policy) leaves its c_i as it was; one far from the
+            # config's schedule (x100 either way) is not trusted: a tiny lr-sum would blow up c for every client
+            if lr_sum > 0 and expected / 100 <= lr_sum <= expected * 100:
                 full = {k: state[k].to(torch.float32) if k in state else x[k] for k in x}
                 answers[message.metadata.src_node_id] = (full, lr_sum)
         self.variates.update(x, answers, self.population)

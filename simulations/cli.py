@@ -49,17 +49,23 @@ def _simulate_seeds(cfg, args: argparse.Namespace) -> int:
     import dataclasses
 
     from fedft.report.seeds import SEEDS_FILE, seed_statistics, seeds_markdown
-    from fedft.rundir import atomic_write_json, load_summary
+    from fedft.rundir import SUMMARY_FILE, atomic_write_json, latest_checkpoint, load_summary
     from simulations.runner import simulate
 
     seeds, out = parse_seeds(args.seeds), Path(args.out)
     runs = []
     for index, seed in enumerate(seeds, start=1):
         run_dir = out / f"seed-{seed}"
-        print(f"fedft: seed {seed} ({index} of {len(seeds)}) in {run_dir}")
-        simulate(dataclasses.replace(cfg, seed=seed), run_dir, verbose=args.verbose, resume=args.resume,
-                 overwrite=args.overwrite)
         runs.append(run_dir)
+        resume = args.resume
+        if resume and (run_dir / SUMMARY_FILE).is_file():
+            print(f"fedft: seed {seed} ({index} of {len(seeds)}) already finished in {run_dir}")
+            continue
+        if resume and latest_checkpoint(run_dir) is None:
+            resume = False  # --resume of a sweep: a seed that never started starts now
+        print(f"fedft: seed {seed} ({index} of {len(seeds)}) in {run_dir}")
+        simulate(dataclasses.replace(cfg, seed=seed), run_dir, verbose=args.verbose, resume=resume,
+                 overwrite=args.overwrite)
     statistics = seed_statistics([load_summary(r) for r in runs])
     atomic_write_json(out / SEEDS_FILE, {**statistics, "run_dirs": [str(r) for r in runs]})
     print(f"fedft: {len(seeds)} seeds, final held-out exact match (federated stage):")

@@ -21,10 +21,12 @@ from pathlib import Path
 from fedft.config import ConfigError, load_config
 from fedft.data.partition import PartitionError
 from fedft.data.rows import DataError
+from fedft.model.quantization import QuantizationError
 from fedft.run.export import EXPORT_DTYPES, STAGE_DIRS, ExportError
 from fedft.rundir import RunDirError, RunFailed, atomic_write_text
 
-USER_ERRORS = (ConfigError, DataError, PartitionError, ExportError, FileNotFoundError, RunDirError)
+USER_ERRORS = (ConfigError, DataError, PartitionError, ExportError, FileNotFoundError, RunDirError,
+               QuantizationError)
 
 DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "simulations" / "data" / "demo"
 

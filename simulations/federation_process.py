@@ -38,18 +38,20 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def processes_with_token(token: str) -> list[int]:
-    """Pids of the processes whose environment carries ``TOKEN_VAR=token`` (Linux /proc)."""
+def processes_with_token(token: str, *, prefix: bool = False) -> list[int]:
+    """Pids of the processes whose environment carries ``TOKEN_VAR=token`` (or a token starting with
+    ``token`` when ``prefix``), from Linux /proc."""
     needle = f"{TOKEN_VAR}={token}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
+            variables = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
+        if any(v == needle or (prefix and v.startswith(needle)) for v in variables):
+            found.append(int(entry.name))
     return found
 
 
@@ -72,26 +74,32 @@ def run_federation_in_child(cfg, out_dir: Path, *, resume: bool, verbose: bool) 
     from fedft.config import config_to_dict
     from fedft.rundir import RunFailed, load_summary
 
-    token = os.environ.get(TOKEN_VAR) or secrets.token_hex(8)
+    # always fresh: a token inherited from an outer process (a wrapper running several fedft commands) only
+    # prefixes it, so cleaning up this run can never kill another run or the wrapper itself
+    token = "-".join(t for t in (os.environ.get(TOKEN_VAR), secrets.token_hex(8)) if t)
     with tempfile.TemporaryDirectory(prefix="fedft-federation-") as scratch:
         spec, result = Path(scratch) / "spec.json", Path(scratch) / "result.json"
         spec.write_text(json.dumps({"config": config_to_dict(cfg), "out_dir": str(out_dir), "resume": resume,
                                     "verbose": verbose, "result": str(result)}))
-        child = subprocess.Popen([sys.executable, "-m", "simulations.federation_process", str(spec)],
-                                 env={**os.environ, TOKEN_VAR: token}, start_new_session=True,
-                                 preexec_fn=_die_with_parent)
         received: list[int] = []
+        children: list[subprocess.Popen] = []
 
         def forward(signum, frame):  # noqa: ARG001 - signal handler signature
             received.append(signum)
-            try:
-                os.killpg(child.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
+            for started in children:
+                try:
+                    os.killpg(started.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
 
         main_thread = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
         try:
+            child = subprocess.Popen([sys.executable, "-m", "simulations.federation_process", str(spec), str(os.getpid())],
+                                     env={**os.environ, TOKEN_VAR: token}, start_new_session=True)
+            children.append(child)
+            if received:  # a signal that came while the child was starting
+                forward(received[0], None)
             _wait(child, received)
         finally:
             for s, handler in previous.items():
@@ -103,23 +111,39 @@ def run_federation_in_child(cfg, out_dir: Path, *, resume: bool, verbose: bool) 
                 raise Interrupted(received[0])
         outcome = json.loads(result.read_text()) if result.is_file() else {}
     if outcome.get("error"):
-        raise RunFailed(outcome["message"] if outcome["error"] in ("RunFailed", "FederationError")
-                        else f"{outcome['error']}: {outcome['message']}")
+        raise _reraised(outcome["error"], outcome["message"])
     if child.returncode != 0 or not outcome.get("ok"):
         raise RunFailed(f"the simulation process ended with exit code {child.returncode} before the run finished; "
                         f"{out_dir} keeps every complete round (--resume continues it)")
     return load_summary(out_dir)
 
 
-def _die_with_parent() -> None:
-    """In the child before it starts: the kernel sends it SIGKILL if this process dies (even by SIGKILL),
-    so a killed ``fedft simulate`` never leaves a federation writing into its run directory."""
+def _reraised(name: str, message: str) -> Exception:
+    """The child's error as the parent raises it: a user error keeps its type (the command exits 2 with
+    its one line); anything else is the run failing (exit 1)."""
+    from fedft.config import ConfigError
+    from fedft.data.files import DataError
+    from fedft.data.partition import PartitionError
+    from fedft.model.quantization import QuantizationError
+    from fedft.rundir import RunFailed
+
+    user_errors = {cls.__name__: cls for cls in (ConfigError, DataError, PartitionError, QuantizationError)}
+    if name in user_errors:
+        return user_errors[name](message)
+    return RunFailed(message if name in ("RunFailed", "FederationError") else f"{name}: {message}")
+
+
+def _die_with_parent(parent: int) -> None:
+    """The child, first thing: the kernel sends it SIGKILL if ``parent`` dies (even by SIGKILL), so a
+    killed ``fedft simulate`` never leaves a federation writing into its run directory."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(137)
 
 
 def record_interruption(out_dir: Path, signum: int) -> None:
@@ -195,8 +219,9 @@ def _stop_quietly(signum, frame):  # noqa: ARG001 - signal handler signature
     raise KeyboardInterrupt
 
 
-def _child_main(spec_path: str) -> int:
+def _child_main(spec_path: str, parent: int) -> int:
     """The child: run the federation, write how it ended."""
+    _die_with_parent(parent)
     from fedft.config import config_from_dict
 
     spec = json.loads(Path(spec_path).read_text())
@@ -216,4 +241,4 @@ def _child_main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1]))
+    sys.exit(_child_main(sys.argv[1], int(sys.argv[2])))

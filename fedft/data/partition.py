@@ -19,6 +19,20 @@ class PartitionError(ValueError):
 _PARTITIONS: dict = {}  # the last split this process made: (data config, clients) -> partitions
 
 
+def _file_stamps(paths) -> tuple:
+    """(size, mtime) of each training path: a file rewritten in the same process is read again."""
+    from pathlib import Path
+
+    stamps = []
+    for path in paths:
+        try:
+            info = Path(path).stat()
+            stamps.append((info.st_size, info.st_mtime_ns))
+        except OSError:
+            stamps.append(None)  # reading it will name the problem
+    return tuple(stamps)
+
+
 def cached_partitions(cfg: DataConfig, num_partitions: int) -> list:
     """Every client's partition of the training files, read and split once per process.
 
@@ -26,7 +40,7 @@ def cached_partitions(cfg: DataConfig, num_partitions: int) -> list:
     one split instead of reading every file and splitting the whole data set again (which
     cost O(clients x rows) per run). Only the latest split is kept.
     """
-    key = (cfg, num_partitions)
+    key = (cfg, num_partitions, _file_stamps(cfg.train_files))
     if key not in _PARTITIONS:
         _PARTITIONS.clear()
         _PARTITIONS[key] = partition_dataset(load_dataset_files(cfg.train_files, cfg.columns), cfg, num_partitions)

@@ -161,9 +161,17 @@ def admit(asked: FedftConfig, policy: InstitutionPolicy, node: NodeSettings, *,
         apply("privacy.delta", privacy.delta)
     if asked.privacy.noise_seed >= 0 and not privacy.allow_fixed_noise_seed:
         apply("privacy.noise_seed", -1)  # DP-SGD noise from the operating system's randomness
+    # which of the institution's columns are instruction and answer is the institution's to say
+    # ([fixed] data.columns), never the coordinator's: a message naming them could train on any column
+    apply("data.columns", {})
     for name, value in policy.fixed.items():
         apply(name, value)
     _check_compute(data, compute, accepted_times, time.time() if now is None else now)
+    rank_cap = min((r for r in (node.lora_rank, compute.max_lora_rank) if r), default=0)
+    if rank_cap and rank_cap < asked.lora.r and asked.strategy.name == "scaffold":
+        key = "compute.max_lora_rank" if rank_cap == compute.max_lora_rank else wire.NODE_LORA_RANK
+        raise PolicyViolation(f"{key}: lora.r = {asked.lora.r} > {rank_cap} and SCAFFOLD's control variates need "
+                              "every client at the global rank")
     if compute.max_lora_rank and asked.lora.r > compute.max_lora_rank:
         if asked.strategy.aggregation == "ffa":
             raise PolicyViolation(f"compute.max_lora_rank: lora.r = {asked.lora.r} > {compute.max_lora_rank} "

@@ -26,7 +26,7 @@ from fedft.config.loading import build_section, read_toml, where_in_file
 from fedft.federated import wire
 
 # The metrics a reply may leave out: the server needs the others (weights, ranks, the DP-SGD spend).
-OPTIONAL_METRICS = (wire.TRAIN_LOSS, wire.TRAIN_STEPS)
+OPTIONAL_METRICS = (wire.TRAIN_LOSS, wire.TRAIN_STEPS, wire.LR_SUM)  # lr-sum: only under SCAFFOLD
 # What [fixed] may set: settings that change only this institution's own training.
 FIXABLE = ("model.device", "model.compute_dtype", "data.max_length", "data.columns", "lora.dropout",
            "privacy.dp_sgd_noise_multiplier", "privacy.dp_sgd_clip_norm", "privacy.dp_sgd_target_epsilon",

@@ -25,6 +25,9 @@ LOAD_COUNTS: Counter = Counter()
 _CACHE: dict = {}
 _INITIAL: dict = {}
 _FACTS: dict = {}  # what each cached configuration turned out to be (quantization, prompt format)
+# At most this many configurations stay loaded (None: no limit). A long-lived process that serves
+# whatever configs arrive (an institution's resident worker) keeps 1: a new config frees the old model.
+MAX_CACHED: int | None = None
 _CACHE_LOCK = threading.Lock()
 
 
@@ -152,6 +155,8 @@ def cached_peft_model(cfg: FedftConfig):
     key = _cache_key(cfg)
     with _CACHE_LOCK:
         if key not in _CACHE:
+            if MAX_CACHED is not None and len(_CACHE) >= MAX_CACHED:
+                _evict_all()
             LOAD_COUNTS[key] += 1
             model = load_peft_model(cfg)
             tokenizer = load_tokenizer(cfg)
@@ -189,6 +194,15 @@ def initial_adapter_state(cfg: FedftConfig) -> dict[str, torch.Tensor]:
 def clear_model_cache() -> None:
     """Drop every cached model (frees memory; the next call reloads)."""
     with _CACHE_LOCK:
-        _CACHE.clear()
-        _INITIAL.clear()
-        _FACTS.clear()
+        _evict_all()
+
+
+def _evict_all() -> None:
+    _CACHE.clear()
+    _INITIAL.clear()
+    _FACTS.clear()
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

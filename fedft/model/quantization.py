@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 QUANTIZED_TYPES = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}
 CPU_NF4_OUT_MULTIPLE = 32  # bitsandbytes' CPU NF4 kernel packs output rows in blocks of 32
 
@@ -76,6 +74,8 @@ class QuantizationCensus:
 
 
 def _is_weight_layer(module) -> bool:
+    import torch
+
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
 
 
@@ -110,7 +110,9 @@ def quantization_census(model, requested: str) -> QuantizationCensus:
                 continue
             weights = module.weight.numel()
         else:
-            stacked = [p for p in module.parameters(recurse=False) if p.dim() >= 3 and p.is_floating_point()]
+            if "Conv" in kind:  # a vision tower's convolutions are not expert weights
+                continue
+            stacked = [p for p in module.parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
             if not stacked:
                 continue
             kind = f"{kind} (3-D expert weights)"
@@ -135,7 +137,7 @@ def check_quantization(census: QuantizationCensus, allow_unquantized: bool) -> N
         "or model.quantization = 'none' to ask for full precision")
 
 
-def check_cpu_kernel_shapes(model, requested: str, device: torch.device) -> None:
+def check_cpu_kernel_shapes(model, requested: str, device) -> None:
     """Refuse 4-bit layers that bitsandbytes' CPU kernel cannot pack (output size not a multiple of 32)."""
     if requested != "nf4" or device.type != "cpu":
         return
@@ -158,6 +160,7 @@ def restore_conv1d_layers(model, architecture) -> list[str]:
     original architecture would load transposed or not at all. ``architecture`` is the same
     model class built on the meta device. Returns the names of the layers restored.
     """
+    import torch
     from transformers.pytorch_utils import Conv1D
 
     originals = {name: module for name, module in architecture.named_modules() if isinstance(module, Conv1D)}

@@ -30,8 +30,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def config_key(summary: dict) -> str:
     """The run's resolved config without its seed (and its method, as summary.json names it),
     as a comparable string."""
-    config = dict(summary.get("config", {}))
+    config = json.loads(json.dumps(summary.get("config", {})))
     config.pop("seed", None)
+    config.get("privacy", {}).pop("client_state_dir", None)  # set per run directory under record-level DP
     method = {k: summary.get(k) for k in ("strategy", "aggregation", "server_optimizer", "wire_dtype")}
     return json.dumps({"config": config, "method": method}, sort_keys=True)
 

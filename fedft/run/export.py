@@ -177,7 +177,7 @@ def merged_model(cfg: FedftConfig, adapter: Path, tokenizer, device: str, progre
 
     base = load_training_base_fp32(cfg, device, progress)
     with torch.device("meta"):
-        architecture = AutoModelForCausalLM.from_config(base.config)
+        architecture = AutoModelForCausalLM.from_config(base.config, trust_remote_code=cfg.model.trust_remote_code)
     model = PeftModel.from_pretrained(base, adapter)
     ids = probe_ids(tokenizer, base.config.get_text_config().vocab_size)
     with torch.no_grad():
@@ -191,7 +191,8 @@ def merged_model(cfg: FedftConfig, adapter: Path, tokenizer, device: str, progre
     return model, ids, reference
 
 
-def check_merged_export(directory: Path, ids: list[int], reference, dtype: str) -> float:
+def check_merged_export(directory: Path, ids: list[int], reference, dtype: str,
+                        trust_remote_code: bool = False) -> float:
     """Reload the saved merged model as any user would and compare its logits with ``reference``.
 
     Returns the relative difference (max |difference| / max |reference logit|); raises
@@ -201,7 +202,8 @@ def check_merged_export(directory: Path, ids: list[int], reference, dtype: str) 
     from transformers import AutoModelForCausalLM
 
     try:
-        reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                        trust_remote_code=trust_remote_code)
     except Exception as err:  # the saved layout does not fit the architecture
         raise ExportError(f"the merged model does not load back ({type(err).__name__}: {err}); nothing was "
                           "written") from err
@@ -242,7 +244,8 @@ def export_run(run_dir: Path, out: Path, *, merge: bool = False, dtype: str = "f
             model = model.to(DTYPES[EXPORT_DTYPES[dtype]])
             model.save_pretrained(tmp)
             del model
-            metadata["reload_check"] = {"relative_logit_difference": check_merged_export(tmp, ids, reference, dtype),
+            metadata["reload_check"] = {"relative_logit_difference": check_merged_export(tmp, ids, reference, dtype,
+                                                                                    cfg.model.trust_remote_code),
                                         "tolerance": MERGE_TOLERANCE[dtype], "tokens": len(ids)}
             progress(f"reloaded the merged model: logits within {metadata['reload_check']['relative_logit_difference']:.1e} "
                      "(relative) of the base + adapter")

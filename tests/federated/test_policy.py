@@ -98,6 +98,25 @@ def test_an_institution_names_its_own_columns(cfg, tmp_path):
     assert dict(admitted.cfg.data.columns) == {"instruction": "question", "output": "answer"}
 
 
+def test_the_coordinator_never_names_a_deployed_institutions_columns(cfg):
+    import dataclasses
+
+    asking = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, columns={"instruction": "patient_id"}))
+    admitted = admit(asking, InstitutionPolicy(), NodeSettings(data_path="x.csv"))
+    assert dict(admitted.cfg.data.columns) == {}
+    assert admitted.overridden["data.columns"][1] == {}
+
+
+def test_scaffold_is_declined_by_a_node_below_the_global_rank(cfg, tmp_path):
+    import dataclasses
+
+    scaffold = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, name="scaffold"),
+                                   privacy=dataclasses.replace(cfg.privacy, record_level=False))
+    with pytest.raises(PolicyViolation, match="lora-rank: lora.r = 4 > 2 and SCAFFOLD"):
+        admit(scaffold, InstitutionPolicy(), NodeSettings(data_path="x.jsonl", lora_rank=2))
+    admit(scaffold, InstitutionPolicy(), NodeSettings(data_path="x.jsonl", lora_rank=4))
+
+
 def test_the_stricter_limit_of_node_and_policy_applies(cfg, tmp_path):
     path = tmp_path / "policy.toml"
     path.write_text("[privacy]\nmax_epsilon = 4.0\n")

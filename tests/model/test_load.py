@@ -109,3 +109,20 @@ def test_a_missing_or_truncated_model_is_named_before_anything_runs(tiny_model_d
     (copy / "config.json").unlink()
     with pytest.raises(ConfigError, match="has no config.json"):
         check_model_files(str(copy))
+
+
+def test_a_process_that_keeps_one_model_frees_the_old_one_for_a_new_config(cfg, monkeypatch):
+    """An institution's resident worker serves whatever configs arrive: it keeps one base, not one per job."""
+    import dataclasses
+
+    from fedft.model import load
+
+    clear_model_cache()
+    monkeypatch.setattr(load, "MAX_CACHED", 1)
+    first, _ = cached_peft_model(cfg)
+    other = dataclasses.replace(cfg, seed=cfg.seed + 1)
+    cached_peft_model(other)
+    assert len(load._CACHE) == 1 and _cache_key(other) in load._CACHE
+    again, _ = cached_peft_model(cfg)
+    assert again is not first and len(load._CACHE) == 1
+    clear_model_cache()

@@ -126,13 +126,13 @@ def test_sigterm_stops_a_simulation_cleanly_and_it_resumes(tiny_config_path, tmp
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "round 2 never finished"
         time.sleep(0.2)
-    assert processes_with_token(token)  # the federation runs in processes that carry the token
+    assert processes_with_token(token, prefix=True)  # the federation runs in processes that carry the token
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 143, stderr[-3000:]
     assert "interrupted; the run directory keeps every complete round" in stderr
     assert "Traceback" not in stderr
-    assert processes_with_token(token) == []
+    assert processes_with_token(token, prefix=True) == []
     status = run_status(out)
     assert status.code == 1 and "Interrupted: stopped by SIGTERM" in status.text
     assert not (out / "summary.json").exists()
