@@ -88,12 +88,30 @@ def tiny_config_path(tiny_model_dir, tmp_path) -> Path:
     return write_tiny_setup(tmp_path, tiny_model_dir)
 
 
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What Flower sets in a ServerApp process before it builds messages (tests that call
+    the ServerApp or the federation loop in this process)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
 _PROCESSES_AT_START: dict[int, str] = {}
+
+
+def _is_xdist_worker(session) -> bool:
+    """True in a pytest-xdist worker: only the controlling process, which starts before every worker
+    and ends after the last, checks for leftover processes."""
+    return hasattr(session.config, "workerinput")
 
 
 def pytest_sessionstart(session):
     from tests.processes import federation_processes
 
+    if _is_xdist_worker(session):
+        return
     _PROCESSES_AT_START.update(federation_processes())
 
 

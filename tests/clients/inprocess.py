@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 from flwr.app import (
     ArrayRecord,
@@ -95,3 +96,45 @@ class InProcessGrid(Grid):
 
     def reply(self, message: Message) -> Message:
         return deliver(message, self.contexts[message.metadata.dst_node_id])
+
+
+# ---------------------------------------------------------------------------------------
+# A coordinator and two institutions on this machine
+# ---------------------------------------------------------------------------------------
+
+def two_institutions(root: Path, model_dir: Path, rows_per_site: int = 12,
+                     names: tuple[str, str] = ("site-11", "site-12")) -> tuple[Path, dict[int, Path]]:
+    """The coordinator's ``deploy.toml`` (the tiny config without training data: the institutions hold
+    it) with its held-out rows, and two institutions, nodes 11 and 12, each a folder ``root/NAME``
+    holding its own ``train.jsonl`` (``rows_per_site`` rows, mostly of its own task)."""
+    from fedft.demo.tasks import make_demo_rows, write_jsonl
+    from tests.conftest import TINY_TOML
+
+    coordinator = root / "coordinator"
+    coordinator.mkdir()
+    write_jsonl(make_demo_rows(2, 4, 0.5, seed=1), coordinator / "eval.jsonl")
+    config = coordinator / "deploy.toml"
+    config.write_text(TINY_TOML.format(model=model_dir).replace('train_files = ["train.jsonl"]\n', ""))
+    rows = make_demo_rows(2, 24, 0.9, seed=0)
+    sites = {}
+    for node, inst, name in ((11, "inst0", names[0]), (12, "inst1", names[1])):
+        sites[node] = root / name
+        write_jsonl([r for r in rows if r["institution"] == inst][:rows_per_site], sites[node] / "train.jsonl")
+    return config, sites
+
+
+def data_only(sites: dict[int, Path]) -> dict[int, Context]:
+    """Each institution's context when its node config names only its training data."""
+    return {node: institution({"data-path": str(site / "train.jsonl")}, node_id=node) for node, site in sites.items()}
+
+
+def run_job(config: Path, contexts: dict[int, Context], out: Path, overrides: str = "",
+            grid_class: type[InProcessGrid] = InProcessGrid, **flags) -> Path:
+    """The real ServerApp (``server.app.main``) over ``grid_class``: what ``flwr run`` starts at the
+    coordinator, with the job's run config (``flags`` such as ``resume=True`` become its strings)."""
+    from server.app import main
+
+    run_config = {"config": str(config), "overrides": overrides, "out-dir": str(out),
+                  **{key: str(value).lower() for key, value in flags.items()}}
+    main(grid_class(contexts), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    return out

@@ -11,39 +11,19 @@ from __future__ import annotations
 
 import logging
 
-import pytest
-
 from fedft.config import load_config
-from fedft.demo.tasks import make_demo_rows, write_jsonl
 from fedft.federated import wire
 from fedft.federated.audit_trail import read_trail
 from server.federation import run_federation
-from tests.clients.inprocess import InProcessGrid, institution
-from tests.conftest import TINY_TOML
+from tests.clients.inprocess import InProcessGrid, institution, two_institutions
 
 SECRET = "SECRET-Jane Roe, SSN 078-05-1120"
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    """What Flower sets in a ServerApp process before it builds messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 def test_a_secret_in_a_bad_row_stays_at_the_institution(tiny_model_dir, tmp_path, task_identity, caplog):
-    coordinator = tmp_path / "coordinator"
-    coordinator.mkdir()
-    write_jsonl(make_demo_rows(2, 4, 0.5, seed=1), coordinator / "eval.jsonl")
-    toml = TINY_TOML.format(model=tiny_model_dir).replace('train_files = ["train.jsonl"]\n', "")
-    (coordinator / "deploy.toml").write_text(toml)
-    cfg = load_config(coordinator / "deploy.toml", ["strategy.min_train_nodes=1", "train.local_steps=1"])
-    rows = make_demo_rows(2, 24, 0.9, seed=0)
-    good, bad = tmp_path / "hospital-a", tmp_path / "hospital-b-private"
-    write_jsonl([r for r in rows if r["institution"] == "inst0"][:12], good / "train.jsonl")
-    write_jsonl([r for r in rows if r["institution"] == "inst1"][:12], bad / "train.jsonl")
+    config, sites = two_institutions(tmp_path, tiny_model_dir, names=("hospital-a", "hospital-b-private"))
+    cfg = load_config(config, ["strategy.min_train_nodes=1", "train.local_steps=1"])
+    good, bad = sites[11], sites[12]
     with (bad / "train.jsonl").open("a") as handle:
         handle.write('{"prompt": "Patient: ' + SECRET + '", "answer": \n')  # malformed: no value
     grid = InProcessGrid({
@@ -51,7 +31,7 @@ def test_a_secret_in_a_bad_row_stays_at_the_institution(tiny_model_dir, tmp_path
         12: institution({"data-path": str(bad / "train.jsonl"), "state-dir": str(bad / "state")}, node_id=12),
     })
     printed: list[str] = []
-    out = coordinator / "run"
+    out = config.parent / "run"
     with caplog.at_level(logging.ERROR, logger="fedft.client"):
         run_federation(grid, cfg, out, progress=printed.append)
 

@@ -69,40 +69,11 @@ def test_a_zero_correction_trains_exactly_as_without_one(tiny_config_path):
 
 
 @pytest.fixture
-def deploy(tiny_model_dir, tmp_path, task_identity):  # noqa: F811
-    from fedft.demo.tasks import make_demo_rows, write_jsonl
-    from tests.clients.inprocess import institution
-    from tests.conftest import TINY_TOML
+def deploy(tiny_model_dir, tmp_path, task_identity):
+    from tests.clients.inprocess import data_only, run_job, two_institutions
 
-    coordinator = tmp_path / "coordinator"
-    coordinator.mkdir()
-    write_jsonl(make_demo_rows(2, 4, 0.5, seed=1), coordinator / "eval.jsonl")
-    (coordinator / "deploy.toml").write_text(
-        TINY_TOML.format(model=tiny_model_dir).replace('train_files = ["train.jsonl"]\n', ""))
-    rows = make_demo_rows(2, 24, 0.9, seed=0)
-    contexts = {}
-    for node, inst in ((11, "inst0"), (12, "inst1")):
-        site = tmp_path / f"site-{node}"
-        write_jsonl([r for r in rows if r["institution"] == inst][:12], site / "train.jsonl")
-        contexts[node] = {"data-path": str(site / "train.jsonl")}
-
-    def run(name: str, overrides: str):
-        from flwr.app import Context, RecordDict
-
-        from server.app import main
-        from tests.clients.inprocess import InProcessGrid
-
-        out = tmp_path / name
-        grid = InProcessGrid({n: institution(c, node_id=n) for n, c in contexts.items()})
-        main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                           run_config={"config": str(coordinator / "deploy.toml"), "overrides": overrides,
-                                       "out-dir": str(out)}))
-        return out
-
-    return run
-
-
-from tests.clients.test_secret_row import task_identity  # noqa: E402,F401 - fixture
+    config, sites = two_institutions(tmp_path, tiny_model_dir)
+    return lambda name, overrides: run_job(config, data_only(sites), tmp_path / name, overrides)
 
 
 def test_scaffold_with_zero_variates_and_one_local_step_is_fedavg_and_then_departs(deploy):

@@ -28,11 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedft.demo.tasks import make_demo_rows, write_jsonl
 from fedft.model.quantization import QuantizationError
-from tests.clients.inprocess import InProcessGrid, institution
-from tests.clients.test_secret_row import task_identity  # noqa: F401 - fixture
-from tests.conftest import TINY_TOML
+from tests.clients.inprocess import institution, run_job, two_institutions
 
 pytestmark = pytest.mark.slow
 
@@ -96,33 +93,20 @@ def write_family(family: str, out: Path) -> Path:
 
 def _deploy(root: Path, model_dir: Path, allow_unquantized: bool):
     """A coordinator config and two institutions (each with a policy file) for one federated round."""
-    coordinator = root / "coordinator"
-    coordinator.mkdir()
-    write_jsonl(make_demo_rows(2, 4, 0.5, seed=1), coordinator / "eval.jsonl")
-    toml = TINY_TOML.format(model=model_dir).replace('train_files = ["train.jsonl"]\n', "")
-    (coordinator / "deploy.toml").write_text(toml)
-    rows = make_demo_rows(2, 12, 0.9, seed=0)
+    config, sites = two_institutions(root, model_dir, rows_per_site=8)
     contexts = {}
-    for node, inst in ((11, "inst0"), (12, "inst1")):
-        site = root / f"site-{node}"
-        write_jsonl([r for r in rows if r["institution"] == inst][:8], site / "train.jsonl")
+    for node, site in sites.items():
         (site / "policy.toml").write_text(f"[model]\nallow_unquantized = {str(allow_unquantized).lower()}\n")
         contexts[node] = institution({"data-path": str(site / "train.jsonl"),
                                       "policy": str(site / "policy.toml")}, node_id=node)
     overrides = "train.local_steps=2 strategy.num_rounds=1"
     if allow_unquantized:
         overrides += " model.allow_unquantized=true"
-    return coordinator / "deploy.toml", contexts, overrides
+    return config, contexts, overrides
 
 
 def _run_federated(config: Path, contexts: dict, overrides: str, out: Path) -> dict:
-    from flwr.app import Context, RecordDict
-
-    from server.app import main
-
-    run_config = {"config": str(config), "overrides": overrides, "out-dir": str(out)}
-    main(InProcessGrid(contexts), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                          run_config=run_config))
+    run_job(config, contexts, out, overrides)
     return json.loads((out / "summary.json").read_text())
 
 
@@ -140,7 +124,7 @@ torch.save(logits, sys.argv[3])
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_family_loads_quantized_trains_federated_and_exports_a_model_that_matches(
-        family, tmp_path, task_identity, capsys):  # noqa: F811
+        family, tmp_path, task_identity, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -12,16 +12,12 @@ import json
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.app import Error, Message, Metadata
 from safetensors.torch import load_file
 
-from fedft.demo.tasks import make_demo_rows, write_jsonl
 from fedft.run.status import run_status
 from fedft.rundir import RunDirError, RunFailed
-from server.app import main
-from tests.clients.inprocess import InProcessGrid, institution
-from tests.clients.test_secret_row import task_identity  # noqa: F401 - fixture
-from tests.conftest import TINY_TOML
+from tests.clients.inprocess import InProcessGrid, data_only, run_job, two_institutions
 
 
 class SuperLinkDies(RuntimeError):
@@ -41,24 +37,11 @@ class DyingGrid(InProcessGrid):
 
 
 @pytest.fixture
-def job(tiny_model_dir, tmp_path, task_identity):  # noqa: F811
-    coordinator = tmp_path / "coordinator"
-    coordinator.mkdir()
-    write_jsonl(make_demo_rows(2, 4, 0.5, seed=1), coordinator / "eval.jsonl")
-    toml = TINY_TOML.format(model=tiny_model_dir).replace('train_files = ["train.jsonl"]\n', "")
-    (coordinator / "deploy.toml").write_text(toml)
-    rows = make_demo_rows(2, 24, 0.9, seed=0)
-    contexts = {}
-    for node, inst in ((11, "inst0"), (12, "inst1")):
-        site = tmp_path / f"site-{node}"
-        write_jsonl([r for r in rows if r["institution"] == inst][:12], site / "train.jsonl")
-        contexts[node] = {"data-path": str(site / "train.jsonl")}
+def job(tiny_model_dir, tmp_path, task_identity):
+    config, sites = two_institutions(tmp_path, tiny_model_dir)
 
     def start(grid_class, out, **flags):
-        grid = grid_class({n: institution(c, node_id=n) for n, c in contexts.items()})
-        run_config = {"config": str(coordinator / "deploy.toml"), "overrides": "train.local_steps=2",
-                      "out-dir": str(out), **{k: str(v).lower() for k, v in flags.items()}}
-        main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+        run_job(config, data_only(sites), out, "train.local_steps=2", grid_class, **flags)
 
     return start, tmp_path
 
