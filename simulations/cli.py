@@ -20,57 +20,14 @@ from simulations.commands import (
 
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.runner import simulate
+    from simulations.sweeps import simulate_epsilons, simulate_seeds
 
     cfg = config_from_args(args)
     if args.seeds is not None:
-        return _simulate_seeds(cfg, args)
+        return simulate_seeds(cfg, args)
+    if args.epsilons is not None:
+        return simulate_epsilons(cfg, args)
     simulate(cfg, Path(args.out), verbose=args.verbose, resume=args.resume, overwrite=args.overwrite)
-    return 0
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``--seeds 0,1,2`` (or ``0-4``) as a list of distinct integers."""
-    from fedft.config import ConfigError
-
-    seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            low, _, high = part.strip().partition("-")
-            seeds += list(range(int(low), int(high) + 1)) if high else [int(low)]
-    except ValueError:
-        raise ConfigError(f"--seeds {text!r}: expected integers such as 0,1,2 or 0-4") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {text!r}: expected distinct integers such as 0,1,2 or 0-4")
-    return seeds
-
-
-def _simulate_seeds(cfg, args: argparse.Namespace) -> int:
-    """The same config at each seed, in OUT/seed-N, then OUT/seeds.json: mean, std and each seed."""
-    import dataclasses
-
-    from fedft.report.seeds import SEEDS_FILE, seed_statistics, seeds_markdown
-    from fedft.rundir import SUMMARY_FILE, atomic_write_json, latest_checkpoint, load_summary
-    from simulations.runner import simulate
-
-    seeds, out = parse_seeds(args.seeds), Path(args.out)
-    runs = []
-    for index, seed in enumerate(seeds, start=1):
-        run_dir = out / f"seed-{seed}"
-        runs.append(run_dir)
-        resume = args.resume
-        if resume and (run_dir / SUMMARY_FILE).is_file():
-            print(f"fedft: seed {seed} ({index} of {len(seeds)}) already finished in {run_dir}")
-            continue
-        if resume and latest_checkpoint(run_dir) is None:
-            resume = False  # --resume of a sweep: a seed that never started starts now
-        print(f"fedft: seed {seed} ({index} of {len(seeds)}) in {run_dir}")
-        simulate(dataclasses.replace(cfg, seed=seed), run_dir, verbose=args.verbose, resume=resume,
-                 overwrite=args.overwrite)
-    statistics = seed_statistics([load_summary(r) for r in runs])
-    atomic_write_json(out / SEEDS_FILE, {**statistics, "run_dirs": [str(r) for r in runs]})
-    print(f"fedft: {len(seeds)} seeds, final held-out exact match (federated stage):")
-    print(seeds_markdown(statistics))
-    print(f"wrote {out / SEEDS_FILE}")
     return 0
 
 
@@ -118,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--overwrite", action="store_true",
                      help="replace the run already in RUN_DIR (moved aside in one rename, then removed whole); "
                           "without it a non-empty RUN_DIR is refused")
-    sim.add_argument("--seeds", metavar="0,1,2",
+    sweep = sim.add_mutually_exclusive_group()
+    sweep.add_argument("--seeds", metavar="0,1,2",
                      help="run the config once per seed (OUT/seed-N) and write OUT/seeds.json: mean, standard "
                           "deviation and each seed's final exact match (a range such as 0-4 works too)")
+    sweep.add_argument("--epsilons", metavar="1,2,4,8,16,off",
+                       help="run the config once per record-level epsilon (DP-SGD calibrated to each; off: without "
+                            "DP) in OUT/epsilon-E and OUT/no-dp, then write the privacy-utility curve: "
+                            "OUT/privacy_utility.json and .png")
     sim.set_defaults(handler=_simulate)
     return run(parser, argv)
 

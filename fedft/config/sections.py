@@ -328,6 +328,9 @@ class FedftConfig:
             if privacy.user_level or privacy.record_level:
                 key = "privacy.user_level" if privacy.user_level else "privacy.record_level"
                 yield key, "false with strategy.name = 'scaffold' (not implemented with differential privacy)"
+        if strategy.name in ("local", "centralized") and (privacy.user_level or privacy.record_level):
+            key = "privacy.user_level" if privacy.user_level else "privacy.record_level"
+            yield key, f"false with strategy.name = '{strategy.name}' (the baselines train without differential privacy)"
         if strategy.min_train_nodes > clients and strategy.name in ("fedavg", "fedprox", "scaffold"):
             yield "strategy.min_train_nodes", f"at most simulation.num_supernodes = {clients}"
         if ranks and len(ranks) != clients:

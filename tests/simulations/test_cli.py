@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def _fedft(*args):
     return subprocess.run([sys.executable, "-m", "simulations.cli", *args],
@@ -86,7 +88,8 @@ def test_seeds_run_the_config_once_per_seed_and_report_mean_and_std(tiny_config_
     import pytest
 
     from fedft.config import ConfigError
-    from simulations.cli import main, parse_seeds
+    from simulations.cli import main
+    from simulations.sweeps import parse_seeds
 
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("3-5,9") == [3, 4, 5, 9]
     for bad in ("a", "1,1", ""):
@@ -102,3 +105,22 @@ def test_seeds_run_the_config_once_per_seed_and_report_mean_and_std(tiny_config_
     finals = [json.loads((out / f"seed-{s}" / "summary.json").read_text())["final"]["eval_loss"] for s in (0, 1)]
     assert stats["eval_loss"]["per_seed"] == finals and finals[0] != finals[1]  # the seed changed the run
     assert "| mean ± std |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_epsilons_run_the_config_with_dp_sgd_at_each_target_and_without_then_draw_the_curve(
+        tiny_config_path, tmp_path, capsys):
+    import json
+
+    from simulations.cli import main
+
+    out = tmp_path / "curve"
+    assert main(["simulate", "--config", str(tiny_config_path), "--out", str(out), "--epsilons", "8,off",
+                 "--set", "strategy.num_rounds=1", "--set", "train.local_steps=2"]) == 0
+    curve = json.loads((out / "privacy_utility.json").read_text())
+    private, plain = curve["points"]
+    assert private["target_epsilon"] == 8 and private["epsilon"] == pytest.approx(8, rel=1e-3)  # calibrated
+    assert private["sigma"] > 0 and plain["target_epsilon"] is None and plain["sigma"] is None
+    assert (out / "epsilon-8" / "privacy_ledger.jsonl").is_file() and not (out / "no-dp" / "privacy_ledger.jsonl").exists()
+    assert (out / "privacy_utility.png").is_file()
+    assert "| 8 / 8.00 |" in capsys.readouterr().out
