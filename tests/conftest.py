@@ -6,9 +6,15 @@ tokenizer, every linear width a multiple of 64 so bitsandbytes' NF4 CPU kernels 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# One OpenMP thread in every test process and in the processes tests start (they inherit the
+# environment): the suite runs one test per core (pytest-xdist), and tiny matmuls whose OpenMP
+# threads wait for a busy core run ten times slower than on one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,6 +125,8 @@ def pytest_sessionfinish(session, exitstatus):
     """Fail the session if a Ray or Flower process a test started outlives it (tests/processes.py)."""
     from tests.processes import leftovers
 
+    if _is_xdist_worker(session):
+        return
     left = leftovers(_PROCESSES_AT_START)
     if left:
         lines = "\n".join(f"  pid {pid}: {cmd[:200]}" for pid, cmd in sorted(left.items()))

@@ -118,7 +118,7 @@ def test_sigterm_stops_a_simulation_cleanly_and_it_resumes(tiny_config_path, tmp
 
     out, token = tmp_path / "run", f"test-{os.getpid()}-{time.monotonic_ns()}"
     command = [sys.executable, "-m", "simulations.cli", "simulate", "--config", str(tiny_config_path), "--out",
-               str(out), "--set", "strategy.num_rounds=10", "--set", "strategy.eval_every=0"]
+               str(out), "--set", "strategy.num_rounds=5", "--set", "strategy.eval_every=0"]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, TOKEN_VAR: token})
     deadline = time.time() + 240
@@ -138,5 +138,5 @@ def test_sigterm_stops_a_simulation_cleanly_and_it_resumes(tiny_config_path, tmp
     assert not (out / "summary.json").exists()
     done = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert [r["round"] for r in load_metrics(out)] == list(range(11))
+    assert [r["round"] for r in load_metrics(out)] == list(range(6))
     assert run_status(out).code == 0 and not (out / "failed.json").exists()
