@@ -5,7 +5,8 @@ calibrated to each record-level epsilon; ``off``: the same run without DP) and h
 run summaries here. ``curve_points`` reads what each run reached (the exact match, per task,
 the held-out loss, the record-level epsilon the ledger charged, the calibrated sigma);
 ``curve_markdown`` is the table and ``plot_curve`` the figure (exact match and held-out
-loss against epsilon, the run without DP as a dashed line). Pure but for the plot file.
+loss against epsilon, the run without DP and the base model as horizontal lines). Pure but
+for the plot file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def curve_point(target_epsilon: float | None, summary: dict, sigma: float | None
         "exact_match": final["eval_exact_match"],
         "exact_match_by_task": final.get("eval_exact_match_by_task", {}),
         "eval_loss": final["eval_loss"],
+        "base_eval_loss": (summary.get("base") or {}).get("eval_loss"),
     }
 
 
@@ -75,6 +77,9 @@ def plot_curve(points: list[dict], path: Path, title: str = "") -> Path:
         ax_em.axhline(100 * baseline["exact_match"], linestyle="--", color="gray", label="without DP")
         ax_em.axhline(60 * baseline["exact_match"], linestyle=":", color="gray", label="0.6 x without DP")
         ax_loss.axhline(baseline["eval_loss"], linestyle="--", color="gray", label="without DP")
+    base_loss = next((p["base_eval_loss"] for p in points if p.get("base_eval_loss") is not None), None)
+    if base_loss is not None:
+        ax_loss.axhline(base_loss, linestyle=":", color="red", label="base model (before training)")
     for ax in (ax_em, ax_loss):
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [f"{x:g}" for x in xs])

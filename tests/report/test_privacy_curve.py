@@ -14,13 +14,13 @@ def _summary(exact_match: float, loss: float, epsilon: float | None) -> dict:
     privacy = {"record_level_max_epsilon": epsilon} if epsilon is not None else None
     return {"final": {"eval_exact_match": exact_match, "eval_loss": loss,
                       "eval_exact_match_by_task": {"date": exact_match, "json": exact_match / 2}},
-            "privacy": privacy}
+            "privacy": privacy, "base": {"eval_loss": 5.6}}
 
 
 def test_points_table_and_figure(tmp_path):
     points = [curve_point(8.0, _summary(0.5, 0.4, 7.99), sigma=0.55), curve_point(None, _summary(0.8, 0.1, None)),
               curve_point(1.0, _summary(0.1, 1.5, 0.99), sigma=1.7)]
-    assert points[1]["epsilon"] is None and points[0]["epsilon"] == 7.99
+    assert points[1]["epsilon"] is None and points[0]["epsilon"] == 7.99 and points[0]["base_eval_loss"] == 5.6
     assert relative_to_no_dp(points) == {8.0: pytest.approx(0.625), 1.0: pytest.approx(0.125)}
     table = curve_markdown(points).splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == ["1 / 0.99", "8 / 7.99", "no DP"]  # by epsilon
