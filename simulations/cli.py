@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="run the config once per seed (OUT/seed-N) and write OUT/seeds.json: mean, standard "
                           "deviation and each seed's final exact match (a range such as 0-4 works too)")
     sweep.add_argument("--epsilons", metavar="1,2,4,8,16,off",
-                       help="run the config once per record-level epsilon (DP-SGD calibrated to each; off: without "
+                       help="run the config once per record-level epsilon (DP-SGD calibrated to each; off: without any "
                             "DP) in OUT/epsilon-E and OUT/no-dp, then write the privacy-utility curve: "
                             "OUT/privacy_utility.json and .png")
     sim.set_defaults(handler=_simulate)

@@ -2,7 +2,7 @@
 
 ``--seeds 0,1,2`` runs the config once per seed (OUT/seed-N) and writes OUT/seeds.json (mean,
 standard deviation, each seed). ``--epsilons 1,2,4,8,16,off`` runs it once per record-level
-epsilon, DP-SGD calibrated to each (OUT/epsilon-E), and once without DP (OUT/no-dp), then
+epsilon, DP-SGD calibrated to each (OUT/epsilon-E), and once without any DP (OUT/no-dp), then
 writes the privacy-utility curve: OUT/privacy_utility.json, OUT/privacy_utility.png and a
 table on the console. Both skip runs an earlier sweep finished when given ``--resume``.
 """
@@ -50,13 +50,15 @@ def parse_epsilons(text: str) -> list[float | None]:
 
 
 def epsilon_config(cfg: FedftConfig, epsilon: float | None) -> FedftConfig:
-    """``cfg`` with DP-SGD calibrated to record-level ``epsilon``, or without DP-SGD (None),
-    checked like a config file (a broken rule names the ``--epsilons`` value)."""
+    """``cfg`` with DP-SGD calibrated to record-level ``epsilon``, or without any DP (None: user level
+    off too), checked like a config file (a broken rule names the ``--epsilons`` value)."""
     from fedft.config import config_from_dict, config_to_dict
 
     raw = config_to_dict(cfg)
     raw["privacy"] = {**raw.get("privacy", {}), "record_level": epsilon is not None}
-    if epsilon is not None:
+    if epsilon is None:
+        raw["privacy"]["user_level"] = False
+    else:
         raw["privacy"]["dp_sgd_target_epsilon"] = epsilon
     return config_from_dict(raw, source=f"--epsilons {NO_DP if epsilon is None else format(epsilon, 'g')}")
 

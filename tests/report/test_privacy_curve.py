@@ -34,10 +34,12 @@ def test_epsilon_arguments_and_configs(tiny_config_path):
     for bad in ("a", "0", "-1", "8,8", "off,OFF", ""):
         with pytest.raises(ConfigError, match="--epsilons"):
             parse_epsilons(bad)
-    cfg = load_config(tiny_config_path, ["privacy.dp_sgd_target_epsilon=3"])
+    cfg = load_config(tiny_config_path, ["privacy.dp_sgd_target_epsilon=3", "privacy.user_level=true"])
     private, plain = epsilon_config(cfg, 8.0), epsilon_config(cfg, None)
     assert private.privacy.record_level and private.privacy.dp_sgd_target_epsilon == 8.0
-    assert not plain.privacy.record_level and plain.train == cfg.train and plain.lora == cfg.lora
+    assert private.privacy.user_level  # the sweep changes the record level only
+    assert not plain.privacy.record_level and not plain.privacy.user_level  # off: no DP at all
+    assert plain.train == cfg.train and plain.lora == cfg.lora
     assert (run_dir_name(8.0), run_dir_name(0.5), run_dir_name(None)) == ("epsilon-8", "epsilon-0.5", "no-dp")
     baseline = load_config(tiny_config_path, ["strategy.name=centralized"])
     with pytest.raises(ConfigError, match="--epsilons 8: privacy.record_level = True is not allowed"):
