@@ -92,10 +92,9 @@ def comparison_markdown(rows: list[dict]) -> str:
 
 def plot_comparison(rows: list[dict], path: Path) -> None:
     """Grouped bars: exact match per task for every run."""
-    import matplotlib
+    from fedft.report.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = sorted({t for r in rows for t in r["by_task"]}) + ["all"]
     width = 0.8 / len(rows)

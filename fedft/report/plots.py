@@ -21,7 +21,8 @@ def federated_curves(rows: list[dict]) -> dict:
             for key in ("round", "train_loss", "eval_loss", "eval_exact_match")}
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), imported only when a figure is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +62,7 @@ def round_panels(ax_loss, ax_em, curves: dict, by_task: dict[str, list] | None =
 
 def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     """Train / eval loss and exact match (overall and per task) against the round."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_em) = plt.subplots(1, 2, figsize=(11, 4))
     measured = [r.get("eval_exact_match") is not None for r in rows]
     tasks = sorted({t for r, m in zip(rows, measured) if m for t in r.get("eval_exact_match_by_task", {})})
@@ -81,7 +82,7 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 
 def plot_report_curves(curves: dict, path: Path) -> None:
     """Federated loss and exact match per round; DPO loss and reward accuracy per step."""
-    plt = _pyplot()
+    plt = pyplot()
     fed, dpo = curves["federated"], curves["dpo"]
     panels = (2 if fed else 0) + (1 if dpo else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
@@ -119,7 +120,7 @@ def accuracy_series(report: dict) -> list[tuple[str, list[float | None], float |
 
 def plot_stage_accuracy(report: dict, path: Path) -> None:
     """Grouped bars: exact match per institution (or task) and overall, one bar per stage."""
-    plt = _pyplot()
+    plt = pyplot()
     series = accuracy_series(report)
     labels = [c["label"] for c in report["columns"]] + ["all"]
     width = 0.8 / len(series)
@@ -136,7 +137,7 @@ def plot_stage_accuracy(report: dict, path: Path) -> None:
 
 def plot_preferences(report: dict, path: Path) -> None:
     """Bars per stage: implicit-reward preference accuracy and chosen-ranked-first share."""
-    plt = _pyplot()
+    plt = pyplot()
     stages = [s for s in report["stages"] if s.get("pref_accuracy") is not None]
     fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(stages)), 4))
     xs = range(len(stages))
@@ -156,7 +157,7 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def write_plots(report: dict, run_dir: Path) -> dict[str, str]:
