@@ -13,6 +13,7 @@ loads a model or imports flwr.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -44,6 +45,30 @@ class RunDirError(ValueError):
 class RunFailed(RuntimeError):
     """A run started but could not finish (e.g. too few clients replied); the message says why.
     RUN_DIR keeps what was done: the checkpoints of every complete round."""
+
+
+class DiskFull(RunDirError):
+    """A write into the run directory ran out of space; what was there before is intact."""
+
+
+def _no_space(error: BaseException) -> bool:
+    """True for an out-of-space error, whether raised as OSError or by safetensors' writer."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
+@contextlib.contextmanager
+def _named_if_full(target: Path) -> Iterator[None]:
+    """Re-raise an out-of-space error as ``DiskFull`` naming the file or directory being written."""
+    try:
+        yield
+    except BaseException as error:
+        if _no_space(error):
+            raise DiskFull(f"no space left on the device holding {target} while writing it (the previous "
+                           "version, if any, is intact); free space, then run again (--resume continues a run)"
+                           ) from error
+        raise
 
 
 def checkpoint_dir(run_dir: Path, round_index: int) -> Path:
@@ -83,7 +108,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with _named_if_full(path), os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -139,7 +164,8 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        yield tmp
+        with _named_if_full(target):
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -164,7 +190,8 @@ def save_tensors_atomic(tensors: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        with _named_if_full(path):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
         fsync_path(Path(tmp))
         os.replace(tmp, path)
         fsync_path(path.parent)

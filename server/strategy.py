@@ -148,7 +148,8 @@ class AdapterAggregation:
 
         ``sent_to`` (message id -> the node it was sent to) names an error reply by the node the
         round was sent to: Flower builds some error replies itself (a ClientApp that died, a
-        reply whose upload expired) with its own node id as the sender.
+        reply whose upload expired) with its own node id as the sender. A node that sent nothing
+        before ``strategy.round_timeout_s`` (e.g. its SuperNode was killed) is a failure too.
         """
         valid, errors = self._check_and_log_replies(list(replies), is_train=True)
         sent_to = sent_to or {}
@@ -156,8 +157,12 @@ class AdapterAggregation:
         def node_of(m: Message) -> int:
             return sent_to.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
 
+        answered = {m.metadata.reply_to_message_id for m in list(valid) + list(errors)}
+        silent = [node for message_id, node in sent_to.items() if message_id not in answered]
+        timeout = self.fedft_cfg.strategy.round_timeout_s
         collected = CollectedReplies(
-            failures=[f"node {node_of(m)}: {m.error.reason}" for m in errors],
+            failures=[f"node {node_of(m)}: {m.error.reason}" for m in errors]
+            + [f"node {node}: no reply within strategy.round_timeout_s = {timeout:g} s" for node in silent],
             refusals=[node_of(m) for m in errors if str(m.error.reason or "").startswith(wire.DECLINED)],
         )
         for m in valid:

@@ -97,6 +97,11 @@ def claimed_run_dir(out: Path, *, resume: bool = False, overwrite: bool = False)
     except OSError as err:
         raise RunDirError(f"--out {out}: cannot create it ({err.strerror})") from None
     fd = _lock(out)
+    if not (resume or overwrite) and _existing_run(out):  # another run finished here between check and lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        raise RunDirError(f"--out {out} already holds a run, written by another fedft run a moment ago; choose "
+                          "another --out (nothing was changed)")
     try:
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)

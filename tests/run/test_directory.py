@@ -97,3 +97,40 @@ def test_the_command_refuses_a_finished_run_in_one_line(tmp_path, tiny_config_pa
     assert done.stderr.strip().splitlines()[-1].startswith(f"fedft: error: --out {out} already holds a run")
     assert snapshot(out) == before
     assert json.loads((out / "summary.json").read_text()) == {"rounds": 2}
+
+
+def test_a_run_finished_between_the_check_and_the_lock_is_not_run_over(tmp_path, monkeypatch):
+    from fedft.run import directory
+
+    out, real_lock = tmp_path / "run", directory._lock
+
+    def another_run_finishes_first(path):
+        (path / "summary.json").write_text('{"rounds": 2}')
+        return real_lock(path)
+
+    monkeypatch.setattr(directory, "_lock", another_run_finishes_first)
+    with pytest.raises(RunDirError, match="written by another fedft run a moment ago"):
+        with claimed_run_dir(out):
+            pytest.fail("the run went ahead over the other's files")
+    assert (out / "summary.json").read_text() == '{"rounds": 2}' and lock_holder(out) is None
+
+
+@pytest.mark.slow
+def test_two_simulations_started_together_on_one_out_leave_one_whole_run(tmp_path, tiny_config_path):
+    """Two real ``fedft simulate`` processes at once: one runs, the other is refused before it writes."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "simulations.cli", "simulate", "--config", str(tiny_config_path), "--out",
+               str(out), "--set", "strategy.num_rounds=1", "--set", "strategy.eval_every=0"]
+    runs = [subprocess.Popen([*command, "--set", f"seed={seed}"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [err[-2000:] for _, _, err in results]
+    winner = next(i for i, (code, _, _) in enumerate(results) if code == 0)
+    refused = results[1 - winner][2]
+    assert "Traceback" not in refused and len(refused.strip().splitlines()) == 1, refused
+    assert any(reason in refused for reason in ("in use by another fedft run", "claimed by another fedft run",
+                                                "written by another fedft run")), refused
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["seed"] == winner + 1  # every file is the winner's
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]

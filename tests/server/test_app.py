@@ -88,3 +88,18 @@ def test_a_failure_row_names_the_node_the_round_was_sent_to(job):
         start(DeadClientAppGrid, root / "dead")
     row = json.loads((root / "dead" / "failed.json").read_text())
     assert "node 1:" not in row["message"]
+
+
+class SilentNodeGrid(InProcessGrid):
+    """Node 12 never answers (its SuperNode was killed): the round's timeout passes without its reply."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [r for r in super().send_and_receive(messages, timeout=timeout) if r.metadata.src_node_id != 12]
+
+
+def test_a_node_that_never_replies_is_named_with_the_round_timeout(job):
+    start, root = job
+    with pytest.raises(RunFailed, match=r"round 1: 1 of 2 clients replied .*node 12: no reply within "
+                                        r"strategy.round_timeout_s = 3600 s"):
+        start(SilentNodeGrid, root / "silent")
+    assert run_status(root / "silent").code == 1
