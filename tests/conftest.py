@@ -104,6 +104,23 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
+# The files that take minutes (measured with --durations), collected first: pytest-xdist's
+# --dist loadfile hands files out in collection order, so starting the longest ones first lets the
+# workers finish together instead of one waiting on a long file that was handed out last.
+LONG_FILES = ("tests/simulations/test_faults.py", "tests/run/test_resume.py", "tests/privacy/test_canaries.py",
+              "tests/run/test_disk_full.py", "tests/simulations/test_deployment.py",
+              "tests/simulations/test_gpu_check.py", "tests/privacy/test_privacy_run.py",
+              "tests/simulations/test_simulation.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return LONG_FILES.index(path) if path in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file and among the other files is kept
+
+
 _PROCESSES_AT_START: dict[int, str] = {}
 
 

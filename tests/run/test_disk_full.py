@@ -1,11 +1,12 @@
-"""A disk that fills up mid-run, for real: ``fedft simulate --out`` on a 160 KiB tmpfs.
+"""Disks that refuse writes, for real: ``fedft simulate --out`` on a 160 KiB tmpfs, and on a read-only one.
 
 The tiny 3-round DP run needs more than that (each checkpoint is about 56 KiB), so one of its
 writes fails with ENOSPC. The command must exit non-zero with one line naming the file it was
 writing, every checkpoint left must be complete (no temporary file, no half directory), and once
 the file system is grown (``mount -o remount``) ``--resume`` finishes the run with each round in
-metrics.jsonl and the privacy ledger exactly once. Mounting needs root (or CAP_SYS_ADMIN); without
-it the test is skipped and says so.
+metrics.jsonl and the privacy ledger exactly once. On a read-only file system (where even root
+cannot write) the run is refused in one line before any model is loaded. Mounting needs root (or
+CAP_SYS_ADMIN); without it the tests are skipped and say so.
 """
 
 from __future__ import annotations
@@ -28,17 +29,28 @@ SETTINGS = ["--set", "strategy.num_rounds=3", "--set", "strategy.eval_every=0", 
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    mount_point = tmp_path / f"small-{uuid.uuid4().hex[:6]}"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
+def tmpfs(tmp_path):
+    """mount(options) -> a fresh tmpfs mounted with those options; unmounted after the test."""
+    mounted_points = []
+
+    def mount(options: str) -> Path:
+        mount_point = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+        mount_point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted_points.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in mounted_points:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmpfs):
+    return tmpfs("size=160k")
 
 
 def simulate(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -74,3 +86,11 @@ def test_a_full_disk_fails_in_one_line_keeps_whole_checkpoints_and_the_run_resum
     assert rounds(out / "metrics.jsonl") == [0, 1, 2, 3]
     assert rounds(out / "privacy_ledger.jsonl") == [1, 2, 3]
     assert (out / "summary.json").is_file() and not (out / "failed.json").exists()
+
+
+def test_a_read_only_out_is_refused_in_one_line_before_any_work(tiny_config_path, tmpfs):
+    read_only = tmpfs("ro,size=1m")
+    done = simulate(tiny_config_path, read_only / "run")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].endswith(f"{read_only} is not writable"), done.stderr
+    assert not any(read_only.iterdir())

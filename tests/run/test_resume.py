@@ -15,7 +15,7 @@ import pytest
 from fedft.privacy.bookkeeping import LEDGER_FILE
 from fedft.privacy.ledger import audit, read_ledger
 from fedft.rundir import load_metrics
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, write_tiny_setup
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,13 @@ def _command(config: Path, out: Path, *extra: str) -> list[str]:
             *sets, *extra]
 
 
-def test_a_killed_dp_run_resumes_with_each_round_once_in_the_ledger(tiny_config_path, tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen(_command(tiny_config_path, out), cwd=ROOT, start_new_session=True,
+@pytest.fixture(scope="module")
+def resumed_dp_run(tiny_model_dir, tmp_path_factory):
+    """A 4-round DP run SIGKILLed (server and Ray workers) after round 2, then resumed: its config,
+    its directory, the number of ledger rows at the kill and the resuming command's result."""
+    root = tmp_path_factory.mktemp("resume")
+    config, out = write_tiny_setup(root, tiny_model_dir), root / "run"
+    proc = subprocess.Popen(_command(config, out), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
@@ -47,10 +51,13 @@ def test_a_killed_dp_run_resumes_with_each_round_once_in_the_ledger(tiny_config_
         proc.wait()
     assert not (out / "summary.json").exists()
     killed_at = len(read_ledger(out / LEDGER_FILE))
-    assert killed_at >= 2
+    done = subprocess.run(_command(config, out, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return config, out, killed_at, done
 
-    done = subprocess.run(_command(tiny_config_path, out, "--resume"), cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+
+def test_a_killed_dp_run_resumes_with_each_round_once_in_the_ledger(resumed_dp_run):
+    _, out, killed_at, done = resumed_dp_run
+    assert killed_at >= 2
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resuming after round" in done.stdout
     rows = read_ledger(out / LEDGER_FILE)
@@ -64,14 +71,11 @@ def test_a_killed_dp_run_resumes_with_each_round_once_in_the_ledger(tiny_config_
     assert len(spent) == 2 and all(len(s["steps"]) >= 4 for s in spent)
 
 
-def test_resume_refuses_a_different_config(tiny_config_path, tmp_path):
-    out = tmp_path / "run"
-    first = subprocess.run(_command(tiny_config_path, out, "--set", "strategy.num_rounds=1"), cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+def test_resume_refuses_a_different_config(resumed_dp_run):
+    config, out, _, done = resumed_dp_run
+    assert done.returncode == 0
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    again = subprocess.run(_command(tiny_config_path, out, "--set", "strategy.num_rounds=1", "--set",
-                                    "privacy.clip_norm=0.1", "--resume"),
+    again = subprocess.run(_command(config, out, "--set", "privacy.clip_norm=0.1", "--resume"),
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0
     assert "the config differs: privacy.clip_norm" in again.stdout + again.stderr

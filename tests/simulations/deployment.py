@@ -8,7 +8,6 @@ test's directory, so nothing lands in ~/.flwr.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -93,23 +92,6 @@ class Deployment:
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([tool("flwr"), *args], cwd=ROOT, env=self.env, capture_output=True,
                               text=True, timeout=timeout)
-
-    def node_status(self) -> dict[int, str]:
-        """node id -> status ("online", "offline", "registered") as the SuperLink lists them."""
-        listed = self.flwr("supernode", "list", "coordinator", "--format", "json").stdout
-        try:
-            return {int(n["node-id"]): n["status"] for n in json.loads(listed)["nodes"]}
-        except (ValueError, KeyError):
-            return {}
-
-    def wait_offline(self, node_id: int, timeout: float = 120) -> None:
-        """Until the SuperLink has noticed that a killed SuperNode stopped sending heartbeats (Flower
-        refuses to activate a node id it still counts as online: up to 2 x 30 s after the kill)."""
-        deadline = time.monotonic() + timeout
-        while self.node_status().get(node_id) == "online":
-            if time.monotonic() > deadline:
-                pytest.fail(f"node {node_id} is still listed online {timeout}s after it was killed")
-            time.sleep(2)
 
     def wait_online(self, count: int, timeout: float = 90) -> None:
         """Until the SuperLink lists ``count`` SuperNodes as online (a job then samples them all)."""
