@@ -233,6 +233,7 @@ def test_supernodes_killed_mid_run_are_skipped_until_too_few_remain(supernodes_k
     assert round_2["clients"] == 2 and re.fullmatch(f"node {sites.node_id('inst-c')}: {silent}", failure), failure
     outcome = status(out)  # `flwr run --stream` itself exits 0 (Flower 1.42)
     assert outcome.returncode == 1, outcome.stdout + sites.logs()
-    assert "round 3: 1 of 3 clients replied" in outcome.stdout, outcome.stdout
+    # round 3 is sent to inst-c too unless Flower already counts it offline
+    assert re.search(r"round 3: 1 of [23] clients replied", outcome.stdout), outcome.stdout
     assert re.search(f"node {sites.node_id('inst-b')}: {silent}", outcome.stdout), outcome.stdout
     assert not (out / "summary.json").exists()
