@@ -100,7 +100,9 @@ def run_federation_in_child(cfg, out_dir: Path, *, resume: bool, verbose: bool) 
             children.append(child)
             if received:  # a signal that came while the child was starting
                 forward(received[0], None)
-            _wait(child, received)
+            if not _wait(child, received):
+                print(f"fedft: the federation did not stop within {GRACE_S:.0f} s of the signal; its processes "
+                      "were killed", file=sys.stderr)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -155,8 +157,9 @@ def record_interruption(out_dir: Path, signum: int) -> None:
             "error": "Interrupted", "message": f"stopped by {signal.Signals(signum).name}", "time": time.time()})
 
 
-def _wait(child: subprocess.Popen, received: list[int]) -> None:
-    """Until the child exits; after a forwarded signal at most ``GRACE_S`` more, then kill its group."""
+def _wait(child: subprocess.Popen, received: list[int]) -> bool:
+    """Until the child exits; after a forwarded signal at most ``GRACE_S`` more, then kill its group.
+    False when the group had to be killed."""
     deadline = None
     while child.poll() is None:
         if received and deadline is None:
@@ -167,8 +170,9 @@ def _wait(child: subprocess.Popen, received: list[int]) -> None:
             except ProcessLookupError:
                 pass
             child.wait()
-            return
+            return False
         time.sleep(0.2)
+    return True
 
 
 def run_federation_here(cfg, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
@@ -232,7 +236,12 @@ def _child_main(spec_path: str, parent: int) -> int:
         run_federation_here(config_from_dict(spec["config"]), Path(spec["out_dir"]), resume=spec["resume"],
                             verbose=spec["verbose"])
     except KeyboardInterrupt:
-        return 130
+        # Flower's ServerApp thread (fedft's run loop) is not a daemon: a normal exit would wait for it
+        # to finish its round, and the parent would kill the group after GRACE_S. Every complete round is
+        # already checkpointed (atomic writes), so the process leaves now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
         result.write_text(json.dumps({"error": type(error).__name__, "message": str(error)}))
         return 1
