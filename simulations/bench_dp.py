@@ -22,15 +22,15 @@ def measure(config: Path, batch: int, steps: int, repeats: int = 3) -> dict:
 
     from fedft.config import load_config
     from fedft.federated.client_round import client_examples
-    from fedft.model.load import cached_peft_model, initial_adapter_state
+    from fedft.model.load import cached_peft_model, initial_adapter_state, model_spec
     from fedft.privacy.dpsgd import train_local_dp
     from fedft.train.local import train_local
 
     cfg = load_config(config, ["privacy.record_level=true", f"train.batch_size={batch}",
                                f"train.local_steps={steps}", "train.warmup_steps=0"])
-    model, tokenizer = cached_peft_model(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
     examples = client_examples(cfg, tokenizer, partition_id=0)
-    start = initial_adapter_state(cfg)
+    start = initial_adapter_state(model_spec(cfg))
 
     def plain() -> float:
         began = time.perf_counter()

@@ -39,7 +39,14 @@ from fedft.config import FedftConfig, load_config
 from fedft.data.rows import Example, collate
 from fedft.demo.base import build_char_tokenizer
 from fedft.demo.tasks import make_demo_rows, make_eval_rows, write_jsonl
-from fedft.model.load import DTYPES, cached_peft_model, clear_model_cache, initial_adapter_state, resolve_device
+from fedft.model.load import (
+    DTYPES,
+    cached_peft_model,
+    clear_model_cache,
+    initial_adapter_state,
+    model_spec,
+    resolve_device,
+)
 from fedft.model.memory import COMMON_MODELS, GIB, DecoderShape, client_memory
 from fedft.privacy.dpfedavg import secure_generator
 from fedft.privacy.dpsgd import train_local_dp
@@ -224,8 +231,8 @@ def peak_gib(cfg: FedftConfig) -> float | None:
 def measure_fedft(cfg: FedftConfig, examples: list[Example], target: Target) -> dict:
     """fedft's client loop: the cached 4-bit model and ``train_local``, timed per step after the warm-up."""
     release_memory()
-    model, tokenizer = cached_peft_model(cfg)
-    start = initial_adapter_state(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
+    start = initial_adapter_state(model_spec(cfg))
     ticks: list[float] = []
 
     def tick(step: int, loss: float) -> None:
@@ -303,8 +310,8 @@ def measure_dp(cfg: FedftConfig, examples: list[Example], target: Target) -> dic
     """
     release_memory()
     dp_cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, record_level=True))
-    model, tokenizer = cached_peft_model(dp_cfg)
-    start, pad_id = initial_adapter_state(dp_cfg), tokenizer.pad_token_id
+    model, tokenizer = cached_peft_model(model_spec(dp_cfg))
+    start, pad_id = initial_adapter_state(model_spec(dp_cfg)), tokenizer.pad_token_id
     counted = TokenCountingExamples(examples)
     device = resolve_device(cfg.model.device)
 

@@ -68,7 +68,7 @@ def check_tokenized_data(cfg: FedftConfig) -> str:
     from fedft.data.rows import TokenizeReport, read_rows, tokenize_dataset
     from fedft.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
     report = TokenizeReport([], [])
     data = cfg.data
     from datasets import concatenate_datasets

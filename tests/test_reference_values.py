@@ -19,7 +19,7 @@ from fedft.data.rows import load_dataset_files, tokenize_dataset
 from fedft.federated.aggregate import fedavg
 from fedft.federated.lora_aggregate import svd_aggregate
 from fedft.model.adapter import get_adapter_state, save_adapter
-from fedft.model.load import initial_adapter_state, load_peft_model, load_tokenizer
+from fedft.model.load import initial_adapter_state, load_peft_model, load_tokenizer, model_spec
 from fedft.run.export import export_run
 from fedft.rundir import atomic_write_json
 from fedft.train.local import train_local
@@ -37,15 +37,15 @@ def _seeded_adapter(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch
 def setup(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     cfg = load_config(write_tiny_setup(root, tiny_model_dir))
-    model = load_peft_model(cfg)  # fresh, not the per-process cache: no other adapter was loaded before
+    model = load_peft_model(model_spec(cfg))  # fresh, not the per-process cache: no other adapter was loaded before
     return root, cfg, model
 
 
 def local_steps_values(cfg, model) -> dict:
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
     examples = tokenize_dataset(load_dataset_files(cfg.data.train_files), tokenizer, cfg.data)
     result = train_local(model, examples, tokenizer.pad_token_id, dataclasses.replace(cfg.train, local_steps=5),
-                         global_state=initial_adapter_state(cfg), round_index=1, total_rounds=1, seed=7)
+                         global_state=initial_adapter_state(model_spec(cfg)), round_index=1, total_rounds=1, seed=7)
     return {"steps": result.steps, "train_loss": result.train_loss,
             "lora_b_abs_sum": sum(v.abs().sum().item() for k, v in result.state.items() if "lora_B" in k)}
 

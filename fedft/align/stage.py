@@ -96,12 +96,12 @@ def run_dpo_stage(cfg: FedftConfig, sft_adapter_state: dict[str, torch.Tensor], 
     adapter, active, holding the DPO adapter.
     """
     from fedft.model.adapter import save_adapter
-    from fedft.model.load import cached_peft_model
+    from fedft.model.load import cached_peft_model, model_spec
     from fedft.rundir import atomic_write_json, atomic_write_jsonl
 
     d = cfg.dpo
     dpo_dir = Path(out_dir) / "dpo"
-    model, tokenizer = cached_peft_model(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
     pad_id = tokenizer.pad_token_id
     start = time.time()
     set_adapter_state(model, sft_adapter_state)

@@ -44,11 +44,11 @@ class HeldOutEvaluator:
     """Scores adapter states on the held-out set with one cached model."""
 
     def __init__(self, cfg) -> None:
-        from fedft.model.load import cached_peft_model, initial_adapter_state
+        from fedft.model.load import cached_peft_model, initial_adapter_state, model_spec
 
-        self.model, self.tokenizer = cached_peft_model(cfg)
+        self.model, self.tokenizer = cached_peft_model(model_spec(cfg))
         self.examples = load_eval_examples(cfg, self.tokenizer)
-        self.initial_state = initial_adapter_state(cfg)
+        self.initial_state = initial_adapter_state(model_spec(cfg))
 
     def __call__(self, state) -> dict:
         from fedft.model.adapter import set_adapter_state

@@ -153,7 +153,7 @@ def evaluate_run(run_dir: Path, *, compare: list[Path] = (), general_text: Path 
                  pairs_file: Path | None = None, num_samples: int = 5,
                  progress: Callable[[str], None] = print) -> dict:
     """Evaluate a finished run's stages (plus ``compare`` runs' adapters) and write evaluation.json."""
-    from fedft.model.load import cached_peft_model
+    from fedft.model.load import cached_peft_model, model_spec
     from fedft.rundir import load_run_config
 
     run_dir = Path(run_dir)
@@ -166,7 +166,7 @@ def evaluate_run(run_dir: Path, *, compare: list[Path] = (), general_text: Path 
         for name, state in run_states(other_dir).items():
             label = name if name not in stages else f"{name} ({other_dir.name})"
             stages[label], sources[label] = state, str(other_dir)
-    _, tokenizer = cached_peft_model(cfg)
+    _, tokenizer = cached_peft_model(model_spec(cfg))
     pairs_file = pairs_file or run_pairs_path(run_dir)
     inputs = stage_inputs(cfg, tokenizer, general_text=general_text, pairs_file=pairs_file)
     files = inputs.pop("sources")

@@ -251,13 +251,13 @@ def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_exa
     for the forgetting probe. ``institutions`` defaults to what the training files say.
     """
     from fedft.model.adapter import get_adapter_state, set_adapter_state
-    from fedft.model.load import cached_peft_model, initial_adapter_state
+    from fedft.model.load import cached_peft_model, initial_adapter_state, model_spec
 
     if not eval_examples:
         raise DataError("evaluate_stages: no held-out examples to score (data.eval_file)")
     started = time.time()
-    model, tokenizer = cached_peft_model(cfg)
-    previous, initial = get_adapter_state(model), initial_adapter_state(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
+    previous, initial = get_adapter_state(model), initial_adapter_state(model_spec(cfg))
     notes = list(notes or [])
     data = EvalData(
         examples=eval_examples, pairs=list(pairs or []),

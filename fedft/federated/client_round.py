@@ -26,8 +26,8 @@ from fedft.federated.lora_aggregate import (
     b_only,
     truncate_to_rank,
 )
-from fedft.model.load import cached_peft_model, initial_adapter_state
-from fedft.privacy.client_accountant import DpSgdRound, RecordLevelAccountant
+from fedft.model.load import cached_peft_model, initial_adapter_state, model_spec
+from fedft.privacy.client_accountant import RecordLevelAccountant
 from fedft.privacy.dpfedavg import adapter_delta, clip_update, secure_generator
 from fedft.train.local import LocalResult, train_local
 
@@ -101,7 +101,7 @@ def received_to_start_state(cfg: FedftConfig, received: dict[str, torch.Tensor])
     """
     state = {k: v.to(torch.float32) for k, v in received.items()}
     if cfg.strategy.aggregation == "ffa":
-        initial = initial_adapter_state(cfg)
+        initial = initial_adapter_state(model_spec(cfg))
         state = {**{k: v for k, v in initial.items() if f".{LORA_A}." in k}, **b_only(state)}
     if adapter_rank(state) > cfg.lora.r:
         state = truncate_to_rank(state, cfg.lora.r)
@@ -124,13 +124,6 @@ def private_reply(
     """
     sent = reply_state(cfg, trained)
     return clip_update(adapter_delta(sent, start), cfg.privacy.clip_norm)
-
-
-def planned_dp_sgd_round(cfg: FedftConfig, num_examples: int) -> DpSgdRound:
-    """What this client's next DP-SGD round will spend (its sample rate, sigma, steps)."""
-    from fedft.privacy.dpsgd import noise_for_client, sample_rate
-
-    return DpSgdRound(sample_rate(cfg, num_examples), noise_for_client(cfg, num_examples), cfg.train.local_steps)
 
 
 def run_client_round(
@@ -161,7 +154,7 @@ def run_client_round(
     would be passed; nothing is trained).
     """
     cfg = config_for_rank(cfg, client_rank(cfg, partition_id, node_rank))
-    model, tokenizer = cached_peft_model(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
     examples = client_examples(cfg, tokenizer, partition_id=partition_id, data_path=data_path)
     freeze_a = cfg.strategy.aggregation == "ffa"
     for name, param in model.named_parameters():
@@ -172,11 +165,11 @@ def run_client_round(
     if correction is not None and (cfg.privacy.record_level or cfg.privacy.user_level):
         raise ConfigError("a SCAFFOLD correction arrived with differential privacy on; fedft does not combine them")
     if cfg.privacy.record_level:
-        from fedft.privacy.dpsgd import train_local_dp
+        from fedft.privacy.dpsgd import planned_round, train_local_dp
 
         accountant = accountant if accountant is not None else RecordLevelAccountant()
         limit = max_epsilon if max_epsilon is not None else cfg.privacy.client_max_epsilon
-        planned = planned_dp_sgd_round(cfg, len(examples))
+        planned = planned_round(cfg, len(examples))
         check_noise(planned.noise_multiplier, min_noise_multiplier)
         accountant.check(planned, cfg.privacy.delta, limit)
         generator = noise_generator or secure_generator()

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
-from fedft.config import FedftConfig
+from fedft.config import FedftConfig, LoraConfig, ModelConfig
 from fedft.model.adapter import get_adapter_state
 from fedft.model.quantization import check_cpu_kernel_shapes, check_quantization, quantization_census
 
@@ -31,6 +32,22 @@ MAX_CACHED: int | None = None
 _CACHE_LOCK = threading.Lock()
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What loading a model depends on, and nothing else: the key of the per-process cache."""
+
+    path: str  # the base: a local directory or a hub id (``FedftConfig.model_path``, resolved)
+    model: ModelConfig  # quantization, compute dtype, device, checkpointing
+    lora: LoraConfig
+    seed: int  # seeds LoRA's initialisation
+    reentrant_checkpointing: bool = False  # Opacus loses per-sample gradients under non-reentrant checkpointing
+
+
+def model_spec(cfg: FedftConfig) -> ModelSpec:
+    """The ``ModelSpec`` of a run's configuration (reentrant checkpointing under record-level DP)."""
+    return ModelSpec(cfg.model_path, cfg.model, cfg.lora, cfg.seed, cfg.privacy.record_level)
+
+
 class MissingExtraError(ImportError):
     """An optional heavy dependency is not installed; the message names the fix."""
 
@@ -45,35 +62,33 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def quantization_config(cfg: FedftConfig):
+def quantization_config(model: ModelConfig):
     """The bitsandbytes config for ``model.quantization`` (None for full precision)."""
-    if cfg.model.quantization == "none":
+    if model.quantization == "none":
         return None
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as err:  # pragma: no cover - bitsandbytes is a core dependency
         raise MissingExtraError(
-            f"model.quantization = {cfg.model.quantization!r} needs bitsandbytes: pip install bitsandbytes"
+            f"model.quantization = {model.quantization!r} needs bitsandbytes: pip install bitsandbytes"
         ) from err
-    if cfg.model.quantization == "int8":
+    if model.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=cfg.model.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[cfg.model.compute_dtype],
+        bnb_4bit_use_double_quant=model.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[model.compute_dtype],
     )
 
 
-def load_tokenizer(cfg: FedftConfig):
-    """The tokenizer of the base model, with a pad token (its eos token when it has none:
-    ``fedft.data.prompt_format`` records which)."""
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """The tokenizer of the base model at ``path``, with a pad token (its eos token when it has
+    none: ``fedft.data.prompt_format`` records which)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.model_path, trust_remote_code=cfg.model.trust_remote_code
-    )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         tokenizer.fedft_pad_from_eos = True
@@ -98,68 +113,65 @@ def lora_targets(model, targets: tuple[str, ...]):
                                               or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"))})
 
 
-def load_peft_model(cfg: FedftConfig):
+def load_peft_model(spec: ModelSpec):
     """Base model (quantized as configured, on its device) with a fresh LoRA adapter.
 
     The order matters: the base is placed on its device before ``get_peft_model``, or LoRA
-    weights may never receive gradients. LoRA init is seeded with ``cfg.seed``.
+    weights may never receive gradients. LoRA init is seeded with ``spec.seed``.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    device = resolve_device(cfg.model.device)
-    dtype = DTYPES[cfg.model.compute_dtype]
+    m = spec.model
+    device = resolve_device(m.device)
     # Opacus loses per-sample gradients under non-reentrant checkpointing (silently)
-    reentrant = cfg.privacy.record_level
-    quant = quantization_config(cfg)
+    reentrant = spec.reentrant_checkpointing
+    quant = quantization_config(m)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model_path,
+        spec.path,
         quantization_config=quant,
-        dtype=dtype,
+        dtype=DTYPES[m.compute_dtype],
         device_map={"": device},
-        trust_remote_code=cfg.model.trust_remote_code,
+        trust_remote_code=m.trust_remote_code,
     )
-    census = quantization_census(model, cfg.model.quantization)
-    check_quantization(census, cfg.model.allow_unquantized)
-    check_cpu_kernel_shapes(model, cfg.model.quantization, device)
+    census = quantization_census(model, m.quantization)
+    check_quantization(census, m.allow_unquantized)
+    check_cpu_kernel_shapes(model, m.quantization, device)
     if quant is not None and not census.quantized_layers:
         quant = None  # nothing was quantized (allowed above): train it as the full-precision model it is
     if quant is not None:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            model, use_gradient_checkpointing=m.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": reentrant},
         )
-    elif cfg.model.gradient_checkpointing:
+    elif m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=lora_targets(model, cfg.lora.target_modules),
+    lora = PeftLoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=lora_targets(model, spec.lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(spec.seed)
     model = get_peft_model(model, lora)
     model.config.use_cache = False
     model.fedft_quantization = census
     return model
 
 
-def _cache_key(cfg: FedftConfig) -> tuple:
-    return (cfg.model_path, cfg.model, cfg.lora, cfg.seed, cfg.privacy.record_level)
-
-
-def cached_peft_model(cfg: FedftConfig):
-    """(model, tokenizer) for this configuration, loaded at most once per process."""
-    key = _cache_key(cfg)
+def cached_peft_model(spec: ModelSpec):
+    """(model, tokenizer) for this spec, loaded at most once per process."""
+    key = spec
     with _CACHE_LOCK:
         if key not in _CACHE:
             if MAX_CACHED is not None and len(_CACHE) >= MAX_CACHED:
                 _evict_all()
             LOAD_COUNTS[key] += 1
-            model = load_peft_model(cfg)
-            tokenizer = load_tokenizer(cfg)
+            model = load_peft_model(spec)
+            tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.model.trust_remote_code)
             _CACHE[key] = (model, tokenizer)
             _INITIAL[key] = get_adapter_state(model)
             _FACTS[key] = model_facts(model, tokenizer)
@@ -174,21 +186,20 @@ def model_facts(model, tokenizer) -> dict:
             "prompt_format": prompt_format(tokenizer)}
 
 
-def cached_model_facts(cfg: FedftConfig) -> dict:
-    """``model_facts`` of this configuration's cached model (loading it if needed), for summary.json."""
-    cached_peft_model(cfg)
-    return _FACTS[_cache_key(cfg)]
+def cached_model_facts(spec: ModelSpec) -> dict:
+    """``model_facts`` of this spec's cached model (loading it if needed), for summary.json."""
+    cached_peft_model(spec)
+    return _FACTS[spec]
 
 
-def initial_adapter_state(cfg: FedftConfig) -> dict[str, torch.Tensor]:
+def initial_adapter_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The seeded LoRA initialisation of the cached model, as it was when loaded.
 
     The cached model's adapter is overwritten every round, so a second run in the same
     process must start from this copy, not from whatever the model last held.
     """
-    cached_peft_model(cfg)
-    key = _cache_key(cfg)
-    return {k: v.clone() for k, v in _INITIAL[key].items()}
+    cached_peft_model(spec)
+    return {k: v.clone() for k, v in _INITIAL[spec].items()}
 
 
 def clear_model_cache() -> None:

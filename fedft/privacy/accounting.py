@@ -140,6 +140,11 @@ def dp_fedavg_round_event(num_clients: int, sampling_rate: float, noise_multipli
     return dp_accounting.GaussianDpEvent(z)
 
 
+def record_sample_rate(num_examples: int, batch_size: int) -> float:
+    """DP-SGD's Poisson rate q = 1 / (number of batches of size ``batch_size``), as Opacus sets it."""
+    return 1.0 / math.ceil(num_examples / batch_size)
+
+
 def record_level_round_event(sample_rate: float, noise_multiplier: float,
                              steps: int) -> dp_accounting.DpEvent:
     """One client's local DP-SGD in one round: ``steps`` Poisson-sampled Gaussian steps."""

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from fedft.config import FedftConfig
+from fedft.config import FedftConfig, PrivacyConfig
 from fedft.data.rows import Example, collate
 from fedft.model.adapter import get_adapter_state, set_adapter_state
 from fedft.privacy import accounting
@@ -30,24 +30,25 @@ from fedft.score.answers import per_example_loss
 from fedft.train.local import LocalResult, lr_multiplier
 
 
-def noise_for_client(cfg: FedftConfig, num_examples: int) -> float:
+def noise_for_client(privacy: PrivacyConfig, *, sample_rate: float, local_steps: int, num_rounds: int) -> float:
     """sigma: ``privacy.dp_sgd_noise_multiplier``, or calibrated to ``dp_sgd_target_epsilon``.
 
-    Calibration covers the whole planned run (num_rounds x local_steps steps at q) so that a
-    client that trains every round ends at the target, by the RDP accountant.
+    Calibration covers the whole planned run (``num_rounds`` x ``local_steps`` steps at
+    ``sample_rate``) so that a client that trains every round ends at the target, by the RDP
+    accountant.
     """
-    p = cfg.privacy
-    if p.dp_sgd_target_epsilon <= 0:
-        return p.dp_sgd_noise_multiplier
+    if privacy.dp_sgd_target_epsilon <= 0:
+        return privacy.dp_sgd_noise_multiplier
     return accounting.calibrate_noise_multiplier(
-        p.dp_sgd_target_epsilon, p.delta, sample_rate(cfg, num_examples),
-        cfg.train.local_steps, cfg.strategy.num_rounds)
+        privacy.dp_sgd_target_epsilon, privacy.delta, sample_rate, local_steps, num_rounds)
 
 
-def sample_rate(cfg: FedftConfig, num_examples: int) -> float:
-    """Poisson rate q = 1 / (number of batches of size batch_size), as Opacus sets it."""
-    batches = -(-num_examples // cfg.train.batch_size)
-    return 1.0 / batches
+def planned_round(cfg: FedftConfig, num_examples: int) -> DpSgdRound:
+    """What one round of DP-SGD on ``num_examples`` examples will be: q, sigma and the steps."""
+    q = accounting.record_sample_rate(num_examples, cfg.train.batch_size)
+    sigma = noise_for_client(cfg.privacy, sample_rate=q, local_steps=cfg.train.local_steps,
+                             num_rounds=cfg.strategy.num_rounds)
+    return DpSgdRound(sample_rate=q, noise_multiplier=sigma, steps=cfg.train.local_steps)
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -82,7 +83,8 @@ def train_local_dp(
         torch.set_num_threads(train.num_threads)
     set_adapter_state(model, global_state)
     params = [p for p in model.parameters() if p.requires_grad]
-    sigma = noise_for_client(cfg, len(examples))
+    planned = planned_round(cfg, len(examples))
+    sigma = planned.noise_multiplier
     hooks, dp_optimizer, dp_loader = _make_private(model, params, cfg, len(examples), sigma, noise_generator, seed)
     torch.manual_seed(seed)  # LoRA dropout
     try:
@@ -98,8 +100,7 @@ def train_local_dp(
         state=get_adapter_state(model), num_examples=len(examples),
         train_loss=sum(losses) / len(losses) if losses else float("nan"), steps=train.local_steps,
     )
-    return result, DpSgdRound(sample_rate=sample_rate(cfg, len(examples)), noise_multiplier=sigma,
-                              steps=train.local_steps)
+    return result, planned
 
 
 def _make_private(model, params: list[torch.nn.Parameter], cfg: FedftConfig, num_examples: int, sigma: float,

@@ -60,11 +60,6 @@ class RecordLevelPlan:
     advice: str = ""
 
 
-def record_sample_rate(num_examples: int, batch_size: int) -> float:
-    """q = 1 / (number of batches of size B), as ``fedft.privacy.dpsgd.sample_rate`` sets it."""
-    return 1.0 / math.ceil(num_examples / batch_size)
-
-
 def _cumulative(event, rounds: int, delta: float) -> list[float]:
     return [accounting.epsilon([(event, r)], delta, "rdp") for r in range(1, rounds + 1)]
 
@@ -102,7 +97,7 @@ def plan_record_level(num_examples: int, batch_size: int, steps_per_round: int, 
     """The record-level plan of one client that trains every round; sigma or a target epsilon."""
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of sigma (noise multiplier) or a target epsilon")
-    q = record_sample_rate(num_examples, batch_size)
+    q = accounting.record_sample_rate(num_examples, batch_size)
     sigma = (noise_multiplier if noise_multiplier is not None
              else accounting.calibrate_noise_multiplier(target_epsilon, delta, q, steps_per_round, rounds))
     event = accounting.record_level_round_event(q, sigma, steps_per_round)

@@ -136,7 +136,7 @@ def load_training_base_fp32(cfg: FedftConfig, device: str = "cpu",
     path = cfg.model_path
     if Path(path).is_absolute() and not Path(path).exists():
         raise ExportError(f"the run's base model {path} (model.path) does not exist on this machine")
-    quant = quantization_config(cfg)
+    quant = quantization_config(cfg.model)
 
     def load(quantization):
         return AutoModelForCausalLM.from_pretrained(
@@ -236,7 +236,7 @@ def export_run(run_dir: Path, out: Path, *, merge: bool = False, dtype: str = "f
 
     from fedft.model.load import DTYPES, load_tokenizer
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
     with atomic_directory(out) as tmp:
         if merge:
             model, ids, reference = merged_model(cfg, adapter, tokenizer, device, progress)

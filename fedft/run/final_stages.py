@@ -29,7 +29,7 @@ def run_final_stages(cfg: FedftConfig, out_dir: Path, stage: str, state,
     """
     from fedft.eval.inputs import run_pairs_path, stage_inputs
     from fedft.eval.stages import evaluate_stages
-    from fedft.model.load import cached_peft_model
+    from fedft.model.load import cached_peft_model, model_spec
     from fedft.rundir import write_evaluation
 
     out_dir = Path(out_dir)
@@ -46,7 +46,7 @@ def run_final_stages(cfg: FedftConfig, out_dir: Path, stage: str, state,
         stages["dpo"] = load_adapter_state(out_dir / DPO_ADAPTER_DIR)
     if cfg.report.evaluate_stages:
         started = time.time()
-        _, tokenizer = cached_peft_model(cfg)
+        _, tokenizer = cached_peft_model(model_spec(cfg))
         inputs = stage_inputs(cfg, tokenizer, pairs_file=run_pairs_path(out_dir))
         sources = inputs.pop("sources")
         progress(f"evaluating {', '.join(stages)} on the held-out data ...")

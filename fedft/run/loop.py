@@ -154,9 +154,9 @@ class RunLoop:
         rounds.start(first_round)
         self.progress(rounds.headline(state))
         from fedft.data.prompt_format import prompt_format_line
-        from fedft.model.load import cached_model_facts
+        from fedft.model.load import cached_model_facts, model_spec
 
-        self.model_facts = cached_model_facts(self.cfg)
+        self.model_facts = cached_model_facts(model_spec(self.cfg))
         self.progress(f"model: {self.model_facts['quantization_line']}")
         self.progress(prompt_format_line(self.model_facts["prompt_format"]))
         return state, first_round
@@ -251,11 +251,11 @@ class RunLoop:
 
     def _canary_audit(self) -> dict:
         """The empirical privacy audit of the trained adapter (simulation only; it holds the last state)."""
-        from fedft.model.load import cached_peft_model
+        from fedft.model.load import cached_peft_model, model_spec
         from fedft.privacy.canaries import audit_canaries
 
         self.progress(f"canary audit: scoring {self.cfg.privacy.canaries} canaries against random secrets ...")
-        model, tokenizer = cached_peft_model(self.cfg)
+        model, tokenizer = cached_peft_model(model_spec(self.cfg))
         audit = audit_canaries(self.cfg, model, tokenizer)
         atomic_write_json(self.out_dir / CANARY_AUDIT_FILE, audit)
         formal = self.privacy.summary().get("epsilon_user_rdp") if self.privacy is not None else None

@@ -203,10 +203,10 @@ def test_reference_is_the_frozen_start_adapter_while_the_policy_moves(tiny_confi
     from trl.trainer.utils import use_adapter
 
     from fedft.model.adapter import get_adapter_state, set_adapter_state
-    from fedft.model.load import load_peft_model, load_tokenizer
+    from fedft.model.load import load_peft_model, load_tokenizer, model_spec
 
     cfg = _dpo_config(tiny_config_path, tmp_path)
-    model, tokenizer = load_peft_model(cfg), load_tokenizer(cfg)
+    model, tokenizer = load_peft_model(model_spec(cfg)), load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
     start = _perturbed_adapter(model)
     pairs = read_preference_jsonl(cfg.dpo.train_path)
     probe = pair_batch([tokenize_pair(p, tokenizer, 64) for p in pairs[:4]], tokenizer.pad_token_id)
@@ -258,14 +258,14 @@ def test_reference_is_the_frozen_start_adapter_while_the_policy_moves(tiny_confi
 
 
 def test_preference_metrics_base_is_chance_and_stage_writes_adapter_history_summary(tiny_config_path, tmp_path):
-    from fedft.model.load import cached_peft_model, initial_adapter_state
+    from fedft.model.load import cached_peft_model, initial_adapter_state, model_spec
 
     cfg = _dpo_config(tiny_config_path, tmp_path)
-    model, tokenizer = cached_peft_model(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
     pairs = [tokenize_pair(p, tokenizer, cfg.dpo.max_length) for p in read_preference_jsonl(cfg.dpo.eval_path)]
     from fedft.model.adapter import set_adapter_state
 
-    set_adapter_state(model, initial_adapter_state(cfg))  # LoRA B = 0: the policy is the base
+    set_adapter_state(model, initial_adapter_state(model_spec(cfg)))  # LoRA B = 0: the policy is the base
     base = preference_metrics(model, pairs, tokenizer.pad_token_id)
     assert base["pref_accuracy"] == 0.5 and base["reward_margin"] == 0.0 and base["pairs"] == 8
 
@@ -324,10 +324,10 @@ def test_dpo_section_validates_and_resolves_paths(tiny_config_path):
 
 
 def test_sft_weight_adds_the_chosen_answers_nll_to_the_training_loss(tiny_config_path, tmp_path):
-    from fedft.model.load import load_peft_model, load_tokenizer
+    from fedft.model.load import load_peft_model, load_tokenizer, model_spec
 
     cfg = _dpo_config(tiny_config_path, tmp_path, "dpo.steps=1", "dpo.sft_weight=1.0")
-    model, tokenizer = load_peft_model(cfg), load_tokenizer(cfg)
+    model, tokenizer = load_peft_model(model_spec(cfg)), load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
     result = train_dpo(model, tokenizer, read_preference_jsonl(cfg.dpo.train_path), cfg.dpo,
                        _perturbed_adapter(model), log=lambda line: None)
     # step 1: the DPO term is log 2 (policy == reference) plus the random tiny model's

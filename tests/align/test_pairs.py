@@ -70,10 +70,10 @@ def test_preference_scores_by_hand():
 
 def _tiny(tiny_config_path, tmp_path, *overrides):
     from fedft.model.adapter import set_adapter_state
-    from fedft.model.load import cached_peft_model
+    from fedft.model.load import cached_peft_model, model_spec
 
     cfg = _dpo_config(tiny_config_path, tmp_path, *overrides)
-    model, tokenizer = cached_peft_model(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
     set_adapter_state(model, _perturbed_adapter(model))
     lines = [json.loads(line) for line in open(cfg.dpo.eval_path)]
     pairs = [pair_from_row(row, f"p-eval:{i}") for i, row in enumerate(lines)]
@@ -108,9 +108,9 @@ def test_model_rows_hold_answers_the_model_gave_and_sampling_is_reproducible(tin
 def test_the_dpo_stage_trains_on_pairs_built_from_the_model(tiny_config_path, tmp_path):
     cfg, *_ = _tiny(tiny_config_path, tmp_path, "dpo.rejected_from=model", "dpo.samples=2",
                     "dpo.negatives_per_prompt=2")
-    from fedft.model.load import cached_peft_model
+    from fedft.model.load import cached_peft_model, model_spec
 
-    model, _ = cached_peft_model(cfg)
+    model, _ = cached_peft_model(model_spec(cfg))
     summary = run_dpo_stage(cfg, _perturbed_adapter(model), tmp_path / "run", log=lambda line: None)
     dpo_dir = tmp_path / "run" / "dpo"
     train_rows = [json.loads(line) for line in (dpo_dir / MODEL_PAIR_FILES[0]).read_text().splitlines()]
@@ -127,9 +127,9 @@ def test_the_dpo_stage_trains_on_pairs_built_from_the_model(tiny_config_path, tm
 def test_train_max_pairs_bounds_the_prompts_sampled_for_training_pairs(tiny_config_path, tmp_path):
     cfg, *_ = _tiny(tiny_config_path, tmp_path, "dpo.rejected_from=model", "dpo.samples=1",
                     "dpo.train_max_pairs=3", "dpo.steps=1")
-    from fedft.model.load import cached_peft_model
+    from fedft.model.load import cached_peft_model, model_spec
 
-    model, _ = cached_peft_model(cfg)
+    model, _ = cached_peft_model(model_spec(cfg))
     summary = run_dpo_stage(cfg, _perturbed_adapter(model), tmp_path / "run", log=lambda line: None)
     prompts = {json.loads(line)["prompt"] if isinstance(json.loads(line)["prompt"], str)
                else json.dumps(json.loads(line)["prompt"]) for line in open(cfg.dpo.train_path)}

@@ -21,7 +21,7 @@ from fedft.demo.tasks import make_demo_rows, write_jsonl
 from fedft.federated import wire
 from fedft.federated.audit_trail import read_trail
 from fedft.federated.policy import weights_sha256
-from fedft.model.load import initial_adapter_state
+from fedft.model.load import initial_adapter_state, model_spec
 from server.strategy import make_strategy
 from tests.clients.inprocess import deliver, institution, train_message
 from tests.conftest import TINY_TOML
@@ -56,7 +56,7 @@ def global_adapter(cfg) -> dict:
     key = (cfg.lora.r, cfg.model.path)
     if key not in _STATES:
         safe = with_(cfg, model={"trust_remote_code": False})
-        _STATES[key] = initial_adapter_state(safe)
+        _STATES[key] = initial_adapter_state(model_spec(safe))
     return _STATES[key]
 
 

@@ -55,9 +55,9 @@ def site(tiny_config_path, tmp_path):
 
 
 def _initial_state(cfg) -> dict:
-    from fedft.model.load import initial_adapter_state
+    from fedft.model.load import initial_adapter_state, model_spec
 
-    return initial_adapter_state(cfg)
+    return initial_adapter_state(model_spec(cfg))
 
 
 @pytest.mark.slow

@@ -72,7 +72,7 @@ def test_a_process_reads_and_splits_the_training_files_once_for_all_its_clients(
     real = partition.partition_dataset
     monkeypatch.setattr(partition, "partition_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
     partition._PARTITIONS.clear()
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
     first = client_examples(cfg, tokenizer, partition_id=0)
     second = client_examples(cfg, tokenizer, partition_id=1)
     assert len(calls) == 1 and first and second and {e.source for e in first}.isdisjoint({e.source for e in second})

@@ -26,7 +26,7 @@ from fedft.eval.held_out import load_eval_examples
 from fedft.eval.inputs import evaluate_run, load_adapter_state, load_pairs, read_general_texts
 from fedft.eval.stages import evaluate_stages, institution_tasks, own_model_scores, sample_indices
 from fedft.model.adapter import get_adapter_state, save_adapter
-from fedft.model.load import cached_peft_model, initial_adapter_state
+from fedft.model.load import cached_peft_model, initial_adapter_state, model_spec
 from fedft.rundir import EVALUATION_FILE, atomic_write_json
 from fedft.score.answers import answer_loss
 from fedft.score.preference import pair_logps
@@ -57,10 +57,10 @@ def one_thread():
 def setup(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("stage-eval")
     cfg = load_config(write_tiny_setup(root, tiny_model_dir))
-    model, tokenizer = cached_peft_model(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
     write_jsonl(make_preference_rows(2, seed=7), root / "prefs.jsonl")
     (root / "general.txt").write_text("\n".join(demo_general_texts(6)) + "\n")
-    initial = initial_adapter_state(cfg)
+    initial = initial_adapter_state(model_spec(cfg))
     return {
         "root": root, "cfg": cfg, "model": model, "tokenizer": tokenizer, "initial": initial,
         "examples": load_eval_examples(cfg, tokenizer),

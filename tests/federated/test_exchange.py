@@ -10,7 +10,7 @@ from fedft.config import load_config
 from fedft.federated.client_round import config_for_rank, received_to_start_state, reply_state
 from fedft.federated.exchange import aggregate_replies, downlink_state
 from fedft.federated.lora_aggregate import adapter_rank, b_only
-from fedft.model.load import initial_adapter_state
+from fedft.model.load import initial_adapter_state, model_spec
 from tests.federated.test_lora_aggregate import adapter
 
 
@@ -31,7 +31,7 @@ def test_downlink_is_b_only_under_ffa_and_half_size_in_float16(tiny_config_path)
 
 def test_ffa_client_starts_from_the_shared_seeded_a(tiny_config_path):
     cfg = _with(load_config(tiny_config_path), aggregation="ffa")
-    init = initial_adapter_state(cfg)
+    init = initial_adapter_state(model_spec(cfg))
     received = {k: torch.randn_like(v) for k, v in b_only(init).items()}
     start = received_to_start_state(cfg, received)
     assert start.keys() == init.keys()

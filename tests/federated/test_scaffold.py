@@ -47,13 +47,13 @@ def test_a_client_the_server_has_not_seen_starts_at_zero_and_every_round_is_fold
 def test_a_zero_correction_trains_exactly_as_without_one(tiny_config_path):
     from fedft.config import load_config
     from fedft.federated.client_round import client_examples
-    from fedft.model.load import cached_peft_model, initial_adapter_state
+    from fedft.model.load import cached_peft_model, initial_adapter_state, model_spec
     from fedft.train.local import train_local
 
     cfg = load_config(tiny_config_path, ["train.local_steps=3"])
-    model, tokenizer = cached_peft_model(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
     examples = client_examples(cfg, tokenizer, partition_id=0)
-    start = initial_adapter_state(cfg)
+    start = initial_adapter_state(model_spec(cfg))
     args = dict(global_state=start, round_index=1, total_rounds=2, seed=5)
     plain = train_local(model, examples, tokenizer.pad_token_id, cfg.train, **args)
     zero = train_local(model, examples, tokenizer.pad_token_id, cfg.train,

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedft.config import load_config
 from fedft.federated import wire
 from fedft.model.adapter import adapter_nbytes, get_adapter_state
-from fedft.model.load import load_peft_model
+from fedft.model.load import load_peft_model, model_spec
 from server.strategy import payload_bytes
 from tests.conftest import REPO_ROOT
 
@@ -20,7 +20,7 @@ ROOT = REPO_ROOT
 
 def test_demo_adapter_bytes_on_the_wire_are_within_two_percent_of_tensor_bytes():
     cfg = load_config(ROOT / "simulations" / "demo.toml")
-    state = get_adapter_state(load_peft_model(cfg))
+    state = get_adapter_state(load_peft_model(model_spec(cfg)))
     down = RecordDict({wire.ARRAYS: ArrayRecord(torch_state_dict=state),
                        wire.CONFIG: ConfigRecord({wire.CONFIG_JSON: wire.encode_config(cfg)})})
     up = RecordDict({wire.ARRAYS: ArrayRecord(torch_state_dict=state)})

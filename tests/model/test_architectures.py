@@ -130,7 +130,7 @@ def test_a_family_loads_quantized_trains_federated_and_exports_a_model_that_matc
 
     from fedft.config import load_config
     from fedft.model.adapter import get_adapter_state
-    from fedft.model.load import load_peft_model, quantization_config
+    from fedft.model.load import load_peft_model, model_spec, quantization_config
     from fedft.run.export import export_run
 
     _, template, effective, needs_flag = FAMILIES[family]
@@ -140,10 +140,10 @@ def test_a_family_loads_quantized_trains_federated_and_exports_a_model_that_matc
     # 1. loading counts what was quantized; a partial or failed quantization needs the flag
     if needs_flag:
         with pytest.raises(QuantizationError, match="did not take effect") as refused:
-            load_peft_model(load_config(config))
+            load_peft_model(model_spec(load_config(config)))
         assert "model.allow_unquantized = true" in str(refused.value)
     cfg = load_config(config, overrides.split())
-    census = load_peft_model(cfg).fedft_quantization
+    census = load_peft_model(model_spec(cfg)).fedft_quantization
     assert census.effective == effective, census.line()
 
     # 2. one federated round; summary.json says what the base and the prompts really were
@@ -157,7 +157,7 @@ def test_a_family_loads_quantized_trains_federated_and_exports_a_model_that_matc
     assert f"model: base {effective}" in console and ("fallback" in console) is (not template)
 
     # 3. the adapter loads with PEFT on the NF4 base, tensor for tensor
-    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config(cfg),
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config(cfg.model),
                                                 dtype=torch.float32, device_map={"": "cpu"})
     trained = PeftModel.from_pretrained(base, run / "adapter")
     from safetensors.torch import load_file

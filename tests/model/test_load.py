@@ -7,7 +7,7 @@ import torch
 
 from fedft.config import load_config
 from fedft.model.adapter import get_adapter_state, save_adapter, set_adapter_state
-from fedft.model.load import LOAD_COUNTS, _cache_key, cached_peft_model, clear_model_cache, load_peft_model
+from fedft.model.load import LOAD_COUNTS, cached_peft_model, clear_model_cache, load_peft_model, model_spec
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def cfg(tiny_config_path):
 def test_base_is_nf4_with_double_quant_and_only_lora_trains(cfg):
     import bitsandbytes as bnb
 
-    model = load_peft_model(cfg)
+    model = load_peft_model(model_spec(cfg))
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit, "no 4-bit layers"
     state = four_bit[0].weight.quant_state
@@ -35,30 +35,30 @@ def test_full_precision_path_has_no_4bit_layers(cfg):
     import bitsandbytes as bnb
 
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
-    model = load_peft_model(plain)
+    model = load_peft_model(model_spec(plain))
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
 def test_cache_loads_the_base_once_per_process(cfg):
     clear_model_cache()
-    key = _cache_key(cfg)
+    key = model_spec(cfg)
     before = LOAD_COUNTS[key]
-    first, _ = cached_peft_model(cfg)
+    first, _ = cached_peft_model(model_spec(cfg))
     for _ in range(3):
-        again, _ = cached_peft_model(cfg)
+        again, _ = cached_peft_model(model_spec(cfg))
         assert again is first
     assert LOAD_COUNTS[key] == before + 1
 
 
 def test_initial_adapter_is_the_seeded_init_even_after_the_cached_model_changed(cfg):
     from fedft.model.adapter import set_adapter_state
-    from fedft.model.load import initial_adapter_state
+    from fedft.model.load import initial_adapter_state, model_spec
 
     clear_model_cache()
-    model, _ = cached_peft_model(cfg)
+    model, _ = cached_peft_model(model_spec(cfg))
     init = get_adapter_state(model)
     set_adapter_state(model, {k: torch.randn_like(v) for k, v in init.items()})
-    again = initial_adapter_state(cfg)
+    again = initial_adapter_state(model_spec(cfg))
     assert again.keys() == init.keys()
     assert all(torch.equal(again[k], init[k]) for k in init)
 
@@ -67,7 +67,7 @@ def test_adapter_state_round_trips_through_peft_format(cfg, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = load_peft_model(cfg)
+    model = load_peft_model(model_spec(cfg))
     state = {k: torch.randn_like(v) for k, v in get_adapter_state(model).items()}
     save_adapter(model, state, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
@@ -81,7 +81,7 @@ def test_adapter_state_round_trips_through_peft_format(cfg, tmp_path):
 
 
 def test_set_adapter_state_refuses_wrong_keys_and_shapes(cfg):
-    model = load_peft_model(cfg)
+    model = load_peft_model(model_spec(cfg))
     state = get_adapter_state(model)
     key = next(iter(state))
     with pytest.raises(ValueError, match="missing"):
@@ -119,10 +119,10 @@ def test_a_process_that_keeps_one_model_frees_the_old_one_for_a_new_config(cfg, 
 
     clear_model_cache()
     monkeypatch.setattr(load, "MAX_CACHED", 1)
-    first, _ = cached_peft_model(cfg)
+    first, _ = cached_peft_model(model_spec(cfg))
     other = dataclasses.replace(cfg, seed=cfg.seed + 1)
-    cached_peft_model(other)
-    assert len(load._CACHE) == 1 and _cache_key(other) in load._CACHE
-    again, _ = cached_peft_model(cfg)
+    cached_peft_model(model_spec(other))
+    assert len(load._CACHE) == 1 and model_spec(other) in load._CACHE
+    again, _ = cached_peft_model(model_spec(cfg))
     assert again is not first and len(load._CACHE) == 1
     clear_model_cache()

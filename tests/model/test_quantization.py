@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedft.config import config_to_dict, load_config
-from fedft.model.load import load_peft_model
+from fedft.model.load import load_peft_model, model_spec
 from fedft.model.quantization import QuantizationError, quantization_census
 from tests.conftest import write_tiny_setup
 from tests.model.test_architectures import write_family
@@ -16,12 +16,12 @@ from tests.model.test_architectures import write_family
 
 def test_the_census_counts_every_quantized_layer_and_keeps_the_head_apart(tiny_config_path):
     cfg = load_config(tiny_config_path)
-    census = load_peft_model(cfg).fedft_quantization
+    census = load_peft_model(model_spec(cfg)).fedft_quantization
     assert census.effective == "nf4" and census.quantized_layers == 14  # 2 layers x 7 projections
     assert census.quantized_share == 1.0 and not census.unquantized
     assert census.kept_full_precision == ["lm_head"]
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
-    census = load_peft_model(plain).fedft_quantization
+    census = load_peft_model(model_spec(plain)).fedft_quantization
     assert census.effective == "none" and census.line().startswith("base in full precision")
 
 
@@ -38,7 +38,7 @@ def test_a_layer_the_cpu_kernel_cannot_pack_is_named_before_any_round(tmp_path):
     tokenizer.save_pretrained(model_dir)
     cfg = load_config(write_tiny_setup(tmp_path, model_dir))
     with pytest.raises(QuantizationError, match=r"multiple of 32.*self_attn\.k_proj \(64 -> 16\)"):
-        load_peft_model(cfg)
+        load_peft_model(model_spec(cfg))
 
 
 def test_an_export_whose_reloaded_logits_differ_is_refused_and_writes_nothing(tmp_path, monkeypatch):
@@ -50,7 +50,7 @@ def test_an_export_whose_reloaded_logits_differ_is_refused_and_writes_nothing(tm
 
     model_dir = write_family("gpt2", tmp_path / "gpt2")
     cfg = load_config(write_tiny_setup(tmp_path, model_dir))
-    model = load_peft_model(cfg)
+    model = load_peft_model(model_spec(cfg))
     gen = torch.Generator().manual_seed(1)
     state = {k: 0.2 * torch.randn(v.shape, generator=gen) for k, v in get_adapter_state(model).items()}
     run = tmp_path / "run"

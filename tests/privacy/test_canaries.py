@@ -44,12 +44,12 @@ def test_canaries_are_deterministic_and_about_half_are_inserted(tiny_config_path
 def test_a_model_trained_on_its_canaries_exposes_them():
 
     from fedft.model.adapter import get_adapter_state
-    from fedft.model.load import cached_peft_model
+    from fedft.model.load import cached_peft_model, model_spec
     from fedft.train.local import train_local
 
     demo = REPO_ROOT / "simulations" / "demo.toml"
     cfg = load_config(demo, ["privacy.canaries=16", "privacy.canary_repeats=8", "train.local_steps=60"])
-    model, tokenizer = cached_peft_model(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
     start = get_adapter_state(model)
     before = audit_canaries(cfg, model, tokenizer)
     examples = canary_training_examples(cfg, tokenizer)

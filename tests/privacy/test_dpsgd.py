@@ -9,14 +9,15 @@ from fedft.config import load_config
 from fedft.data.rows import collate
 from fedft.federated.client_round import client_examples
 from fedft.model.adapter import get_adapter_state
-from fedft.model.load import cached_peft_model
-from fedft.privacy.dpsgd import sample_rate, train_local_dp
+from fedft.model.load import cached_peft_model, model_spec
+from fedft.privacy.accounting import record_sample_rate
+from fedft.privacy.dpsgd import train_local_dp
 from fedft.score.answers import per_example_loss
 
 
 def _setup(tiny_config_path, *extra):
     cfg = load_config(tiny_config_path, ["privacy.record_level=true", "train.local_steps=3", *extra])
-    model, tokenizer = cached_peft_model(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
     return cfg, model, tokenizer, client_examples(cfg, tokenizer, partition_id=0)
 
 
@@ -35,7 +36,7 @@ def test_dp_sgd_moves_the_lora_weights_on_the_4bit_base(tiny_config_path, checkp
     result, spent = train_local_dp(model, examples, tokenizer.pad_token_id, cfg, global_state=start,
                                    round_index=1, noise_generator=torch.Generator().manual_seed(0))
     assert _distance(result.state, start) > 0
-    assert spent.steps == 3 and spent.sample_rate == sample_rate(cfg, len(examples))
+    assert spent.steps == 3 and spent.sample_rate == record_sample_rate(len(examples), cfg.train.batch_size)
     assert spent.noise_multiplier == cfg.privacy.dp_sgd_noise_multiplier
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())  # hooks cleaned up
 
@@ -52,12 +53,13 @@ def test_the_privacy_unit_is_one_sequence(tiny_config_path):
 
 def test_calibrated_noise_meets_the_client_target(tiny_config_path):
     from fedft.privacy.client_accountant import DpSgdRound, epsilon_of
-    from fedft.privacy.dpsgd import noise_for_client
+    from fedft.privacy.dpsgd import planned_round
 
     cfg = load_config(tiny_config_path, ["privacy.record_level=true", "privacy.dp_sgd_target_epsilon=3.0",
                                          "strategy.num_rounds=5", "train.local_steps=10"])
-    sigma = noise_for_client(cfg, 40)
-    planned = [DpSgdRound(sample_rate(cfg, 40), sigma, 10)] * 5
+    one = planned_round(cfg, 40)
+    assert one.sample_rate == record_sample_rate(40, cfg.train.batch_size) and one.steps == 10
+    planned = [DpSgdRound(one.sample_rate, one.noise_multiplier, 10)] * 5
     assert epsilon_of(planned, cfg.privacy.delta) == pytest.approx(3.0, abs=1e-3)
     assert epsilon_of(planned, cfg.privacy.delta) <= 3.0
 
@@ -66,10 +68,10 @@ def _per_sample_grads(cfg, examples_count=4):
     """How many trainable tensors get a per-sample gradient under Opacus hooks, of how many."""
     from opacus import PrivacyEngine
 
-    from fedft.model.load import load_peft_model, load_tokenizer
+    from fedft.model.load import load_peft_model, load_tokenizer, model_spec
     from fedft.privacy.dpsgd import _Indices
 
-    model, tokenizer = load_peft_model(cfg), load_tokenizer(cfg)
+    model, tokenizer = load_peft_model(model_spec(cfg)), load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
     examples = client_examples(cfg, tokenizer, partition_id=0)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -7,7 +7,8 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from fedft.privacy.planner import format_plan, plan_record_level, plan_user_level, record_sample_rate
+from fedft.privacy.accounting import record_sample_rate
+from fedft.privacy.planner import format_plan, plan_record_level, plan_user_level
 from simulations.commands import main
 
 

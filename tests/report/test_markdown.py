@@ -18,7 +18,7 @@ from fedft.demo.general import demo_general_texts
 from fedft.demo.pairs import make_preference_rows
 from fedft.demo.tasks import write_jsonl
 from fedft.model.adapter import save_adapter
-from fedft.model.load import cached_peft_model, initial_adapter_state
+from fedft.model.load import cached_peft_model, initial_adapter_state, model_spec
 from fedft.privacy.ledger import USER_LEVEL, LedgerRow, append_row, recompute, with_epsilons
 from fedft.report.markdown import REPORT_JSON, REPORT_MD, ReportError, build_report
 from fedft.report.plots import PLOTS
@@ -74,8 +74,8 @@ def evaluated_run(tiny_model_dir, tmp_path_factory):
     torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine: no OpenMP waits
     root = tmp_path_factory.mktemp("run-report")
     cfg = load_config(write_tiny_setup(root, tiny_model_dir))
-    model, _ = cached_peft_model(cfg)
-    initial = initial_adapter_state(cfg)
+    model, _ = cached_peft_model(model_spec(cfg))
+    initial = initial_adapter_state(model_spec(cfg))
     gen = torch.Generator().manual_seed(0)
     perturbed = [{k: 0.2 * torch.randn(v.shape, generator=gen) for k, v in initial.items()} for _ in range(3)]
     run, local = root / "run", root / "local"

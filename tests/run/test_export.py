@@ -18,7 +18,7 @@ import torch
 
 from fedft.config import config_to_dict, load_config
 from fedft.model.adapter import get_adapter_state, save_adapter, set_adapter_state
-from fedft.model.load import load_peft_model
+from fedft.model.load import load_peft_model, model_spec
 from fedft.run.export import METADATA_FILE, ExportError, export_run, read_export_metadata
 from fedft.rundir import atomic_write_json
 from simulations.commands import main
@@ -52,7 +52,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     """A finished-run directory with a perturbed adapter, and the training-time model's logits."""
     root = tmp_path_factory.mktemp("export")
     cfg = load_config(write_tiny_setup(root, tiny_model_dir))
-    model = load_peft_model(cfg)
+    model = load_peft_model(model_spec(cfg))
     model.train()
     state, dpo_state = _random_adapter(model, 1), _random_adapter(model, 2)
     run = _write_run(root / "run", cfg, model, state)
@@ -133,7 +133,7 @@ def test_adapter_export_loads_with_peft_and_gives_the_same_logits(trained):
     assert meta["format"] == "peft-adapter" and meta["stage"] == "sft"
     assert meta["base_model_path"] == cfg.model_path and meta["merged_into"] is None
     base = AutoModelForCausalLM.from_pretrained(
-        cfg.model_path, quantization_config=quantization_config(cfg),
+        cfg.model_path, quantization_config=quantization_config(cfg.model),
         dtype=DTYPES[cfg.model.compute_dtype], device_map={"": "cpu"})
     model = PeftModel.from_pretrained(base, out)
     loaded = get_adapter_state(model)
@@ -178,7 +178,7 @@ def test_unquantized_run_merges_into_the_float32_base(trained, tmp_path):
 
     cfg = trained["cfg"]
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
-    model = load_peft_model(plain)
+    model = load_peft_model(model_spec(plain))
     model.train()
     run = _write_run(tmp_path / "run", plain, model, trained["state"])
     export_run(run, tmp_path / "merged", merge=True, progress=lambda _: None)

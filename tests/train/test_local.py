@@ -10,14 +10,14 @@ import torch
 from fedft.config import TrainConfig, load_config
 from fedft.federated.client_round import client_examples
 from fedft.model.adapter import get_adapter_state
-from fedft.model.load import cached_peft_model
+from fedft.model.load import cached_peft_model, model_spec
 from fedft.train.local import lr_multiplier, train_local
 
 
 @pytest.fixture
 def setup(tiny_config_path):
     cfg = load_config(tiny_config_path, ["train.local_steps=6"])
-    model, tokenizer = cached_peft_model(cfg)
+    model, tokenizer = cached_peft_model(model_spec(cfg))
     examples = client_examples(cfg, tokenizer, partition_id=0)
     return cfg, model, tokenizer, examples
 
@@ -77,10 +77,10 @@ def test_schedule_spans_rounds():
 
 
 def test_gradient_checkpointing_on_the_4bit_base_still_trains_the_adapter(tiny_config_path):
-    from fedft.model.load import load_peft_model, load_tokenizer
+    from fedft.model.load import load_peft_model, load_tokenizer, model_spec
 
     cfg = load_config(tiny_config_path, ["model.gradient_checkpointing=true", "train.local_steps=3"])
-    model, tokenizer = load_peft_model(cfg), load_tokenizer(cfg)
+    model, tokenizer = load_peft_model(model_spec(cfg)), load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
     assert model.base_model.model.is_gradient_checkpointing
     examples = client_examples(cfg, tokenizer, partition_id=1)
     start = get_adapter_state(model)
