@@ -72,7 +72,7 @@ min_train_nodes = 2
 eval_every = 1
 [simulation]
 num_supernodes = 2
-num_cpus = 1
+num_cpus = 2  # one Ray actor runs both clients in turn: a second actor would import torch & co. again (~10 s)
 [report]
 evaluate_stages = false  # tests that need the stage evaluation turn it on
 """
