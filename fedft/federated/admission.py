@@ -116,6 +116,22 @@ def rounds_in_last_day(accepted_times: list[float], now: float) -> int:
     return sum(1 for t in accepted_times if now - DAY_SECONDS < t <= now)
 
 
+class _Changes:
+    """The asked config as a dict, and each value the node or the policy replaced in it."""
+
+    def __init__(self, asked: FedftConfig) -> None:
+        self.data = config_to_dict(asked)
+        self.overridden: dict[str, tuple] = {}  # "section.field" -> (asked, applied)
+
+    def get(self, name: str):
+        return _get(self.data, name)
+
+    def apply(self, name: str, value) -> None:
+        if self.get(name) != value:
+            self.overridden[name] = (self.get(name), value)
+            _set(self.data, name, value)
+
+
 def admit(asked: FedftConfig, policy: InstitutionPolicy, node: NodeSettings, *,
           accepted_times: list[float] = (), now: float | None = None, verify_model: bool = True) -> Admission:
     """The round ``asked`` as this institution allows it, or ``PolicyViolation`` naming the rule.
@@ -124,33 +140,53 @@ def admit(asked: FedftConfig, policy: InstitutionPolicy, node: NodeSettings, *,
     trail), for ``compute.max_rounds_per_day``. A simulated node keeps its config, with only
     its device and base-model location applied.
     """
-    data = config_to_dict(asked)
-    overridden: dict[str, tuple] = {}
-
-    def apply(name: str, value) -> None:
-        if _get(data, name) != value:
-            overridden[name] = (_get(data, name), value)
-            _set(data, name, value)
-
+    changes = _Changes(asked)
     if node.device:
-        apply("model.device", node.device)
+        changes.apply("model.device", node.device)
     if node.model_path:
-        apply("model.path", node.model_path)
+        changes.apply("model.path", node.model_path)
     if node.simulated:
         limit_key = wire.NODE_MAX_EPSILON if node.max_epsilon else "privacy.client_max_epsilon"
-        return Admission(_rebuild(data, asked), overridden,
+        return Admission(_rebuild(changes.data, asked), changes.overridden,
                          max_epsilon=node.max_epsilon or asked.privacy.client_max_epsilon, limit_key=limit_key,
                          institution_delta=asked.privacy.delta)
 
-    model, privacy, compute = policy.model, policy.privacy, policy.compute
+    _apply_model_rules(changes, asked, policy, node)
+    limit = _apply_privacy_rules(changes, asked, policy, node)
+    # which of the institution's columns are instruction and answer is the institution's to say
+    # ([fixed] data.columns), never the coordinator's: a message naming them could train on any column
+    changes.apply("data.columns", {})
+    for name, value in policy.fixed.items():
+        changes.apply(name, value)
+    _check_compute(changes.data, policy.compute, accepted_times, time.time() if now is None else now)
+    _check_rank(asked, policy, node)
+    cfg = _rebuild(changes.data, asked)
+    sha = _verified_model_sha(policy) if verify_model else ""
+    fixed = set(policy.fixed) | set(changes.overridden)
+    chose = {name: changes.get(name) for name in CLIENT_SIDE if name not in fixed}
+    limit_key = "privacy.max_epsilon" if limit and limit == policy.privacy.max_epsilon else wire.NODE_MAX_EPSILON
+    return Admission(cfg, changes.overridden, chose, max_epsilon=limit,
+                     min_noise_multiplier=policy.privacy.min_noise_multiplier, model_sha256=sha,
+                     limit_key=limit_key, institution_delta=policy.privacy.delta)
+
+
+def _apply_model_rules(changes: _Changes, asked: FedftConfig, policy: InstitutionPolicy, node: NodeSettings) -> None:
+    """The policy's [model]: no remote code unless allowed, its quantization rule, base path and device."""
+    model = policy.model
     if asked.model.trust_remote_code and not model.trust_remote_code:
         raise PolicyViolation("model.trust_remote_code: this institution does not run a model's own code")
-    apply("model.trust_remote_code", model.trust_remote_code)
-    apply("model.allow_unquantized", model.allow_unquantized)
+    changes.apply("model.trust_remote_code", model.trust_remote_code)
+    changes.apply("model.allow_unquantized", model.allow_unquantized)
     if model.path:
-        apply("model.path", model.path)
+        changes.apply("model.path", model.path)
     if model.device or not node.device:
-        apply("model.device", model.device or "auto")
+        changes.apply("model.device", model.device or "auto")
+
+
+def _apply_privacy_rules(changes: _Changes, asked: FedftConfig, policy: InstitutionPolicy,
+                         node: NodeSettings) -> float:
+    """The policy's [privacy] (and the node's max-epsilon); returns the record-level limit (0: none)."""
+    privacy = policy.privacy
     limit = min((v for v in (privacy.max_epsilon, node.max_epsilon) if v), default=0.0)
     if not asked.privacy.record_level and (privacy.require_record_level or limit):
         key = "privacy.require_record_level" if privacy.require_record_level else (
@@ -158,37 +194,32 @@ def admit(asked: FedftConfig, policy: InstitutionPolicy, node: NodeSettings, *,
         raise PolicyViolation(f"{key}: this institution trains only with record-level DP-SGD "
                               "(the round asks privacy.record_level = false)")
     if asked.privacy.delta > privacy.delta:
-        apply("privacy.delta", privacy.delta)
+        changes.apply("privacy.delta", privacy.delta)
     if asked.privacy.noise_seed >= 0 and not privacy.allow_fixed_noise_seed:
-        apply("privacy.noise_seed", -1)  # DP-SGD noise from the operating system's randomness
-    # which of the institution's columns are instruction and answer is the institution's to say
-    # ([fixed] data.columns), never the coordinator's: a message naming them could train on any column
-    apply("data.columns", {})
-    for name, value in policy.fixed.items():
-        apply(name, value)
-    _check_compute(data, compute, accepted_times, time.time() if now is None else now)
+        changes.apply("privacy.noise_seed", -1)  # DP-SGD noise from the operating system's randomness
+    return limit
+
+
+def _check_rank(asked: FedftConfig, policy: InstitutionPolicy, node: NodeSettings) -> None:
+    """A rank cap (policy or node) below the global rank is refused where every client needs that rank."""
+    compute = policy.compute
     rank_cap = min((r for r in (node.lora_rank, compute.max_lora_rank) if r), default=0)
     if rank_cap and rank_cap < asked.lora.r and asked.strategy.name == "scaffold":
         key = "compute.max_lora_rank" if rank_cap == compute.max_lora_rank else wire.NODE_LORA_RANK
         raise PolicyViolation(f"{key}: lora.r = {asked.lora.r} > {rank_cap} and SCAFFOLD's control variates need "
                               "every client at the global rank")
-    if compute.max_lora_rank and asked.lora.r > compute.max_lora_rank:
-        if asked.strategy.aggregation == "ffa":
-            raise PolicyViolation(f"compute.max_lora_rank: lora.r = {asked.lora.r} > {compute.max_lora_rank} "
-                                  "and FFA-LoRA needs every client at the same rank")
-    cfg = _rebuild(data, asked)
-    sha = ""
-    if model.sha256 and verify_model:
-        if weights_sha256(model.path) != model.sha256:
-            raise PolicyViolation("model.sha256: the base model's weight files do not match the policy's checksum")
-        sha = model.sha256
-    fixed = set(policy.fixed) | set(overridden)
-    chose = {name: _get(data, name) for name in CLIENT_SIDE if name not in fixed}
-    limit_key = "privacy.max_epsilon" if limit and limit == privacy.max_epsilon else wire.NODE_MAX_EPSILON
-    return Admission(cfg, overridden, chose, max_epsilon=limit,
-                     min_noise_multiplier=privacy.min_noise_multiplier,
-                     model_sha256=sha,
-                     limit_key=limit_key, institution_delta=privacy.delta)
+    if compute.max_lora_rank and asked.lora.r > compute.max_lora_rank and asked.strategy.aggregation == "ffa":
+        raise PolicyViolation(f"compute.max_lora_rank: lora.r = {asked.lora.r} > {compute.max_lora_rank} "
+                              "and FFA-LoRA needs every client at the same rank")
+
+
+def _verified_model_sha(policy: InstitutionPolicy) -> str:
+    """The policy's pinned checksum once the base's weight files match it ("" when it pins none)."""
+    if not policy.model.sha256:
+        return ""
+    if weights_sha256(policy.model.path) != policy.model.sha256:
+        raise PolicyViolation("model.sha256: the base model's weight files do not match the policy's checksum")
+    return policy.model.sha256
 
 
 def _check_compute(data: dict, compute, accepted_times, now: float) -> None:

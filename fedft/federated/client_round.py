@@ -165,18 +165,11 @@ def run_client_round(
     if correction is not None and (cfg.privacy.record_level or cfg.privacy.user_level):
         raise ConfigError("a SCAFFOLD correction arrived with differential privacy on; fedft does not combine them")
     if cfg.privacy.record_level:
-        from fedft.privacy.dpsgd import planned_round, train_local_dp
-
-        accountant = accountant if accountant is not None else RecordLevelAccountant()
-        limit = max_epsilon if max_epsilon is not None else cfg.privacy.client_max_epsilon
-        planned = planned_round(cfg, len(examples))
-        check_noise(planned.noise_multiplier, min_noise_multiplier)
-        accountant.check(planned, cfg.privacy.delta, limit)
-        generator = noise_generator or secure_generator()
-        result, spent = train_local_dp(model, examples, tokenizer.pad_token_id, cfg, global_state=start,
-                                       round_index=round_index, noise_generator=generator, seed=seed)
-        accountant.step(spent)
-        result = dataclasses.replace(result, dp_sgd=spent)
+        result = _dp_sgd_round(cfg, model, tokenizer.pad_token_id, examples, start, round_index, seed,
+                               accountant=accountant if accountant is not None else RecordLevelAccountant(),
+                               max_epsilon=max_epsilon if max_epsilon is not None else cfg.privacy.client_max_epsilon,
+                               min_noise_multiplier=min_noise_multiplier,
+                               noise_generator=noise_generator or secure_generator())
     else:
         result = train_local(
             model, examples, tokenizer.pad_token_id, cfg.train,
@@ -188,3 +181,19 @@ def run_client_round(
         update, clipped = private_reply(cfg, start, result.state)
         return dataclasses.replace(result, state=update, rank=cfg.lora.r, clipped=clipped)
     return dataclasses.replace(result, state=reply_state(cfg, result.state), rank=cfg.lora.r)
+
+
+def _dp_sgd_round(cfg: FedftConfig, model, pad_id: int, examples: list, start: dict[str, torch.Tensor],
+                  round_index: int, seed: int, *, accountant: RecordLevelAccountant, max_epsilon: float,
+                  min_noise_multiplier: float, noise_generator: torch.Generator) -> LocalResult:
+    """Record-level DP-SGD: the planned round checked against the noise floor and the epsilon
+    limit first (``ClientDeclined``: nothing trained), then trained and its spend recorded."""
+    from fedft.privacy.dpsgd import planned_round, train_local_dp
+
+    planned = planned_round(cfg, len(examples))
+    check_noise(planned.noise_multiplier, min_noise_multiplier)
+    accountant.check(planned, cfg.privacy.delta, max_epsilon)
+    result, spent = train_local_dp(model, examples, pad_id, cfg, global_state=start, round_index=round_index,
+                                   noise_generator=noise_generator, seed=seed)
+    accountant.step(spent)
+    return dataclasses.replace(result, dp_sgd=spent)

@@ -100,18 +100,12 @@ def train_local(
     torch.manual_seed(seed)  # LoRA dropout
     model.train()
     losses = []
+    proximal = (lambda: (proximal_mu / 2) * proximal_term(params, anchors)) if proximal_mu > 0 else None
     for step in range(cfg.local_steps):
         for group in optimizer.param_groups:
             group["lr"] = cfg.learning_rate * lr_multiplier(first_step + step, total_steps, cfg)
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = collate([examples[i] for i in next(batches)], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            step_loss += loss.item() / cfg.grad_accum
-            if proximal_mu > 0:
-                loss = loss + (proximal_mu / 2) * proximal_term(params, anchors)
-            (loss / cfg.grad_accum).backward()
+        step_loss = _accumulate_gradients(model, [[examples[i] for i in next(batches)] for _ in range(cfg.grad_accum)],
+                                          pad_id, device, proximal)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -130,6 +124,21 @@ def train_local(
         train_loss=sum(losses) / len(losses), steps=cfg.local_steps,
         lr_sum=lr_sum if correction is not None else None,
     )
+
+
+def _accumulate_gradients(model, micro_batches: list[list[Example]], pad_id: int, device,
+                          proximal: Callable[[], torch.Tensor] | None) -> float:
+    """Backpropagate one optimizer step's micro-batches (each loss divided by their number, plus
+    the proximal term when given); returns the step's mean loss."""
+    step_loss = 0.0
+    for examples in micro_batches:
+        batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+        loss = model(**batch).loss
+        step_loss += loss.item() / len(micro_batches)
+        if proximal is not None:
+            loss = loss + proximal()
+        (loss / len(micro_batches)).backward()
+    return step_loss
 
 
 def correction_pairs(model, correction: dict[str, torch.Tensor]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
