@@ -17,47 +17,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
-import math
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import torch
 
-from fedft.config import FedftConfig, load_config
-from fedft.data.rows import Example, collate
 from fedft.demo.base import build_char_tokenizer
 from fedft.demo.tasks import make_demo_rows, make_eval_rows, write_jsonl
-from fedft.model.load import (
-    DTYPES,
-    cached_peft_model,
-    clear_model_cache,
-    initial_adapter_state,
-    model_spec,
-    resolve_device,
-)
-from fedft.model.memory import COMMON_MODELS, GIB, DecoderShape, client_memory
-from fedft.privacy.dpfedavg import secure_generator
-from fedft.privacy.dpsgd import train_local_dp
+from fedft.model.memory import COMMON_MODELS, DecoderShape
 from fedft.rundir import load_metrics, load_summary
-from fedft.train.local import batch_indices, train_local
 from simulations import console
+from simulations.gpu_check_measure import cuda, measure_model, release_memory
+from simulations.gpu_check_report import header, print_table, verdicts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROPE_THETA = 500000.0  # both Llama 3.x releases
-NA = "n/a (no CUDA)"
-MIN_THROUGHPUT_RATIO = 0.9  # fedft's loop may be at most 10% slower than plain peft
 
 
 @dataclass(frozen=True)
@@ -161,26 +143,6 @@ def build_random_model(shape: DecoderShape, out_dir: Path, device: torch.device,
     return out_dir
 
 
-def random_examples(target: Target, count: int, seed: int = 0) -> list[Example]:
-    """``count`` sequences of ``target.seq`` random token ids, every token trained (throughput needs no text)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, target.shape.vocab, (count, target.seq), generator=generator).tolist()
-    return [Example(input_ids=row, labels=row, prompt_ids=[], reference="", task="gpu-check", source="random")
-            for row in ids]
-
-
-class TokenCountingExamples(list):
-    """The examples, counting the tokens a loop takes out of them (DP-SGD's Poisson batches vary in size)."""
-
-    tokens = 0
-
-    def __getitem__(self, index):
-        item = super().__getitem__(index)
-        if isinstance(index, int):
-            self.tokens += len(item.input_ids)
-        return item
-
-
 def write_check_setup(directory: Path, model_dir: Path, dry_run: bool) -> Path:
     """Two institutions' demo rows, held-out rows and check.toml (the simulation's config)."""
     write_jsonl(make_demo_rows(2, 16 if dry_run else 32, 0.9, seed=0), directory / "train.jsonl")
@@ -190,196 +152,6 @@ def write_check_setup(directory: Path, model_dir: Path, dry_run: bool) -> Path:
         model=model_dir, dtype="float32" if dry_run else "bfloat16", device="cpu" if dry_run else "cuda",
         eval_examples=4 if dry_run else 16, sim_steps=2 if dry_run else 5, num_gpus=0 if dry_run else 0.5))
     return path
-
-
-def with_steps(cfg: FedftConfig, steps: int) -> FedftConfig:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=steps))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Measuring
-# ---------------------------------------------------------------------------------------------------------
-
-def cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def sync() -> None:
-    """Wait for queued GPU work, so a clock read after it counts the step."""
-    if cuda():
-        torch.cuda.synchronize()
-
-
-def release_memory() -> None:
-    """Drop fedft's cached model and return freed GPU memory, so each phase starts from an empty GPU."""
-    clear_model_cache()
-    gc.collect()
-    if cuda():
-        torch.cuda.empty_cache()
-
-
-def reset_peak() -> None:
-    if cuda():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(cfg: FedftConfig) -> float | None:
-    """Peak GPU memory since ``reset_peak`` (None when the model is not on a GPU)."""
-    return torch.cuda.max_memory_allocated() / GIB if resolve_device(cfg.model.device).type == "cuda" else None
-
-
-def measure_fedft(cfg: FedftConfig, examples: list[Example], target: Target) -> dict:
-    """fedft's client loop: the cached 4-bit model and ``train_local``, timed per step after the warm-up."""
-    release_memory()
-    model, tokenizer = cached_peft_model(model_spec(cfg))
-    start = initial_adapter_state(model_spec(cfg))
-    ticks: list[float] = []
-
-    def tick(step: int, loss: float) -> None:
-        sync()
-        ticks.append(time.perf_counter())
-
-    reset_peak()
-    result = train_local(model, examples, tokenizer.pad_token_id, cfg.train, global_state=start, round_index=1,
-                         total_rounds=1, seed=cfg.seed, on_step=tick)
-    seconds = ticks[-1] - ticks[target.warmup - 1]
-    return {"tokens_per_s": target.steps * target.tokens_per_step / seconds, "step_s": seconds / target.steps,
-            "peak_gib": peak_gib(cfg), "loss": result.train_loss}
-
-
-def measure_peft(cfg: FedftConfig, examples: list[Example], target: Target) -> dict:
-    """The reference: AutoModelForCausalLM in NF4, peft's QLoRA recipe, AdamW, the same batches and steps."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    release_memory()
-    device, dtype = resolve_device(cfg.model.device), DTYPES[cfg.model.compute_dtype]
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                               bnb_4bit_use_double_quant=cfg.model.double_quant)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, quantization_config=quant, dtype=dtype,
-                                                 device_map={"": device})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(cfg.seed)
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    model.config.use_cache = False
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    order = islice(batch_indices(len(examples), cfg.train.batch_size, cfg.seed), target.warmup + target.steps)
-    batches = [collate([examples[i] for i in indices], model.config.pad_token_id) for indices in order]
-    model.train()
-    reset_peak()
-    ticks = []
-    for batch in batches:
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        ticks.append(time.perf_counter())
-    seconds = ticks[-1] - ticks[target.warmup - 1]
-    result = {"tokens_per_s": target.steps * target.tokens_per_step / seconds, "step_s": seconds / target.steps,
-              "peak_gib": peak_gib(cfg), "loss": loss.item()}
-    del model, optimizer, params, loss
-    release_memory()
-    return result
-
-
-def timed_rounds(run, examples: TokenCountingExamples, target: Target) -> tuple[float, float]:
-    """(seconds per step, tokens/s) of ``run(steps)`` after one ``run(target.warmup)`` round."""
-    run(target.warmup)
-    examples.tokens = 0
-    sync()
-    start = time.perf_counter()
-    run(target.steps)
-    sync()
-    seconds = time.perf_counter() - start
-    return seconds / target.steps, examples.tokens / seconds
-
-
-def measure_dp(cfg: FedftConfig, examples: list[Example], target: Target) -> dict:
-    """DP-SGD rounds (``train_local_dp``) against non-DP rounds (``train_local``) on the same record-level model.
-
-    Both are timed as whole rounds (adapter in and out included) after a warm-up round, per token
-    trained: DP-SGD's Poisson batches vary in size. The noise generator is fedft's own
-    (``secure_generator``, as ``run_client_round`` passes it); when that fails on the GPU, the failure is
-    reported as a blocker and the step is timed with a generator on the model's device.
-    """
-    release_memory()
-    dp_cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, record_level=True))
-    model, tokenizer = cached_peft_model(model_spec(dp_cfg))
-    start, pad_id = initial_adapter_state(model_spec(dp_cfg)), tokenizer.pad_token_id
-    counted = TokenCountingExamples(examples)
-    device = resolve_device(cfg.model.device)
-
-    def sft(steps: int) -> None:
-        train_local(model, counted, pad_id, with_steps(dp_cfg, steps).train, global_state=start, round_index=1,
-                    total_rounds=1, seed=cfg.seed)
-
-    def dp_with(make_generator):
-        def dp(steps: int) -> None:
-            train_local_dp(model, counted, pad_id, with_steps(dp_cfg, steps), global_state=start, round_index=1,
-                           noise_generator=make_generator(), seed=cfg.seed)
-        return dp
-
-    sft_step, sft_tps = timed_rounds(sft, counted, target)
-    reset_peak()
-    generator, blocker = "fedft secure_generator()", None
-    try:
-        dp_step, dp_tps = timed_rounds(dp_with(secure_generator), counted, target)
-    except RuntimeError as err:
-        if "generator" not in str(err).lower():
-            raise
-        blocker = (f"train_local_dp with fedft.privacy.dpfedavg.secure_generator() (a CPU generator, as "
-                   f"run_client_round passes it) fails with the model on {device}: {str(err).splitlines()[0]}")
-        generator = f"torch.Generator(device='{device}') (workaround)"
-        dp_step, dp_tps = timed_rounds(dp_with(
-            lambda: torch.Generator(device=device).manual_seed(secrets.randbits(63))), counted, target)
-    return {"step_s": dp_step, "tokens_per_s": dp_tps, "non_dp_step_s": sft_step, "non_dp_tokens_per_s": sft_tps,
-            "per_token_ratio": sft_tps / dp_tps, "peak_gib": peak_gib(cfg), "noise_generator": generator,
-            "blocker": blocker}
-
-
-def estimate(cfg: FedftConfig, target: Target) -> dict:
-    """fedft.model.memory's estimate for this client (GiB), for the batch, sequence and rank measured."""
-    return client_memory(target.shape, rank=cfg.lora.r, batch=target.batch, seq=target.seq,
-                         quantization=cfg.model.quantization, checkpointing=cfg.model.gradient_checkpointing)
-
-
-def phase(name: str, errors: dict, run):
-    """Run one measurement; a failure is printed and recorded, and the check goes on to the next one."""
-    print(f"  {name} ...", flush=True)
-    started = time.perf_counter()
-    try:
-        result = run()
-    except Exception as err:  # noqa: BLE001 - every failure is a finding to report
-        traceback.print_exc()
-        errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        print(f"  {name} FAILED: {errors[name]}", flush=True)
-        return None
-    print(f"  {name} done in {time.perf_counter() - started:.1f}s", flush=True)
-    return result
-
-
-def measure_model(target: Target, model_dir: Path, config_path: Path) -> dict:
-    """Every per-model figure for ``target`` (None where a phase failed; its error under "errors")."""
-    cfg = load_config(config_path, [f"model.path={model_dir}", f"train.batch_size={target.batch}",
-                                    f"train.local_steps={target.warmup + target.steps}"])
-    examples = random_examples(target, count=8 * target.batch)
-    errors: dict = {}
-    result = {"model": target.shape.name, "batch": target.batch, "seq": target.seq, "warmup_steps": target.warmup,
-              "timed_steps": target.steps, "lora_r": cfg.lora.r, "errors": errors}
-    result["fedft"] = phase("fedft loop (cached_peft_model + train_local)", errors,
-                            lambda: measure_fedft(cfg, examples, target))
-    result["peft"] = phase("plain peft + bitsandbytes loop", errors, lambda: measure_peft(cfg, examples, target))
-    result["dp_sgd"] = phase("DP-SGD (train_local_dp) and non-DP rounds", errors,
-                             lambda: measure_dp(cfg, examples, target))
-    result["estimate_gib"] = estimate(cfg, target)
-    release_memory()
-    return result
 
 
 def run_simulation(config_path: Path, out_dir: Path, timeout_s: float) -> dict:
@@ -408,134 +180,6 @@ def run_simulation(config_path: Path, out_dir: Path, timeout_s: float) -> dict:
     summary, rows = load_summary(out_dir), load_metrics(out_dir)
     return {"rounds": summary["rounds"], "clients": 2, "wall_s": wall, "run_wall_s": summary["wall_seconds"],
             "train_loss": rows[-1].get("train_loss"), "eval_loss": summary["final"].get("eval_loss")}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reporting
-# ---------------------------------------------------------------------------------------------------------
-
-def number(value, digits: int = 2, na: bool = False) -> str:
-    """A cell: the value; "n/a (no CUDA)" for a GPU-only figure measured on the CPU (``na``), else "failed"."""
-    if value is None:
-        return NA if na else "failed"
-    return f"{value:.{digits}f}"
-
-
-def get(result: dict, section: str, key: str):
-    part = result.get(section)
-    return None if part is None else part.get(key)
-
-
-def ratio(a, b):
-    return a / b if a is not None and b else None
-
-
-def figure_rows(results: dict, on_gpu: bool) -> list[tuple[str, list[str]]]:
-    """(label, one cell per model) for the table; the labels are what a reader (and the test) looks for."""
-    models = list(results.values())
-
-    def row(label, values, digits=2, gpu_only=False):
-        return label, [number(v, digits, gpu_only and not on_gpu) for v in values]
-
-    return [
-        row("tokens/s fedft", [get(m, "fedft", "tokens_per_s") for m in models], 1),
-        row("tokens/s peft", [get(m, "peft", "tokens_per_s") for m in models], 1),
-        row("ratio fedft/peft", [ratio(get(m, "fedft", "tokens_per_s"), get(m, "peft", "tokens_per_s"))
-                                 for m in models], 3),
-        row("memory peak GiB (fedft)", [get(m, "fedft", "peak_gib") for m in models], 2, True),
-        row("memory peak GiB (peft)", [get(m, "peft", "peak_gib") for m in models], 2, True),
-        row("memory estimate GiB", [m["estimate_gib"]["total"] for m in models], 3),
-        row("memory peak/estimate", [ratio(get(m, "fedft", "peak_gib"), m["estimate_gib"]["total"])
-                                     for m in models], 3, True),
-        row("DP-SGD step s", [get(m, "dp_sgd", "step_s") for m in models], 3),
-        row("non-DP step s", [get(m, "dp_sgd", "non_dp_step_s") for m in models], 3),
-        row("DP-SGD step ratio", [get(m, "dp_sgd", "per_token_ratio") for m in models], 3),
-    ]
-
-
-def print_table(results: dict, simulation: dict | None, sim_error: str | None, on_gpu: bool) -> None:
-    rows = figure_rows(results, on_gpu)
-    names = [m["model"] for m in results.values()]
-    width = max(len(label) for label, _ in rows) + 2
-    cells = [max([len(n)] + [len(r[1][i]) for r in rows]) + 2 for i, n in enumerate(names)]
-    print("\n" + "figure".ljust(width) + "".join(n.rjust(c) for n, c in zip(names, cells)))
-    for label, values in rows:
-        print(label.ljust(width) + "".join(v.rjust(c) for v, c in zip(values, cells)))
-    print(f"simulation result: {simulation_text(simulation, sim_error)}")
-
-
-def simulation_text(simulation: dict | None, error: str | None) -> str:
-    if simulation is None:
-        return f"failed: {error}" if error else "skipped (--skip-simulation)"
-    return (f"{simulation['rounds']} rounds x {simulation['clients']} clients in {simulation['wall_s']:.1f} s "
-            f"(run {simulation['run_wall_s']:.1f} s), train loss {number(simulation['train_loss'], 3)}, "
-            f"eval loss {number(simulation['eval_loss'], 3)}")
-
-
-def verdicts(results: dict, simulation: dict | None, sim_error: str | None, on_gpu: bool) -> dict[str, str]:
-    """One line per figure: OK / SLOW / OVER / BLOCKED / FAILED and the numbers behind it."""
-    keys = list(results)
-    where = "" if on_gpu else " (CPU dry run: not a GPU figure)"
-    out = {}
-    ratios = [ratio(get(results[k], "fedft", "tokens_per_s"), get(results[k], "peft", "tokens_per_s")) for k in keys]
-    if any(r is None for r in ratios):
-        out["throughput"] = "FAILED  a loop did not run (see its error above)"
-    else:
-        word = "OK" if min(ratios) >= MIN_THROUGHPUT_RATIO else "SLOW"
-        out["throughput"] = (f"{word}  fedft at {' / '.join(f'{r:.2f}x' for r in ratios)} of plain peft "
-                             f"({' / '.join(keys)}); OK at >= {MIN_THROUGHPUT_RATIO:.2f}x{where}")
-    peaks = [ratio(get(results[k], "fedft", "peak_gib"), results[k]["estimate_gib"]["total"]) for k in keys]
-    if not on_gpu:
-        totals = " / ".join(number(results[k]["estimate_gib"]["total"], 3) for k in keys)
-        out["memory"] = f"{NA}; the estimate alone: {totals} GiB ({' / '.join(keys)})"
-    elif any(p is None for p in peaks):
-        out["memory"] = "FAILED  fedft's loop did not run"
-    else:
-        word = "OK" if max(peaks) <= 1.0 else "OVER"
-        out["memory"] = (f"{word}  peak at {' / '.join(f'{p:.2f}x' for p in peaks)} of the estimate "
-                         f"({' / '.join(keys)}); OK when the estimate is not exceeded")
-    dp = [results[k].get("dp_sgd") for k in keys]
-    if any(d is None for d in dp):
-        out["dp_sgd"] = "FAILED  a DP-SGD round did not run (see its error above)"
-    else:
-        word = "BLOCKED" if any(d["blocker"] for d in dp) else "OK"
-        costs = " / ".join(f"{d['per_token_ratio']:.2f}x" for d in dp)
-        blockers = "".join(f"; {d['blocker']}" for d in dp if d["blocker"])
-        out["dp_sgd"] = f"{word}  a DP-SGD token costs {costs} a non-DP token ({' / '.join(keys)}){where}{blockers}"
-    if simulation is None:
-        out["simulation"] = f"FAILED  {sim_error}" if sim_error else "SKIPPED"
-    else:
-        ok = simulation["rounds"] == 2 and all(
-            v is not None and math.isfinite(v) for v in (simulation["train_loss"], simulation["eval_loss"]))
-        out["simulation"] = f"{'OK' if ok else 'FAILED'}  {simulation_text(simulation, None)}"
-    return out
-
-
-def header(targets: list[Target], dry_run: bool) -> str:
-    import bitsandbytes
-    import peft
-    import transformers
-
-    device = "CPU" if dry_run else torch.cuda.get_device_name(0)
-    lines = [
-        "fedft GPU check" + (" -- DRY RUN on the CPU: tiny models of the same family, GPU-only figures n/a"
-                             if dry_run else ""),
-        f"device {device}; torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}",
-        "What it measures, per model (random weights with the published shapes, NF4 double-quant base, LoRA r=16 "
-        "on all linear layers, gradient checkpointing):",
-        "  tokens/s      fedft's client loop (cached_peft_model + train_local) and a plain peft + bitsandbytes "
-        "loop on the same batches, and their ratio",
-        "  memory        peak GPU memory of fedft's loop (torch.cuda.max_memory_allocated) against "
-        "fedft.model.memory's estimate (python -m fedft.model.memory)",
-        "  DP-SGD        a record-level DP-SGD round (train_local_dp) against a non-DP round on the same model, "
-        "per token",
-        "then: fedft simulate, 2 clients x 2 rounds on the 1B shape (Flower's Simulation Engine)",
-    ]
-    for target in targets:
-        lines.append(f"  {target.shape.name}: batch {target.batch} x {target.seq} tokens, {target.warmup} warm-up + "
-                     f"{target.steps} timed steps")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from simulations import gpu_check
+from simulations import gpu_check, gpu_check_measure
 
 FIGURES = ("tokens/s fedft", "tokens/s peft", "ratio fedft/peft", "memory estimate GiB", "DP-SGD step s",
            "non-DP step s", "DP-SGD step ratio")
@@ -60,8 +60,8 @@ def test_the_tiny_models_are_the_published_families_in_miniature():
 
 
 def test_token_counting_examples_count_what_a_loop_takes():
-    examples = gpu_check.random_examples(gpu_check.DRY_TARGETS["1b"], count=5)
-    counted = gpu_check.TokenCountingExamples(examples)
+    examples = gpu_check_measure.random_examples(gpu_check.DRY_TARGETS["1b"], count=5)
+    counted = gpu_check_measure.TokenCountingExamples(examples)
     assert len(counted) == 5 and all(len(e.input_ids) == 64 for e in examples)
     taken = [counted[i] for i in (0, 3)]
     assert counted.tokens == 128 and taken == [examples[0], examples[3]]
@@ -106,9 +106,9 @@ def test_a_noise_generator_failing_on_the_device_is_a_blocker_and_the_step_is_st
     target = gpu_check.DRY_TARGETS["1b"]
     model_dir = gpu_check.build_random_model(target.shape, tmp_path / "1b", torch.device("cpu"), torch.float32)
     config = gpu_check.write_check_setup(tmp_path, model_dir, dry_run=True)
-    cfg = gpu_check.load_config(config, [f"train.batch_size={target.batch}"])
+    cfg = gpu_check_measure.load_config(config, [f"train.batch_size={target.batch}"])
     cpu_only = object()  # stands for a CPU generator handed to noise on CUDA tensors
-    real = gpu_check.train_local_dp
+    real = gpu_check_measure.train_local_dp
     used = []
 
     def train_local_dp(*args, noise_generator, **kwargs):
@@ -117,12 +117,12 @@ def test_a_noise_generator_failing_on_the_device_is_a_blocker_and_the_step_is_st
         used.append(noise_generator)
         return real(*args, noise_generator=noise_generator, **kwargs)
 
-    monkeypatch.setattr(gpu_check, "secure_generator", lambda: cpu_only)
-    monkeypatch.setattr(gpu_check, "train_local_dp", train_local_dp)
+    monkeypatch.setattr(gpu_check_measure, "secure_generator", lambda: cpu_only)
+    monkeypatch.setattr(gpu_check_measure, "train_local_dp", train_local_dp)
     try:
-        dp = gpu_check.measure_dp(cfg, gpu_check.random_examples(target, 8 * target.batch), target)
+        dp = gpu_check_measure.measure_dp(cfg, gpu_check_measure.random_examples(target, 8 * target.batch), target)
     finally:
-        gpu_check.release_memory()
+        gpu_check_measure.release_memory()
     assert "secure_generator()" in dp["blocker"] and "found 'cpu'" in dp["blocker"]
     assert dp["noise_generator"] == "torch.Generator(device='cpu') (workaround)"
     assert len(used) == 2 and all(isinstance(g, torch.Generator) for g in used)  # warm-up and timed rounds
