@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +129,14 @@ def atomic_write_json(path: Path, obj) -> None:
 def jsonl_text(rows: list[dict]) -> str:
     """``rows`` as JSON lines (sorted keys), the form every fedft .jsonl file has."""
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+
+def record_failure(run_dir: Path, error: str, message: str) -> None:
+    """failed.json (``fedft status`` reads it): why the run's last attempt ended. Best effort: a disk
+    too full to take it must not replace the run's own error, so a refused write is skipped."""
+    record = {"error": error, "message": message, "time": time.time()}
+    with contextlib.suppress(OSError, RunDirError):
+        atomic_write_json(Path(run_dir) / FAILURE_FILE, record)
 
 
 def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -150,11 +150,10 @@ def _die_with_parent(parent: int) -> None:
 
 def record_interruption(out_dir: Path, signum: int) -> None:
     """failed.json for ``fedft status``: stopped by a signal, every complete round kept."""
-    from fedft.rundir import FAILURE_FILE, atomic_write_json
+    from fedft.rundir import record_failure
 
     if Path(out_dir).is_dir():
-        atomic_write_json(Path(out_dir) / FAILURE_FILE, {
-            "error": "Interrupted", "message": f"stopped by {signal.Signals(signum).name}", "time": time.time()})
+        record_failure(out_dir, "Interrupted", f"stopped by {signal.Signals(signum).name}")
 
 
 def _wait(child: subprocess.Popen, received: list[int]) -> bool:

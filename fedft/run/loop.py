@@ -11,7 +11,6 @@ imports flwr.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,14 @@ from fedft.privacy.bookkeeping import LEDGER_FILE, PrivacyBookkeeper
 from fedft.run.final_stages import run_final_stages, write_report
 from fedft.run.recorder import RunRecorder, format_progress, summarize
 from fedft.run.resume import ResumePoint, checkpoint_extras, load_resume_point
-from fedft.rundir import ADAPTER_DIR, CANARY_AUDIT_FILE, FAILURE_FILE, RunDirError, atomic_write_json, checkpoint_dir
+from fedft.rundir import (
+    ADAPTER_DIR,
+    CANARY_AUDIT_FILE,
+    FAILURE_FILE,
+    atomic_write_json,
+    checkpoint_dir,
+    record_failure,
+)
 
 
 @dataclass(frozen=True)
@@ -123,9 +129,7 @@ class RunLoop:
         try:
             summary = self._run(initial_state)
         except Exception as error:
-            record = {"error": type(error).__name__, "message": str(error), "time": time.time()}
-            with contextlib.suppress(OSError, RunDirError):  # a full disk may refuse it too: raise the run's error
-                atomic_write_json(self.out_dir / FAILURE_FILE, record)
+            record_failure(self.out_dir, type(error).__name__, str(error))
             raise
         (self.out_dir / FAILURE_FILE).unlink(missing_ok=True)
         return summary

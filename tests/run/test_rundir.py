@@ -30,3 +30,18 @@ def test_failed_directory_write_keeps_the_previous_version(tmp_path):
         (tmp / "weights").write_text("v2")
     assert (target / "weights").read_text() == "v2"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_record_failure_writes_failed_json_and_a_refused_write_does_not_hide_the_run_error(tmp_path, monkeypatch):
+    from fedft import rundir
+
+    rundir.record_failure(tmp_path, "Interrupted", "stopped by SIGTERM")
+    record = json.loads((tmp_path / rundir.FAILURE_FILE).read_text())
+    assert record["error"] == "Interrupted" and record["message"] == "stopped by SIGTERM"
+
+    def full(path, text):
+        raise rundir.DiskFull(f"no space left on the device holding {path}")
+
+    monkeypatch.setattr(rundir, "atomic_write_text", full)
+    rundir.record_failure(tmp_path, "RunFailed", "round 3")  # returns: the caller raises its own error
+    assert json.loads((tmp_path / rundir.FAILURE_FILE).read_text())["message"] == "stopped by SIGTERM"
