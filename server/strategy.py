@@ -135,7 +135,7 @@ class AdapterAggregation:
         shaped = []
         for message in messages:
             node = message.metadata.dst_node_id
-            state = downlink_state(self.fedft_cfg, self.global_state, ranks.get(node))
+            state = downlink_state(self.fedft_cfg.strategy, self.global_state, ranks.get(node))
             content = RecordDict({wire.ARRAYS: ArrayRecord(torch_state_dict=state),
                                   wire.CONFIG: message.content[wire.CONFIG]})
             shaped.append(Message(content=content, message_type=message.metadata.message_type,
@@ -195,9 +195,10 @@ class AdapterAggregation:
             generator = secure_generator(None if seed < 0 else seed * 100_003 + server_round)
             denominator = (cfg.privacy.client_sampling_rate * self.num_nodes if poisson
                            else len(self.sampled))
-            result = private_aggregate(cfg, self.global_state, collected.states, denominator, generator)
+            result = private_aggregate(cfg.strategy, cfg.privacy, self.global_state, collected.states, denominator, generator)
         else:
-            result = aggregate_replies(cfg, self.global_state, collected.states, collected.weights)
+            result = aggregate_replies(cfg.strategy, self.global_state, collected.states, collected.weights,
+                                       rank=cfg.lora.r)
         metrics = {wire.TRAIN_LOSS: collected.train_loss or 0.0, wire.NUM_EXAMPLES: int(sum(collected.weights))}
         if result.naive_error is not None:
             metrics[NAIVE_ERROR] = result.naive_error
@@ -274,7 +275,7 @@ class AdapterScaffold(AdapterFedAvg):
             self.variates = ControlVariates(self.global_state)
         for message in messages:
             node = message.metadata.dst_node_id
-            correction = downlink_state(self.fedft_cfg, self.variates.correction_for(node), self.node_ranks.get(node))
+            correction = downlink_state(self.fedft_cfg.strategy, self.variates.correction_for(node), self.node_ranks.get(node))
             message.content[wire.CORRECTION] = ArrayRecord(torch_state_dict=correction)
         return messages
 

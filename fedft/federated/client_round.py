@@ -111,7 +111,7 @@ def received_to_start_state(cfg: FedftConfig, received: dict[str, torch.Tensor])
 def reply_state(cfg: FedftConfig, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What leaves the client: B only under FFA-LoRA, in the configured wire dtype."""
     state = b_only(trained) if cfg.strategy.aggregation == "ffa" else trained
-    return {k: v.to(wire_dtype(cfg)) for k, v in state.items()}
+    return {k: v.to(wire_dtype(cfg.strategy)) for k, v in state.items()}
 
 
 def private_reply(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedft.config import FedftConfig
+from fedft.config import PrivacyConfig, StrategyConfig
 from fedft.federated.aggregate import coordinate_median, fedavg, trimmed_mean
 from fedft.federated.lora_aggregate import (
     LORA_A,
@@ -29,29 +29,29 @@ from fedft.federated.lora_aggregate import (
 )
 
 
-def wire_dtype(cfg: FedftConfig) -> torch.dtype:
+def wire_dtype(strategy: StrategyConfig) -> torch.dtype:
     """The dtype adapter tensors travel in (Flower records carry no bfloat16)."""
-    return torch.float16 if cfg.strategy.wire_dtype == "float16" else torch.float32
+    return torch.float16 if strategy.wire_dtype == "float16" else torch.float32
 
 
 def downlink_state(
-    cfg: FedftConfig, global_state: dict[str, torch.Tensor], rank: int | None = None
+    strategy: StrategyConfig, global_state: dict[str, torch.Tensor], rank: int | None = None
 ) -> dict[str, torch.Tensor]:
     """The part of the global adapter one client needs, as it travels."""
     state = global_state
     if rank is not None and rank < adapter_rank(state):
         state = truncate_to_rank(state, rank)
-    if cfg.strategy.aggregation == "ffa":
+    if strategy.aggregation == "ffa":
         state = b_only(state)
-    return {k: v.to(wire_dtype(cfg)) for k, v in state.items()}
+    return {k: v.to(wire_dtype(strategy)) for k, v in state.items()}
 
 
 def reply_to_full_state(
-    cfg: FedftConfig, global_state: dict[str, torch.Tensor], reply: dict[str, torch.Tensor]
+    strategy: StrategyConfig, global_state: dict[str, torch.Tensor], reply: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """A client's reply as a float32 adapter with A and B (A from the global one under FFA)."""
     state = {k: v.to(torch.float32) for k, v in reply.items()}
-    if cfg.strategy.aggregation == "ffa":
+    if strategy.aggregation == "ffa":
         state = {**{k: v for k, v in global_state.items() if f".{LORA_A}." in k}, **state}
     return dict(sorted(state.items()))
 
@@ -66,24 +66,26 @@ class AggregateResult:
 
 
 def aggregate_replies(
-    cfg: FedftConfig,
+    strategy: StrategyConfig,
     global_state: dict[str, torch.Tensor],
     replies: Sequence[dict[str, torch.Tensor]],
     weights: Sequence[float],
+    *,
+    rank: int,
 ) -> AggregateResult:
-    """Combine the replies with ``strategy.aggregation`` into an adapter of rank ``lora.r``."""
-    full = [reply_to_full_state(cfg, global_state, r) for r in replies]
-    padded = [pad_to_rank(s, cfg.lora.r) for s in full]
+    """Combine the replies with ``strategy.aggregation`` into an adapter of rank ``rank`` (``lora.r``)."""
+    full = [reply_to_full_state(strategy, global_state, r) for r in replies]
+    padded = [pad_to_rank(s, rank) for s in full]
     error = naive_aggregation_error(padded, weights)
-    name = cfg.strategy.aggregation
+    name = strategy.aggregation
     if name == "svd":
         a_norms = {k: float(v.norm(dim=1).mean()) for k, v in global_state.items() if f".{LORA_A}." in k}
-        result = svd_aggregate(full, weights, rank=cfg.lora.r, a_row_norms=a_norms)
+        result = svd_aggregate(full, weights, rank=rank, a_row_norms=a_norms)
         return AggregateResult(result.state, error, result.discarded_energy)
-    robust = cfg.strategy.robust
+    robust = strategy.robust
     if robust != "none":  # FFA's A is the same frozen tensor on every client, so robust statistics keep it
         state = (coordinate_median(padded) if robust == "median"
-                 else trimmed_mean(padded, cfg.strategy.trim_fraction))
+                 else trimmed_mean(padded, strategy.trim_fraction))
         return AggregateResult(state, error, None)
     if name == "ffa":
         return AggregateResult(ffa_aggregate(full, weights, frozen_a=global_state), error, None)
@@ -91,7 +93,8 @@ def aggregate_replies(
 
 
 def private_aggregate(
-    cfg: FedftConfig,
+    strategy: StrategyConfig,
+    privacy: PrivacyConfig,
     global_state: dict[str, torch.Tensor],
     updates: Sequence[dict[str, torch.Tensor]],
     num_sampled: float,
@@ -104,12 +107,12 @@ def private_aggregate(
     """
     from fedft.privacy.dpfedavg import noisy_mean
 
-    p = cfg.privacy
+    p = privacy
     noisy = noisy_mean([{k: v.to(torch.float32) for k, v in u.items()} for u in updates],
                        num_sampled, p.clip_norm, p.noise_multiplier, generator,
-                       poisson=p.poisson_clients, template=downlink_state(cfg, global_state))
+                       poisson=p.poisson_clients, template=downlink_state(strategy, global_state))
     state = {k: v + noisy[k] if k in noisy else v for k, v in global_state.items()}
-    full = [reply_to_full_state(cfg, global_state, {k: global_state[k] + v for k, v in u.items()})
+    full = [reply_to_full_state(strategy, global_state, {k: global_state[k] + v for k, v in u.items()})
             for u in updates]
     error = naive_aggregation_error(full, [1.0] * len(full)) if full else None
     return AggregateResult(dict(sorted(state.items())), error, None)

@@ -54,8 +54,8 @@ def reply_problem(cfg: FedftConfig, global_state: dict[str, torch.Tensor],
     ranks = set()
     for key, tensor in reply.items():
         like = expected[key]
-        if tensor.dtype != wire_dtype(cfg):
-            return f"{key}: dtype {tensor.dtype}, expected {wire_dtype(cfg)}"
+        if tensor.dtype != wire_dtype(cfg.strategy):
+            return f"{key}: dtype {tensor.dtype}, expected {wire_dtype(cfg.strategy)}"
         if tensor.dim() != 2:
             return f"{key}: shape {tuple(tensor.shape)} is not a matrix"
         if f".{LORA_A}." in key:

@@ -21,12 +21,12 @@ def _with(cfg, **strategy):
 def test_downlink_is_b_only_under_ffa_and_half_size_in_float16(tiny_config_path):
     cfg = load_config(tiny_config_path)
     state = adapter(4, 0)
-    full = sum(v.numel() * v.element_size() for v in downlink_state(cfg, state).values())
-    ffa = downlink_state(_with(cfg, aggregation="ffa"), state)
+    full = sum(v.numel() * v.element_size() for v in downlink_state(cfg.strategy, state).values())
+    ffa = downlink_state(_with(cfg, aggregation="ffa").strategy, state)
     assert set(ffa) == set(b_only(state))
-    half = downlink_state(_with(cfg, wire_dtype="float16"), state)
+    half = downlink_state(_with(cfg, wire_dtype="float16").strategy, state)
     assert sum(v.numel() * v.element_size() for v in half.values()) * 2 == full
-    assert adapter_rank(downlink_state(cfg, state, rank=2)) == 2
+    assert adapter_rank(downlink_state(cfg.strategy, state, rank=2)) == 2
 
 
 def test_ffa_client_starts_from_the_shared_seeded_a(tiny_config_path):
@@ -52,9 +52,9 @@ def test_a_lower_rank_client_truncates_and_scales_alpha_with_its_rank(tiny_confi
 def test_aggregate_replies_reports_error_and_energy(tiny_config_path):
     cfg = load_config(tiny_config_path)
     replies, weights = [adapter(4, 1), adapter(2, 2)], [1.0, 1.0]
-    naive = aggregate_replies(cfg, adapter(4, 0), replies, weights)
+    naive = aggregate_replies(cfg.strategy, adapter(4, 0), replies, weights, rank=cfg.lora.r)
     assert adapter_rank(naive.state) == 4 and naive.discarded_energy is None and naive.naive_error > 0
-    exact = aggregate_replies(_with(cfg, aggregation="svd"), adapter(4, 0), replies, weights)
+    exact = aggregate_replies(_with(cfg, aggregation="svd").strategy, adapter(4, 0), replies, weights, rank=cfg.lora.r)
     assert adapter_rank(exact.state) == 4 and 0 < exact.discarded_energy < 1
 
 
@@ -67,7 +67,7 @@ def test_robust_aggregation_keeps_ffa_a_frozen_and_is_checked_in_the_config(tiny
     cfg = _with(load_config(tiny_config_path), aggregation="ffa", robust="median")
     start = adapter(4, 0)
     replies = [{k: (v if f".{LORA_A}." in k else v + i) for k, v in start.items()} for i in (1.0, 2.0, 30.0)]
-    result = aggregate_replies(cfg, start, replies, [5.0, 1.0, 1.0]).state
+    result = aggregate_replies(cfg.strategy, start, replies, [5.0, 1.0, 1.0], rank=cfg.lora.r).state
     for key, value in start.items():
         # A stays the shared frozen one; B moves by the median change (2), whatever the weights
         assert torch.equal(result[key], value if f".{LORA_A}." in key else value + 2.0), key
