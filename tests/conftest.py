@@ -85,7 +85,10 @@ def write_tiny_setup(directory: Path, model_dir: Path, train_rows: list[dict] | 
     write_jsonl(train_rows or make_demo_rows(2, 24, 0.9, seed=0), directory / "train.jsonl")
     write_jsonl(make_eval_rows(2, seed=1), directory / "eval.jsonl")
     path = directory / "tiny.toml"
-    path.write_text(TINY_TOML.format(model=model_dir))
+    text = TINY_TOML.format(model=model_dir)
+    if (os.cpu_count() or 1) < 2:  # Ray could not place a 2-CPU client on a 1-CPU machine
+        text = text.replace("num_cpus = 2", "num_cpus = 1")
+    path.write_text(text)
     return path
 
 
