@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,27 +34,11 @@ from fedft.demo.tasks import make_demo_rows, make_eval_rows, write_jsonl
 from fedft.model.memory import COMMON_MODELS, DecoderShape
 from fedft.rundir import load_metrics, load_summary
 from simulations import console
-from simulations.gpu_check_measure import cuda, measure_model, release_memory
+from simulations.gpu_check_measure import Target, cuda, measure_model, release_memory
 from simulations.gpu_check_report import header, print_table, verdicts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROPE_THETA = 500000.0  # both Llama 3.x releases
-
-
-@dataclass(frozen=True)
-class Target:
-    """One model to measure: its shape and how many tokens each step trains."""
-
-    key: str
-    shape: DecoderShape
-    batch: int
-    seq: int
-    warmup: int
-    steps: int
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch * self.seq
 
 
 PUBLISHED = {s.name: s for s in COMMON_MODELS}

@@ -11,9 +11,9 @@ import gc
 import secrets
 import time
 import traceback
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,13 +27,26 @@ from fedft.model.load import (
     model_spec,
     resolve_device,
 )
-from fedft.model.memory import GIB, client_memory
+from fedft.model.memory import GIB, DecoderShape, client_memory
 from fedft.privacy.dpfedavg import secure_generator
 from fedft.privacy.dpsgd import train_local_dp
 from fedft.train.local import batch_indices, train_local
 
-if TYPE_CHECKING:  # the shapes measured; gpu_check imports this module
-    from simulations.gpu_check import Target
+
+@dataclass(frozen=True)
+class Target:
+    """One model to measure: its shape and how many tokens each step trains."""
+
+    key: str
+    shape: DecoderShape
+    batch: int
+    seq: int
+    warmup: int
+    steps: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq
 
 
 def random_examples(target: Target, count: int, seed: int = 0) -> list[Example]:
