@@ -195,7 +195,8 @@ class AdapterAggregation:
             generator = secure_generator(None if seed < 0 else seed * 100_003 + server_round)
             denominator = (cfg.privacy.client_sampling_rate * self.num_nodes if poisson
                            else len(self.sampled))
-            result = private_aggregate(cfg.strategy, cfg.privacy, self.global_state, collected.states, denominator, generator)
+            result = private_aggregate(cfg.strategy, cfg.privacy, self.global_state, collected.states, denominator,
+                                       generator)
         else:
             result = aggregate_replies(cfg.strategy, self.global_state, collected.states, collected.weights,
                                        rank=cfg.lora.r)
@@ -275,7 +276,8 @@ class AdapterScaffold(AdapterFedAvg):
             self.variates = ControlVariates(self.global_state)
         for message in messages:
             node = message.metadata.dst_node_id
-            correction = downlink_state(self.fedft_cfg.strategy, self.variates.correction_for(node), self.node_ranks.get(node))
+            correction = downlink_state(self.fedft_cfg.strategy, self.variates.correction_for(node),
+                                        self.node_ranks.get(node))
             message.content[wire.CORRECTION] = ArrayRecord(torch_state_dict=correction)
         return messages
 

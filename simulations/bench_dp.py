@@ -28,9 +28,10 @@ def measure(config: Path, batch: int, steps: int, repeats: int = 3) -> dict:
 
     cfg = load_config(config, ["privacy.record_level=true", f"train.batch_size={batch}",
                                f"train.local_steps={steps}", "train.warmup_steps=0"])
-    model, tokenizer = cached_peft_model(model_spec(cfg))
+    spec = model_spec(cfg)
+    model, tokenizer = cached_peft_model(spec)
     examples = client_examples(cfg, tokenizer, partition_id=0)
-    start = initial_adapter_state(model_spec(cfg))
+    start = initial_adapter_state(spec)
 
     def plain() -> float:
         began = time.perf_counter()

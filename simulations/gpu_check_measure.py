@@ -105,8 +105,9 @@ def peak_gib(cfg: FedftConfig) -> float | None:
 def measure_fedft(cfg: FedftConfig, examples: list[Example], target: Target) -> dict:
     """fedft's client loop: the cached 4-bit model and ``train_local``, timed per step after the warm-up."""
     release_memory()
-    model, tokenizer = cached_peft_model(model_spec(cfg))
-    start = initial_adapter_state(model_spec(cfg))
+    spec = model_spec(cfg)
+    model, tokenizer = cached_peft_model(spec)
+    start = initial_adapter_state(spec)
     ticks: list[float] = []
 
     def tick(step: int, loss: float) -> None:
@@ -184,8 +185,9 @@ def measure_dp(cfg: FedftConfig, examples: list[Example], target: Target) -> dic
     """
     release_memory()
     dp_cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, record_level=True))
-    model, tokenizer = cached_peft_model(model_spec(dp_cfg))
-    start, pad_id = initial_adapter_state(model_spec(dp_cfg)), tokenizer.pad_token_id
+    spec = model_spec(dp_cfg)
+    model, tokenizer = cached_peft_model(spec)
+    start, pad_id = initial_adapter_state(spec), tokenizer.pad_token_id
     counted = TokenCountingExamples(examples)
     device = resolve_device(cfg.model.device)
 

@@ -66,9 +66,9 @@ def check_tokenized_data(cfg: FedftConfig) -> str:
     naming every such row; returns what was truncated or skipped, in words."""
     from fedft.data.partition import cached_partitions
     from fedft.data.rows import TokenizeReport, read_rows, tokenize_dataset
-    from fedft.model.load import load_tokenizer
+    from fedft.model.load import load_tokenizer, model_spec
 
-    tokenizer = load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_spec(cfg))
     report = TokenizeReport([], [])
     data = cfg.data
     from datasets import concatenate_datasets

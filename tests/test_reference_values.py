@@ -42,7 +42,7 @@ def setup(tiny_model_dir, tmp_path_factory):
 
 
 def local_steps_values(cfg, model) -> dict:
-    tokenizer = load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_spec(cfg))
     examples = tokenize_dataset(load_dataset_files(cfg.data.train_files), tokenizer, cfg.data)
     result = train_local(model, examples, tokenizer.pad_token_id, dataclasses.replace(cfg.train, local_steps=5),
                          global_state=initial_adapter_state(model_spec(cfg)), round_index=1, total_rounds=1, seed=7)

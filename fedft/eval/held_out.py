@@ -46,9 +46,10 @@ class HeldOutEvaluator:
     def __init__(self, cfg) -> None:
         from fedft.model.load import cached_peft_model, initial_adapter_state, model_spec
 
-        self.model, self.tokenizer = cached_peft_model(model_spec(cfg))
+        spec = model_spec(cfg)
+        self.model, self.tokenizer = cached_peft_model(spec)
         self.examples = load_eval_examples(cfg, self.tokenizer)
-        self.initial_state = initial_adapter_state(model_spec(cfg))
+        self.initial_state = initial_adapter_state(spec)
 
     def __call__(self, state) -> dict:
         from fedft.model.adapter import set_adapter_state

@@ -256,8 +256,9 @@ def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_exa
     if not eval_examples:
         raise DataError("evaluate_stages: no held-out examples to score (data.eval_file)")
     started = time.time()
-    model, tokenizer = cached_peft_model(model_spec(cfg))
-    previous, initial = get_adapter_state(model), initial_adapter_state(model_spec(cfg))
+    spec = model_spec(cfg)
+    model, tokenizer = cached_peft_model(spec)
+    previous, initial = get_adapter_state(model), initial_adapter_state(spec)
     notes = list(notes or [])
     data = EvalData(
         examples=eval_examples, pairs=list(pairs or []),

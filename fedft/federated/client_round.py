@@ -194,6 +194,6 @@ def _dp_sgd_round(cfg: FedftConfig, model, pad_id: int, examples: list, start: d
     check_noise(planned.noise_multiplier, min_noise_multiplier)
     accountant.check(planned, cfg.privacy.delta, max_epsilon)
     result, spent = train_local_dp(model, examples, pad_id, cfg, global_state=start, round_index=round_index,
-                                   noise_generator=noise_generator, seed=seed)
+                                   noise_generator=noise_generator, seed=seed, planned=planned)
     accountant.step(spent)
     return dataclasses.replace(result, dp_sgd=spent)

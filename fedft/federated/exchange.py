@@ -107,10 +107,9 @@ def private_aggregate(
     """
     from fedft.privacy.dpfedavg import noisy_mean
 
-    p = privacy
     noisy = noisy_mean([{k: v.to(torch.float32) for k, v in u.items()} for u in updates],
-                       num_sampled, p.clip_norm, p.noise_multiplier, generator,
-                       poisson=p.poisson_clients, template=downlink_state(strategy, global_state))
+                       num_sampled, privacy.clip_norm, privacy.noise_multiplier, generator,
+                       poisson=privacy.poisson_clients, template=downlink_state(strategy, global_state))
     state = {k: v + noisy[k] if k in noisy else v for k, v in global_state.items()}
     full = [reply_to_full_state(strategy, global_state, {k: global_state[k] + v for k, v in u.items()})
             for u in updates]

@@ -83,12 +83,12 @@ def quantization_config(model: ModelConfig):
     )
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    """The tokenizer of the base model at ``path``, with a pad token (its eos token when it has
-    none: ``fedft.data.prompt_format`` records which)."""
+def load_tokenizer(spec: ModelSpec):
+    """The tokenizer of the spec's base model, with a pad token (its eos token when it has none:
+    ``fedft.data.prompt_format`` records which)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         tokenizer.fedft_pad_from_eos = True
@@ -164,18 +164,17 @@ def load_peft_model(spec: ModelSpec):
 
 def cached_peft_model(spec: ModelSpec):
     """(model, tokenizer) for this spec, loaded at most once per process."""
-    key = spec
     with _CACHE_LOCK:
-        if key not in _CACHE:
+        if spec not in _CACHE:
             if MAX_CACHED is not None and len(_CACHE) >= MAX_CACHED:
                 _evict_all()
-            LOAD_COUNTS[key] += 1
+            LOAD_COUNTS[spec] += 1
             model = load_peft_model(spec)
-            tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.model.trust_remote_code)
-            _CACHE[key] = (model, tokenizer)
-            _INITIAL[key] = get_adapter_state(model)
-            _FACTS[key] = model_facts(model, tokenizer)
-        return _CACHE[key]
+            tokenizer = load_tokenizer(spec)
+            _CACHE[spec] = (model, tokenizer)
+            _INITIAL[spec] = get_adapter_state(model)
+            _FACTS[spec] = model_facts(model, tokenizer)
+        return _CACHE[spec]
 
 
 def model_facts(model, tokenizer) -> dict:

@@ -74,8 +74,12 @@ def train_local_dp(
     round_index: int,
     noise_generator: torch.Generator,
     seed: int = 0,
+    planned: DpSgdRound | None = None,
 ) -> tuple[LocalResult, DpSgdRound]:
-    """``train.local_steps`` DP-SGD steps from ``global_state``; the adapter and what it spent."""
+    """``train.local_steps`` DP-SGD steps from ``global_state``; the adapter and what it spent.
+
+    ``planned`` is the round a caller already checked against its limits (``planned_round``);
+    without it the round is planned here."""
     if not examples:
         raise ValueError("train_local_dp: this client has no training examples")
     train = cfg.train
@@ -83,7 +87,7 @@ def train_local_dp(
         torch.set_num_threads(train.num_threads)
     set_adapter_state(model, global_state)
     params = [p for p in model.parameters() if p.requires_grad]
-    planned = planned_round(cfg, len(examples))
+    planned = planned if planned is not None else planned_round(cfg, len(examples))
     sigma = planned.noise_multiplier
     hooks, dp_optimizer, dp_loader = _make_private(model, params, cfg, len(examples), sigma, noise_generator, seed)
     torch.manual_seed(seed)  # LoRA dropout

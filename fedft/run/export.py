@@ -234,9 +234,9 @@ def export_run(run_dir: Path, out: Path, *, merge: bool = False, dtype: str = "f
     adapter = stage_adapter_dir(run_dir, stage)
     metadata = export_metadata(run_dir, stage, cfg, merged=merge, dtype=dtype)
 
-    from fedft.model.load import DTYPES, load_tokenizer
+    from fedft.model.load import DTYPES, load_tokenizer, model_spec
 
-    tokenizer = load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_spec(cfg))
     with atomic_directory(out) as tmp:
         if merge:
             model, ids, reference = merged_model(cfg, adapter, tokenizer, device, progress)

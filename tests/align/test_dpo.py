@@ -206,7 +206,8 @@ def test_reference_is_the_frozen_start_adapter_while_the_policy_moves(tiny_confi
     from fedft.model.load import load_peft_model, load_tokenizer, model_spec
 
     cfg = _dpo_config(tiny_config_path, tmp_path)
-    model, tokenizer = load_peft_model(model_spec(cfg)), load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    spec = model_spec(cfg)
+    model, tokenizer = load_peft_model(spec), load_tokenizer(spec)
     start = _perturbed_adapter(model)
     pairs = read_preference_jsonl(cfg.dpo.train_path)
     probe = pair_batch([tokenize_pair(p, tokenizer, 64) for p in pairs[:4]], tokenizer.pad_token_id)
@@ -327,7 +328,8 @@ def test_sft_weight_adds_the_chosen_answers_nll_to_the_training_loss(tiny_config
     from fedft.model.load import load_peft_model, load_tokenizer, model_spec
 
     cfg = _dpo_config(tiny_config_path, tmp_path, "dpo.steps=1", "dpo.sft_weight=1.0")
-    model, tokenizer = load_peft_model(model_spec(cfg)), load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    spec = model_spec(cfg)
+    model, tokenizer = load_peft_model(spec), load_tokenizer(spec)
     result = train_dpo(model, tokenizer, read_preference_jsonl(cfg.dpo.train_path), cfg.dpo,
                        _perturbed_adapter(model), log=lambda line: None)
     # step 1: the DPO term is log 2 (policy == reference) plus the random tiny model's

@@ -65,14 +65,14 @@ def test_a_process_reads_and_splits_the_training_files_once_for_all_its_clients(
     from fedft.config import load_config
     from fedft.data import partition
     from fedft.federated.client_round import client_examples
-    from fedft.model.load import load_tokenizer
+    from fedft.model.load import load_tokenizer, model_spec
 
     cfg = load_config(tiny_config_path)
     calls = []
     real = partition.partition_dataset
     monkeypatch.setattr(partition, "partition_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
     partition._PARTITIONS.clear()
-    tokenizer = load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_spec(cfg))
     first = client_examples(cfg, tokenizer, partition_id=0)
     second = client_examples(cfg, tokenizer, partition_id=1)
     assert len(calls) == 1 and first and second and {e.source for e in first}.isdisjoint({e.source for e in second})

@@ -71,7 +71,8 @@ def _per_sample_grads(cfg, examples_count=4):
     from fedft.model.load import load_peft_model, load_tokenizer, model_spec
     from fedft.privacy.dpsgd import _Indices
 
-    model, tokenizer = load_peft_model(model_spec(cfg)), load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    spec = model_spec(cfg)
+    model, tokenizer = load_peft_model(spec), load_tokenizer(spec)
     examples = client_examples(cfg, tokenizer, partition_id=0)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -80,7 +80,8 @@ def test_gradient_checkpointing_on_the_4bit_base_still_trains_the_adapter(tiny_c
     from fedft.model.load import load_peft_model, load_tokenizer, model_spec
 
     cfg = load_config(tiny_config_path, ["model.gradient_checkpointing=true", "train.local_steps=3"])
-    model, tokenizer = load_peft_model(model_spec(cfg)), load_tokenizer(cfg.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    spec = model_spec(cfg)
+    model, tokenizer = load_peft_model(spec), load_tokenizer(spec)
     assert model.base_model.model.is_gradient_checkpointing
     examples = client_examples(cfg, tokenizer, partition_id=1)
     start = get_adapter_state(model)
