@@ -4,16 +4,16 @@
 point; everything registered here works without Flower: ``fedft demo data`` writes the
 demo's institutions' JSONL, ``fedft demo build-base`` rebuilds the embedded base model,
 ``fedft compare RUN_DIR ...`` tabulates and plots finished runs side by side,
-``fedft privacy report RUN_DIR`` audits a run's privacy ledger, ``fedft certs HOST ...``
-creates TLS certificates for a deployment and ``fedft node-key NAME`` a SuperNode's key
-pair, ``fedft export RUN_DIR --out DIR [--merge]`` writes a run's adapter (PEFT format) or one merged standalone model, ``fedft report RUN_DIR
+``fedft status RUN_DIR`` says how a run ended, ``fedft export RUN_DIR --out DIR [--merge]``
+writes a run's adapter (PEFT format) or one merged standalone model, ``fedft report RUN_DIR
 [--evaluate]`` writes a run's report.md, report.json and plots (evaluating every stage first).
+The privacy commands (report, plan) live in privacy_commands.py, an institution's set-up
+commands (certs, node-key, policy init) in node_commands.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from pathlib import Path
@@ -23,7 +23,9 @@ from fedft.data.partition import PartitionError
 from fedft.data.rows import DataError
 from fedft.model.quantization import QuantizationError
 from fedft.run.export import EXPORT_DTYPES, STAGE_DIRS, ExportError
-from fedft.rundir import RunDirError, RunFailed, atomic_write_text
+from fedft.rundir import RunDirError, RunFailed
+from simulations.node_commands import add_node_commands
+from simulations.privacy_commands import add_privacy_commands
 
 USER_ERRORS = (ConfigError, DataError, PartitionError, ExportError, FileNotFoundError, RunDirError,
                QuantizationError)
@@ -81,84 +83,6 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _node_report(args: argparse.Namespace) -> int:
-    """``fedft privacy report --node STATE_DIR [RUN_DIR]``: the institution's own trail, checked."""
-    from fedft.federated.audit_trail import (
-        TRAIL_FILE,
-        TrailError,
-        node_report,
-        print_node_report,
-    )
-    from fedft.privacy.audit import load_run_ledger
-    from fedft.privacy.ledger import LedgerError
-
-    state_dir = Path(args.node)
-    if not (state_dir / TRAIL_FILE).is_file():
-        print(f"fedft: error: {state_dir / TRAIL_FILE} does not exist: is {state_dir} the state-dir "
-              "of a SuperNode that joined a round?", file=sys.stderr)
-        return 2
-    try:
-        ledger = load_run_ledger(Path(args.run_dir)) if args.run_dir else None
-        report = node_report(state_dir, ledger, args.run_id)
-    except (LedgerError, TrailError) as err:
-        print(f"fedft: error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_node_report(report)
-    return 1 if report["mismatches"] or report["ledger_flags"] else 0
-
-
-def _privacy_report(args: argparse.Namespace) -> int:
-    from fedft.privacy.audit import PLOT_FILE, plot_epsilon, print_table, privacy_report
-    from fedft.privacy.ledger import LedgerError
-
-    if args.node:
-        return _node_report(args)
-    if not args.run_dir:
-        print("fedft: error: privacy report needs RUN_DIR (a run's ledger) or --node STATE_DIR", file=sys.stderr)
-        return 2
-    try:
-        report = privacy_report(Path(args.run_dir))
-    except LedgerError as err:
-        print(f"fedft: error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-    plot = plot_epsilon(report, Path(args.plot) if args.plot else Path(args.run_dir) / PLOT_FILE)
-    if not args.json:
-        print(f"wrote {plot}")
-    return 1 if report["mismatches"] else 0
-
-
-def _certs(args: argparse.Namespace) -> int:
-    from fedft.deploy.certs import explain, make_certificates
-
-    try:
-        paths = make_certificates(Path(args.out), args.hosts, days=args.days)
-    except (FileExistsError, ValueError) as err:
-        print(f"fedft: error: {err}", file=sys.stderr)
-        return 2
-    print(explain(paths, args.hosts))
-    return 0
-
-
-def _node_key(args: argparse.Namespace) -> int:
-    from fedft.deploy.certs import make_node_key
-
-    try:
-        private, public = make_node_key(Path(args.out), args.name)
-    except (FileExistsError, ValueError) as err:
-        print(f"fedft: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {private} (keep it here: flower-supernode --auth-supernode-private-key {private})")
-    print(f"wrote {public} (send it to the coordinator: flwr supernode register {public.name} <superlink>)")
-    return 0
-
-
 def _export(args: argparse.Namespace) -> int:
     from fedft.run.export import export_run
 
@@ -197,9 +121,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     commands = parser.add_subparsers(dest="command", required=True)
     _add_demo_commands(commands)
     _add_compare_command(commands)
-    _add_key_commands(commands)
-    _add_privacy_commands(commands)
-    _add_policy_commands(commands)
+    add_node_commands(commands)
+    add_privacy_commands(commands)
     _add_status_command(commands)
     _add_export_command(commands)
     _add_report_command(commands)
@@ -235,73 +158,6 @@ def _add_compare_command(commands: argparse._SubParsersAction) -> None:
     compare.set_defaults(handler=_compare)
 
 
-def _add_key_commands(commands: argparse._SubParsersAction) -> None:
-    """``fedft certs`` and ``fedft node-key``: a deployment's TLS certificates and SuperNode keys."""
-    certs = commands.add_parser("certs", help="create a CA and a SuperLink TLS certificate")
-    certs.add_argument("hosts", nargs="+", help="host names / IP addresses the SuperLink is reached at")
-    certs.add_argument("--out", default="certificates", help="directory for ca.crt, ca.key, server.crt, server.key")
-    certs.add_argument("--days", type=int, default=365, help="validity in days")
-    certs.set_defaults(handler=_certs)
-    node_key = commands.add_parser("node-key", help="create a SuperNode authentication key pair")
-    node_key.add_argument("name", help="file name of the private key (the public key gets .pub)")
-    node_key.add_argument("--out", default="keys", help="directory for the key pair")
-    node_key.set_defaults(handler=_node_key)
-
-
-def _add_privacy_commands(commands: argparse._SubParsersAction) -> None:
-    privacy = commands.add_parser("privacy", help="audit a run's privacy ledger, or plan a run's privacy")
-    privacy_commands = privacy.add_subparsers(dest="privacy_command", required=True)
-    report = privacy_commands.add_parser(
-        "report", help="table and plot of the ledger; every epsilon recomputed, mismatches flagged "
-                       "(exit status 1 if any)")
-    report.add_argument("run_dir", nargs="?", help="a run directory with privacy_ledger.jsonl (with --node: the "
-                                                   "coordinator's run to compare the institution's trail with)")
-    report.add_argument("--node", metavar="STATE_DIR",
-                        help="an institution's state-dir: recompute its epsilon from its own audit trail and, "
-                             "given RUN_DIR, flag every round the coordinator's ledger records differently")
-    report.add_argument("--run-id", type=int, help="with --node and RUN_DIR: the Flower run id of RUN_DIR "
-                                                   "(default: the trail's latest run)")
-    report.add_argument("--json", action="store_true", help="print the report as JSON")
-    report.add_argument("--plot", help="where to write the epsilon plot (default RUN_DIR/privacy_epsilon.png)")
-    report.set_defaults(handler=_privacy_report)
-    _add_plan_command(privacy_commands)
-
-
-def _policy_init(args: argparse.Namespace) -> int:
-    """``fedft policy init``: a commented policy template, the model's checksum filled in."""
-    from fedft.federated.policy import PolicyError, policy_template, weights_sha256
-
-    out = Path(args.out)
-    if out.exists():
-        print(f"fedft: error: {out} exists; remove it or choose another --out (nothing was written)", file=sys.stderr)
-        return 2
-    model, checksum = "", ""
-    if args.model:
-        model_dir = Path(args.model).resolve()
-        if not model_dir.is_dir():
-            print(f"fedft: error: --model {args.model}: not a local model directory", file=sys.stderr)
-            return 2
-        try:
-            checksum = weights_sha256(model_dir)
-        except PolicyError as err:
-            print(f"fedft: error: {err}", file=sys.stderr)
-            return 2
-        model = str(model_dir)
-    atomic_write_text(out, policy_template(model, checksum))
-    print(f"wrote {out}" + (f" (model {model}, weights sha256 {checksum[:12]}...)" if model else ""))
-    print(f"start the SuperNode with --node-config \"... policy='{out.resolve()}'\"")
-    return 0
-
-
-def _add_policy_commands(commands: argparse._SubParsersAction) -> None:
-    policy = commands.add_parser("policy", help="an institution's policy: what its client accepts")
-    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
-    init = policy_commands.add_parser("init", help="write a commented policy template")
-    init.add_argument("--out", default="fedft-policy.toml", help="the policy file to write (must not exist)")
-    init.add_argument("--model", help="the base model directory to pin (its weights' SHA-256 is computed)")
-    init.set_defaults(handler=_policy_init)
-
-
 def _status(args: argparse.Namespace) -> int:
     from fedft.run.status import run_status
 
@@ -316,70 +172,6 @@ def _add_status_command(commands: argparse._SubParsersAction) -> None:
                        "(for deployments, where `flwr run --stream` exits 0 either way)")
     status.add_argument("run_dir", help="a run directory (--out, or the ServerApp's out-dir)")
     status.set_defaults(handler=_status)
-
-
-def _privacy_plan(args: argparse.Namespace) -> int:
-    """``fedft privacy plan``: epsilon per round and in total, the noise it costs, before any training."""
-    import dataclasses
-
-    from fedft.privacy.planner import format_plan, plan_record_level, plan_user_level
-
-    if args.clients is None and args.examples is None:
-        print("fedft: error: privacy plan needs --clients (user level) and/or --examples (record level)",
-              file=sys.stderr)
-        return 2
-    try:
-        user = record = None
-        if args.clients is not None:
-            user = plan_user_level(args.clients, args.rounds, args.delta, sampled=args.per_round, rate=args.rate,
-                                   sampling=args.sampling, noise_multiplier=args.z, target_epsilon=args.target_epsilon,
-                                   max_noise_ratio=args.max_noise_ratio)
-        if args.examples is not None:
-            if args.batch is None or args.steps is None:
-                raise ValueError("record level needs --batch and --steps (per round) with --examples")
-            record = plan_record_level(args.examples, args.batch, args.steps, args.rounds, args.delta,
-                                       noise_multiplier=args.sigma, target_epsilon=args.record_target_epsilon,
-                                       max_noise_ratio=args.max_noise_ratio)
-    except ValueError as err:
-        print(f"fedft: error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({"user_level": user and dataclasses.asdict(user),
-                          "record_level": record and dataclasses.asdict(record)}, indent=2))
-    else:
-        print(format_plan(user, record, args.params))
-    return 0
-
-
-def _add_plan_command(privacy_commands: argparse._SubParsersAction) -> None:
-    plan = privacy_commands.add_parser(
-        "plan", help="epsilon per round and in total, the noise needed for a target and its noise-to-signal, "
-                     "before any training (same accounting as the ledger)")
-    plan.add_argument("--rounds", type=int, required=True, help="federated rounds")
-    plan.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    user = plan.add_argument_group("user level (DP-FedAvg: one unit = one institution or user)")
-    user.add_argument("--clients", type=int, help="N, the population")
-    sample = user.add_mutually_exclusive_group()
-    sample.add_argument("--per-round", type=int, help="m, clients sampled per round (fixed-size sampling)")
-    sample.add_argument("--rate", type=float, help="q, each client's inclusion probability (poisson sampling)")
-    user.add_argument("--sampling", choices=["fixed", "poisson", "none"], default="fixed",
-                      help="how clients are sampled (privacy.client_sampling; default fixed)")
-    noise = user.add_mutually_exclusive_group()
-    noise.add_argument("--z", type=float, help="the server's noise multiplier z")
-    noise.add_argument("--target-epsilon", type=float, help="calibrate z to this user-level epsilon")
-    record = plan.add_argument_group("record level (DP-SGD in each client: one unit = one example)")
-    record.add_argument("--examples", type=int, help="n, one client's local examples")
-    record.add_argument("--batch", type=int, help="B, the expected (Poisson) batch size")
-    record.add_argument("--steps", type=int, help="DP-SGD steps per round")
-    sigma = record.add_mutually_exclusive_group()
-    sigma.add_argument("--sigma", type=float, help="the DP-SGD noise multiplier")
-    sigma.add_argument("--record-target-epsilon", type=float, help="calibrate sigma to this record-level epsilon")
-    plan.add_argument("--params", type=int, help="trainable parameters (adds the noise vector's norm)")
-    plan.add_argument("--max-noise-ratio", type=float, default=0.1,
-                      help="noise std on the mean, in units of the clip norm, above which a plan is called "
-                           "out of reach (default 0.1, a rule of thumb)")
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.set_defaults(handler=_privacy_plan)
 
 
 def _add_export_command(commands: argparse._SubParsersAction) -> None:

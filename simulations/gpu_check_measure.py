@@ -73,7 +73,6 @@ def with_steps(cfg: FedftConfig, steps: int) -> FedftConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=steps))
 
 
-
 def cuda() -> bool:
     return torch.cuda.is_available()
 

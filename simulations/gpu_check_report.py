@@ -8,7 +8,6 @@ NA = "n/a (no CUDA)"
 MIN_THROUGHPUT_RATIO = 0.9  # fedft's loop may be at most 10% slower than plain peft
 
 
-
 def number(value, digits: int = 2, na: bool = False) -> str:
     """A cell: the value; "n/a (no CUDA)" for a GPU-only figure measured on the CPU (``na``), else "failed"."""
     if value is None:

@@ -28,11 +28,6 @@ from fedft.rundir import ADAPTER_DIR, ADAPTER_WEIGHTS, DPO_ADAPTER_DIR, write_ev
 # ---------------------------------------------------------------------------------------
 
 
-
-
-
-
-
 def read_general_texts(path: Path) -> list[str]:
     """Texts of a probe file: ``.jsonl`` rows with a "text" field, otherwise one text per non-empty line."""
     path = Path(path)
