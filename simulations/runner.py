@@ -34,7 +34,6 @@ def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False, resume: 
 def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool, overwrite: bool) -> dict:
     from fedft.data.partition import check_simulation_data
     from fedft.model.files import check_model_files
-    from fedft.run.baselines import run_centralized, run_local
 
     if resume and cfg.strategy.name == "local":
         raise ConfigError("--resume works for federated and centralized runs; strategy.name = 'local' keeps one "
@@ -54,10 +53,11 @@ def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool, o
     print(f"fedft: {len(sizes)} clients with {', '.join(map(str, sizes))} training rows"
           + (f"; {tokenized}" if tokenized else ""))
     with claimed_run_dir(out_dir, resume=resume, overwrite=overwrite):
-        if cfg.strategy.name == "local":
-            return run_local(cfg, out_dir)
-        if cfg.strategy.name == "centralized":
-            return run_centralized(cfg, out_dir, resume=resume)
+        if cfg.strategy.name in ("local", "centralized"):  # in this process (torch is imported only here)
+            from fedft.run.baselines import run_centralized, run_local
+
+            return run_local(cfg, out_dir) if cfg.strategy.name == "local" else run_centralized(cfg, out_dir,
+                                                                                               resume=resume)
         return _simulate_federation(cfg, out_dir, verbose=verbose, resume=resume)
 
 
