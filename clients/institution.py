@@ -177,7 +177,7 @@ def _train_admitted(request: RoundRequest, state: MutableMapping, node: NodeSett
         partition_id=node.partition_id,
         data_path=node.data_path,
         client_index=node.partition_id if node.partition_id is not None else request.node_id % 1_000_003,
-        node_rank=node_rank(node, policy, cfg),
+        node_rank=node_rank(node, policy, cfg.lora),
         accountant=accountant,
         max_epsilon=admission.max_epsilon,
         min_noise_multiplier=admission.min_noise_multiplier,

@@ -167,7 +167,7 @@ class AdapterAggregation:
         )
         for m in valid:
             state = m.content[wire.ARRAYS].to_torch_state_dict()
-            problem = reply_problem(self.fedft_cfg, self.global_state, state)
+            problem = reply_problem(self.fedft_cfg.strategy, self.fedft_cfg.privacy, self.global_state, state)
             if problem is None:
                 collected.accepted.append(m)
                 collected.states.append(state)

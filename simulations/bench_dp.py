@@ -41,7 +41,8 @@ def measure(config: Path, batch: int, steps: int, repeats: int = 3) -> dict:
 
     def private() -> float:
         began = time.perf_counter()
-        train_local_dp(model, examples, tokenizer.pad_token_id, cfg, global_state=start, round_index=1,
+        train_local_dp(model, examples, tokenizer.pad_token_id, cfg.train, cfg.privacy, global_state=start,
+                       round_index=1, total_rounds=cfg.strategy.num_rounds,
                        noise_generator=torch.Generator().manual_seed(1), seed=1)
         return time.perf_counter() - began
 

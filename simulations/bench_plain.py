@@ -55,7 +55,7 @@ def plain_loop(config_path: Path) -> dict:
     step_s = []
     for round_index in range(1, cfg.strategy.num_rounds + 1):
         optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-        batches = batch_indices(len(examples), cfg.train.batch_size, client_seed(cfg, round_index, 0))
+        batches = batch_indices(len(examples), cfg.train.batch_size, client_seed(cfg.seed, round_index, 0))
         for _ in range(cfg.train.local_steps):
             t0 = time.perf_counter()
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in next(batches)],

@@ -196,7 +196,9 @@ def measure_dp(cfg: FedftConfig, examples: list[Example], target: Target) -> dic
 
     def dp_with(make_generator):
         def dp(steps: int) -> None:
-            train_local_dp(model, counted, pad_id, with_steps(dp_cfg, steps), global_state=start, round_index=1,
+            round_cfg = with_steps(dp_cfg, steps)
+            train_local_dp(model, counted, pad_id, round_cfg.train, round_cfg.privacy, global_state=start,
+                           round_index=1, total_rounds=round_cfg.strategy.num_rounds,
                            noise_generator=make_generator(), seed=cfg.seed)
         return dp
 

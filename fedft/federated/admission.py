@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedft.config import FedftConfig, config_from_dict, config_to_dict
+from fedft.config import FedftConfig, LoraConfig, config_from_dict, config_to_dict
 from fedft.federated import wire
 from fedft.federated.policy import (
     InstitutionPolicy,
@@ -243,12 +243,12 @@ def _rebuild(data: dict, asked: FedftConfig) -> FedftConfig:
     return config_from_dict(data, source="this institution's --node-config or policy")
 
 
-def node_rank(node: NodeSettings, policy: InstitutionPolicy, cfg: FedftConfig) -> int | None:
-    """The LoRA rank this node trains: its lora-rank key, capped by compute.max_lora_rank."""
+def node_rank(node: NodeSettings, policy: InstitutionPolicy, lora: LoraConfig) -> int | None:
+    """The LoRA rank this node trains: its lora-rank key, capped by compute.max_lora_rank and ``lora.r``."""
     ranks = [r for r in (node.lora_rank, policy.compute.max_lora_rank) if r]
     if not ranks:
         return None
-    return min(min(ranks), cfg.lora.r)
+    return min(min(ranks), lora.r)
 
 
 def check_noise(planned_sigma: float, floor: float) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fedft.config import FedftConfig
+from fedft.config import PrivacyConfig, StrategyConfig
 from fedft.federated import wire
 from fedft.federated.exchange import wire_dtype
 from fedft.federated.lora_aggregate import LORA_A, LORA_B, adapter_rank, b_only, truncate_to_rank
@@ -44,18 +44,22 @@ def check_outgoing(record_names: dict[str, str], array_names: list[str], metric_
         raise OutgoingDataError(f"refused to send metrics {bad_metrics}; allowed: {list(wire.REPLY_METRICS)}")
 
 
-def reply_problem(cfg: FedftConfig, global_state: dict[str, torch.Tensor],
+def reply_problem(strategy: StrategyConfig, privacy: PrivacyConfig, global_state: dict[str, torch.Tensor],
                   reply: dict[str, torch.Tensor]) -> str | None:
-    """Why the server must not aggregate this reply, or None if it is acceptable."""
-    expected = b_only(global_state) if cfg.strategy.aggregation == "ffa" else global_state
+    """Why the server must not aggregate this reply, or None if it is acceptable.
+
+    ``strategy`` gives the aggregation, wire dtype and update-norm bound; ``privacy`` whether the
+    reply is a DP-FedAvg delta (``change_norm``).
+    """
+    expected = b_only(global_state) if strategy.aggregation == "ffa" else global_state
     if set(reply) != set(expected):
         unexpected, missing = sorted(set(reply) - set(expected)), sorted(set(expected) - set(reply))
         return f"unexpected tensors {unexpected[:3]}, missing {missing[:3]}"
     ranks = set()
     for key, tensor in reply.items():
         like = expected[key]
-        if tensor.dtype != wire_dtype(cfg.strategy):
-            return f"{key}: dtype {tensor.dtype}, expected {wire_dtype(cfg.strategy)}"
+        if tensor.dtype != wire_dtype(strategy):
+            return f"{key}: dtype {tensor.dtype}, expected {wire_dtype(strategy)}"
         if tensor.dim() != 2:
             return f"{key}: shape {tuple(tensor.shape)} is not a matrix"
         if f".{LORA_A}." in key:
@@ -69,19 +73,19 @@ def reply_problem(cfg: FedftConfig, global_state: dict[str, torch.Tensor],
             return f"{key}: non-finite values"
     if len(ranks) > 1:
         return f"layers have different ranks {sorted(ranks)}"
-    bound = cfg.strategy.max_update_norm
+    bound = strategy.max_update_norm
     if bound > 0:
-        norm = change_norm(cfg, global_state, reply, ranks.pop())
+        norm = change_norm(privacy, global_state, reply, ranks.pop())
         if norm > bound:
             return f"update norm {norm:.4g} above strategy.max_update_norm = {bound:g}"
     return None
 
 
-def change_norm(cfg: FedftConfig, global_state: dict[str, torch.Tensor], reply: dict[str, torch.Tensor],
+def change_norm(privacy: PrivacyConfig, global_state: dict[str, torch.Tensor], reply: dict[str, torch.Tensor],
                 rank: int) -> float:
-    """L2 norm of what the reply changes: the reply itself under DP-FedAvg (it is a delta),
-    else the reply minus the global adapter cut to the client's rank."""
-    if cfg.privacy.user_level:
+    """L2 norm of what the reply changes: the reply itself under DP-FedAvg (``privacy.user_level``:
+    it is a delta), else the reply minus the global adapter cut to the client's rank."""
+    if privacy.user_level:
         return update_norm(reply)
     base = truncate_to_rank(global_state, rank) if rank < adapter_rank(global_state) else global_state
     return update_norm(adapter_delta(reply, base))

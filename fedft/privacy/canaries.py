@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedft.config import FedftConfig
+from fedft.config import PrivacyConfig
 from fedft.data.rows import Example, collate, tokenize_row
 
 SECRET_DIGITS = 6
@@ -47,11 +47,11 @@ def _secret(rng: random.Random) -> str:
     return " ".join(str(rng.randrange(10)) for _ in range(SECRET_DIGITS))
 
 
-def make_canaries(cfg: FedftConfig) -> list[Canary]:
-    """The run's canaries (deterministic in ``cfg.seed``; the audit redraws the same ones)."""
-    rng = random.Random(f"fedft-canaries-{cfg.seed}")
+def make_canaries(privacy: PrivacyConfig, seed: int) -> list[Canary]:
+    """The run's ``privacy.canaries`` canaries, deterministic in its ``seed`` (the audit redraws the same ones)."""
+    rng = random.Random(f"fedft-canaries-{seed}")
     return [Canary(i, f"Recall the access code of record {i}.", _secret(rng), rng.random() < 0.5)
-            for i in range(cfg.privacy.canaries)]
+            for i in range(privacy.canaries)]
 
 
 def canary_row(canary: Canary, secret: str | None = None) -> dict:
@@ -61,11 +61,13 @@ def canary_row(canary: Canary, secret: str | None = None) -> dict:
             "task": "canary", "source": f"canary {canary.index}"}
 
 
-def canary_training_examples(cfg: FedftConfig, tokenizer) -> list[Example]:
-    """What the chosen client adds to its data: each inserted canary, ``canary_repeats`` times."""
-    rows = [canary_row(c) for c in make_canaries(cfg) if c.inserted]
-    examples = [tokenize_row(r, tokenizer, cfg.data.max_length) for r in rows]
-    return [e for e in examples for _ in range(cfg.privacy.canary_repeats)]
+def canary_training_examples(privacy: PrivacyConfig, tokenizer, *, seed: int, max_length: int) -> list[Example]:
+    """What the chosen client adds to its data: each inserted canary, ``privacy.canary_repeats`` times.
+
+    ``seed`` is the run's seed (``make_canaries``), ``max_length`` is ``data.max_length``."""
+    rows = [canary_row(c) for c in make_canaries(privacy, seed) if c.inserted]
+    examples = [tokenize_row(r, tokenizer, max_length) for r in rows]
+    return [e for e in examples for _ in range(privacy.canary_repeats)]
 
 
 def secret_losses(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 64) -> list[float]:
@@ -116,11 +118,14 @@ def one_run_epsilon_lower_bound(correct: int, guesses: int, delta: float = 0.0,
     return best
 
 
-def audit_canaries(cfg: FedftConfig, model, tokenizer) -> dict:
-    """Score every canary with the trained model: exposures and the empirical lower bound."""
-    canaries = make_canaries(cfg)
-    losses = secret_losses(model, tokenizer, [canary_row(c) for c in canaries], cfg.data.max_length)
-    rng = random.Random(f"fedft-canary-candidates-{cfg.seed}")
+def audit_canaries(privacy: PrivacyConfig, model, tokenizer, *, seed: int, max_length: int) -> dict:
+    """Score every canary with the trained model: exposures and the empirical lower bound.
+
+    ``privacy`` gives the canaries and delta, ``seed`` is the run's seed (the same canaries as
+    ``make_canaries``), ``max_length`` is ``data.max_length``."""
+    canaries = make_canaries(privacy, seed)
+    losses = secret_losses(model, tokenizer, [canary_row(c) for c in canaries], max_length)
+    rng = random.Random(f"fedft-canary-candidates-{seed}")
     exposures = []
     for canary, loss in zip(canaries, losses):
         if not canary.inserted:
@@ -131,7 +136,7 @@ def audit_canaries(cfg: FedftConfig, model, tokenizer) -> dict:
             if s != canary.secret:
                 candidates.add(s)
         candidate_losses = secret_losses(model, tokenizer, [canary_row(canary, s) for s in sorted(candidates)],
-                                         cfg.data.max_length)
+                                         max_length)
         exposures.append(exposure(loss, candidate_losses))
     k = max(1, len(canaries) // 4)
     order = sorted(range(len(canaries)), key=lambda i: losses[i])
@@ -140,11 +145,11 @@ def audit_canaries(cfg: FedftConfig, model, tokenizer) -> dict:
     return {
         "canaries": len(canaries),
         "inserted": sum(c.inserted for c in canaries),
-        "repeats": cfg.privacy.canary_repeats,
-        "client": cfg.privacy.canary_client,
+        "repeats": privacy.canary_repeats,
+        "client": privacy.canary_client,
         "guesses": 2 * k,
         "correct_guesses": correct,
-        "epsilon_lower_bound": one_run_epsilon_lower_bound(correct, 2 * k, cfg.privacy.delta),
+        "epsilon_lower_bound": one_run_epsilon_lower_bound(correct, 2 * k, privacy.delta),
         "significance": SIGNIFICANCE,
         "mean_exposure_bits": sum(exposures) / len(exposures) if exposures else None,
         "max_exposure_bits": max(exposures) if exposures else None,

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from fedft.config import FedftConfig, PrivacyConfig
+from fedft.config import PrivacyConfig, TrainConfig
 from fedft.data.rows import Example, collate
 from fedft.model.adapter import get_adapter_state, set_adapter_state
 from fedft.privacy import accounting
@@ -43,12 +43,15 @@ def noise_for_client(privacy: PrivacyConfig, *, sample_rate: float, local_steps:
         privacy.dp_sgd_target_epsilon, privacy.delta, sample_rate, local_steps, num_rounds)
 
 
-def planned_round(cfg: FedftConfig, num_examples: int) -> DpSgdRound:
-    """What one round of DP-SGD on ``num_examples`` examples will be: q, sigma and the steps."""
-    q = accounting.record_sample_rate(num_examples, cfg.train.batch_size)
-    sigma = noise_for_client(cfg.privacy, sample_rate=q, local_steps=cfg.train.local_steps,
-                             num_rounds=cfg.strategy.num_rounds)
-    return DpSgdRound(sample_rate=q, noise_multiplier=sigma, steps=cfg.train.local_steps)
+def planned_round(train: TrainConfig, privacy: PrivacyConfig, total_rounds: int, num_examples: int) -> DpSgdRound:
+    """What one round of DP-SGD on ``num_examples`` examples will be: q, sigma and the steps.
+
+    ``train`` gives the batch size and steps, ``privacy`` sigma (or its target), ``total_rounds``
+    the run's planned rounds (``strategy.num_rounds``) a calibrated sigma covers.
+    """
+    q = accounting.record_sample_rate(num_examples, train.batch_size)
+    sigma = noise_for_client(privacy, sample_rate=q, local_steps=train.local_steps, num_rounds=total_rounds)
+    return DpSgdRound(sample_rate=q, noise_multiplier=sigma, steps=train.local_steps)
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -68,32 +71,35 @@ def train_local_dp(
     model,
     examples: list[Example],
     pad_id: int,
-    cfg: FedftConfig,
+    train: TrainConfig,
+    privacy: PrivacyConfig,
     *,
     global_state: dict[str, torch.Tensor],
     round_index: int,
+    total_rounds: int,
     noise_generator: torch.Generator,
     seed: int = 0,
     planned: DpSgdRound | None = None,
 ) -> tuple[LocalResult, DpSgdRound]:
     """``train.local_steps`` DP-SGD steps from ``global_state``; the adapter and what it spent.
 
-    ``planned`` is the round a caller already checked against its limits (``planned_round``);
-    without it the round is planned here."""
+    ``train`` and ``privacy`` are the run's sections; ``total_rounds`` (``strategy.num_rounds``) sets
+    the learning-rate schedule's length and a calibrated sigma. ``planned`` is the round a caller
+    already checked against its limits (``planned_round``); without it the round is planned here."""
     if not examples:
         raise ValueError("train_local_dp: this client has no training examples")
-    train = cfg.train
     if train.num_threads:
         torch.set_num_threads(train.num_threads)
     set_adapter_state(model, global_state)
     params = [p for p in model.parameters() if p.requires_grad]
-    planned = planned if planned is not None else planned_round(cfg, len(examples))
+    planned = planned if planned is not None else planned_round(train, privacy, total_rounds, len(examples))
     sigma = planned.noise_multiplier
-    hooks, dp_optimizer, dp_loader = _make_private(model, params, cfg, len(examples), sigma, noise_generator, seed)
+    hooks, dp_optimizer, dp_loader = _make_private(model, params, train, privacy, len(examples), sigma,
+                                                   noise_generator, seed)
     torch.manual_seed(seed)  # LoRA dropout
     try:
-        losses = _dp_steps(model, examples, pad_id, cfg, dp_optimizer, dp_loader, round_index,
-                           device=params[0].device)
+        losses = _dp_steps(model, examples, pad_id, train, dp_optimizer, dp_loader, round_index,
+                           total_rounds=total_rounds, device=params[0].device)
     finally:
         hooks.cleanup() if hasattr(hooks, "cleanup") else hooks.remove_hooks()
         for p in params:
@@ -107,12 +113,13 @@ def train_local_dp(
     return result, planned
 
 
-def _make_private(model, params: list[torch.nn.Parameter], cfg: FedftConfig, num_examples: int, sigma: float,
-                  noise_generator: torch.Generator, seed: int):
-    """Opacus's (hooks, DP optimizer, Poisson loader) on the trainable LoRA layers; the model in train mode."""
+def _make_private(model, params: list[torch.nn.Parameter], train: TrainConfig, privacy: PrivacyConfig,
+                  num_examples: int, sigma: float, noise_generator: torch.Generator, seed: int):
+    """Opacus's (hooks, DP optimizer, Poisson loader) on the trainable LoRA layers; the model in train mode.
+
+    ``train`` gives the optimizer and batch size, ``privacy.dp_sgd_clip_norm`` the per-example bound."""
     from opacus import PrivacyEngine
 
-    train = cfg.train
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     loader = torch.utils.data.DataLoader(
         _Indices(num_examples), batch_size=train.batch_size,
@@ -122,7 +129,7 @@ def _make_private(model, params: list[torch.nn.Parameter], cfg: FedftConfig, num
     engine = PrivacyEngine(accountant="rdp")
     return engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-        max_grad_norm=cfg.privacy.dp_sgd_clip_norm, poisson_sampling=True, wrap_model=False,
+        max_grad_norm=privacy.dp_sgd_clip_norm, poisson_sampling=True, wrap_model=False,
         noise_generator=on_device(noise_generator, params[0].device), loss_reduction="mean",
     )
 
@@ -137,11 +144,10 @@ def on_device(generator: torch.Generator, device: torch.device) -> torch.Generat
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _dp_steps(model, examples: list[Example], pad_id: int, cfg: FedftConfig, dp_optimizer, dp_loader,
-              round_index: int, *, device: torch.device) -> list[float]:
-    """The round's ``train.local_steps`` noisy steps on the run's learning-rate schedule; each step's loss."""
-    train = cfg.train
-    total_steps = cfg.strategy.num_rounds * train.local_steps
+def _dp_steps(model, examples: list[Example], pad_id: int, train: TrainConfig, dp_optimizer, dp_loader,
+              round_index: int, *, total_rounds: int, device: torch.device) -> list[float]:
+    """The round's ``train.local_steps`` noisy steps on the schedule of ``total_rounds`` rounds; each step's loss."""
+    total_steps = total_rounds * train.local_steps
     first_step = (round_index - 1) * train.local_steps
     losses = []
     batches = _endless(dp_loader)

@@ -72,7 +72,7 @@ class CentralizedRounds(_InProcessRounds):
     def train(self, round_index: int, state) -> RoundResult:
         result = train_local(self.model, self.examples, self.tokenizer.pad_token_id, self.train_cfg,
                              global_state=state, round_index=round_index,
-                             total_rounds=self.cfg.strategy.num_rounds, seed=client_seed(self.cfg, round_index, 0))
+                             total_rounds=self.cfg.strategy.num_rounds, seed=client_seed(self.cfg.seed, round_index, 0))
         row = {"train_loss": result.train_loss, "bytes_up": 0, "bytes_down": 0, "clients": 1, "steps": result.steps}
         return RoundResult(result.state, row)
 
@@ -103,7 +103,7 @@ class LocalRounds(_InProcessRounds):
         results = [train_local(self.model, examples, self.tokenizer.pad_token_id, self.cfg.train,
                                global_state=states[client], round_index=round_index,
                                total_rounds=self.cfg.strategy.num_rounds,
-                               seed=client_seed(self.cfg, round_index, client))
+                               seed=client_seed(self.cfg.seed, round_index, client))
                    for client, examples in enumerate(self.examples)]
         row = {"train_loss": _mean([r.train_loss for r in results]), "bytes_up": 0, "bytes_down": 0,
                "clients": len(results)}

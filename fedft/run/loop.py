@@ -260,7 +260,8 @@ class RunLoop:
 
         self.progress(f"canary audit: scoring {self.cfg.privacy.canaries} canaries against random secrets ...")
         model, tokenizer = cached_peft_model(model_spec(self.cfg))
-        audit = audit_canaries(self.cfg, model, tokenizer)
+        audit = audit_canaries(self.cfg.privacy, model, tokenizer, seed=self.cfg.seed,
+                               max_length=self.cfg.data.max_length)
         atomic_write_json(self.out_dir / CANARY_AUDIT_FILE, audit)
         formal = self.privacy.summary().get("epsilon_user_rdp") if self.privacy is not None else None
         self.progress(canary_line(audit, formal))

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from fedft.config import load_config
-from fedft.federated.client_round import config_for_rank, received_to_start_state, reply_state
+from fedft.federated.client_round import lora_for_rank, received_to_start_state, reply_state
 from fedft.federated.exchange import aggregate_replies, downlink_state
 from fedft.federated.lora_aggregate import adapter_rank, b_only
 from fedft.model.load import initial_adapter_state, model_spec
@@ -31,21 +31,23 @@ def test_downlink_is_b_only_under_ffa_and_half_size_in_float16(tiny_config_path)
 
 def test_ffa_client_starts_from_the_shared_seeded_a(tiny_config_path):
     cfg = _with(load_config(tiny_config_path), aggregation="ffa")
-    init = initial_adapter_state(model_spec(cfg))
+    spec = model_spec(cfg)
+    init = initial_adapter_state(spec)
     received = {k: torch.randn_like(v) for k, v in b_only(init).items()}
-    start = received_to_start_state(cfg, received)
+    start = received_to_start_state(spec, cfg.strategy, received)
     assert start.keys() == init.keys()
     for key in init:
         expected = received[key] if ".lora_B." in key else init[key]
         assert torch.equal(start[key], expected)
-    assert set(reply_state(cfg, start)) == set(received)
+    assert set(reply_state(cfg.strategy, start)) == set(received)
 
 
 def test_a_lower_rank_client_truncates_and_scales_alpha_with_its_rank(tiny_config_path):
     cfg = load_config(tiny_config_path)  # lora.r = 4, alpha = 8
-    small = config_for_rank(cfg, 2)
+    small = dataclasses.replace(cfg, lora=lora_for_rank(cfg.lora, 2))
     assert small.lora.r == 2 and small.lora.alpha / small.lora.r == cfg.lora.alpha / cfg.lora.r
-    start = received_to_start_state(small, adapter(4, 0))
+    assert lora_for_rank(cfg.lora, cfg.lora.r) is cfg.lora
+    start = received_to_start_state(model_spec(small), small.strategy, adapter(4, 0))
     assert adapter_rank(start) == 2
 
 

@@ -20,8 +20,8 @@ def cfg(tiny_config_path):
 
 def test_a_well_formed_reply_passes_and_a_lower_rank_one_too(cfg):
     global_state = adapter(4, 0)
-    assert reply_problem(cfg, global_state, adapter(4, 1)) is None
-    assert reply_problem(cfg, global_state, adapter(2, 1)) is None
+    assert reply_problem(cfg.strategy, cfg.privacy, global_state, adapter(4, 1)) is None
+    assert reply_problem(cfg.strategy, cfg.privacy, global_state, adapter(2, 1)) is None
 
 
 @pytest.mark.parametrize("spoil, reason", [
@@ -34,7 +34,7 @@ def test_a_well_formed_reply_passes_and_a_lower_rank_one_too(cfg):
     (lambda s: {k: v * 100 for k, v in s.items()}, "above strategy.max_update_norm"),
 ])
 def test_bad_updates_are_named(cfg, spoil, reason):
-    problem = reply_problem(cfg, adapter(4, 0), spoil(adapter(4, 1)))
+    problem = reply_problem(cfg.strategy, cfg.privacy, adapter(4, 0), spoil(adapter(4, 1)))
     assert problem is not None and reason in problem
 
 

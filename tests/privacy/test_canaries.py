@@ -32,11 +32,12 @@ def test_exposure_is_log2_candidates_minus_log2_rank():
 
 def test_canaries_are_deterministic_and_about_half_are_inserted(tiny_config_path):
     cfg = load_config(tiny_config_path, ["privacy.canaries=40", "privacy.canary_repeats=3"])
-    first, again = make_canaries(cfg), make_canaries(cfg)
+    first, again = make_canaries(cfg.privacy, cfg.seed), make_canaries(cfg.privacy, cfg.seed)
     assert first == again and len({c.secret for c in first}) == 40
     assert 10 <= sum(c.inserted for c in first) <= 30
     assert load_config(tiny_config_path, ["privacy.canaries=40"]).privacy.canaries == 40
-    other = make_canaries(load_config(tiny_config_path, ["privacy.canaries=40", "seed=1"]))
+    other_cfg = load_config(tiny_config_path, ["privacy.canaries=40", "seed=1"])
+    other = make_canaries(other_cfg.privacy, other_cfg.seed)
     assert [c.secret for c in other] != [c.secret for c in first]
 
 
@@ -51,11 +52,12 @@ def test_a_model_trained_on_its_canaries_exposes_them():
     cfg = load_config(demo, ["privacy.canaries=16", "privacy.canary_repeats=8", "train.local_steps=60"])
     model, tokenizer = cached_peft_model(model_spec(cfg))
     start = get_adapter_state(model)
-    before = audit_canaries(cfg, model, tokenizer)
-    examples = canary_training_examples(cfg, tokenizer)
-    assert len(examples) == 8 * sum(c.inserted for c in make_canaries(cfg))
+    canary_args = {"seed": cfg.seed, "max_length": cfg.data.max_length}
+    before = audit_canaries(cfg.privacy, model, tokenizer, **canary_args)
+    examples = canary_training_examples(cfg.privacy, tokenizer, **canary_args)
+    assert len(examples) == 8 * sum(c.inserted for c in make_canaries(cfg.privacy, cfg.seed))
     train_local(model, examples, tokenizer.pad_token_id, cfg.train, global_state=start,
                 round_index=1, total_rounds=1)
-    after = audit_canaries(cfg, model, tokenizer)
+    after = audit_canaries(cfg.privacy, model, tokenizer, **canary_args)
     assert before["mean_exposure_bits"] < 3 < 6 < after["mean_exposure_bits"]
     assert after["correct_guesses"] == after["guesses"] and after["epsilon_lower_bound"] > 0.5

@@ -33,8 +33,9 @@ def test_dp_sgd_moves_the_lora_weights_on_the_4bit_base(tiny_config_path, checkp
         assert model.is_gradient_checkpointing
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     start = get_adapter_state(model)
-    result, spent = train_local_dp(model, examples, tokenizer.pad_token_id, cfg, global_state=start,
-                                   round_index=1, noise_generator=torch.Generator().manual_seed(0))
+    result, spent = train_local_dp(model, examples, tokenizer.pad_token_id, cfg.train, cfg.privacy,
+                                   global_state=start, round_index=1, total_rounds=cfg.strategy.num_rounds,
+                                   noise_generator=torch.Generator().manual_seed(0))
     assert _distance(result.state, start) > 0
     assert spent.steps == 3 and spent.sample_rate == record_sample_rate(len(examples), cfg.train.batch_size)
     assert spent.noise_multiplier == cfg.privacy.dp_sgd_noise_multiplier
@@ -57,7 +58,7 @@ def test_calibrated_noise_meets_the_client_target(tiny_config_path):
 
     cfg = load_config(tiny_config_path, ["privacy.record_level=true", "privacy.dp_sgd_target_epsilon=3.0",
                                          "strategy.num_rounds=5", "train.local_steps=10"])
-    one = planned_round(cfg, 40)
+    one = planned_round(cfg.train, cfg.privacy, cfg.strategy.num_rounds, 40)
     assert one.sample_rate == record_sample_rate(40, cfg.train.batch_size) and one.steps == 10
     planned = [DpSgdRound(one.sample_rate, one.noise_multiplier, 10)] * 5
     assert epsilon_of(planned, cfg.privacy.delta) == pytest.approx(3.0, abs=1e-3)
