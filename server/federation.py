@@ -93,7 +93,8 @@ class FlowerRounds:
         raise FederationError(
             f"round {round_index}: {accepted} of {sent} clients replied "
             f"(strategy.min_train_nodes = {cfg.strategy.min_train_nodes}) with a valid update; "
-            f"failures and rejected updates: " + ("; ".join(collected.failures + collected.rejected) or "none reported"))
+            "failures and rejected updates: "
+            + ("; ".join(collected.failures + collected.rejected) or "none reported"))
 
     def _row(self, collected: CollectedReplies, messages: list, new_state: dict, metrics) -> dict:
         bytes_down = sum(payload_bytes(m.content) for m in messages)

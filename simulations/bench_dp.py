@@ -59,7 +59,8 @@ def measure(config: Path, batch: int, steps: int, repeats: int = 3) -> dict:
 def line(result: dict) -> str:
     return (f"batch {result['batch']}: DP-SGD step / non-DP step = {result['ratio']:.2f}x  "
             f"({1000 * result['dp_sgd_step_s']:.0f} ms vs {1000 * result['non_dp_step_s']:.0f} ms, "
-            f"best of {result['repeats']} rounds of {result['steps']} steps; DP-SGD batches are Poisson around {result['batch']})")
+            f"best of {result['repeats']} rounds of {result['steps']} steps; "
+            f"DP-SGD batches are Poisson around {result['batch']})")
 
 
 def main(argv: list[str] | None = None) -> int:

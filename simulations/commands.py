@@ -200,8 +200,9 @@ def _add_report_command(commands: argparse._SubParsersAction) -> None:
     report_cmd.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR",
                             help="with --evaluate: also score these runs' adapters (a centralized or "
                                  "local-only baseline of the same base model)")
-    report_cmd.add_argument("--general-text", help="with --evaluate: text file (.txt lines or .jsonl "
-                                                   "'text') for the forgetting probe; default: the run's report.general_text")
+    report_cmd.add_argument("--general-text", help="with --evaluate: text file (.txt lines or .jsonl 'text') "
+                                                   "for the forgetting probe; default: the run's "
+                                                   "report.general_text")
     report_cmd.add_argument("--pairs", help="with --evaluate: held-out preference pairs (JSONL); "
                                             "default: the run's dpo/pairs-eval.jsonl, else dpo.eval_path")
     report_cmd.add_argument("--samples", type=int, default=5, help="generated samples kept per stage")

@@ -95,8 +95,8 @@ def run_federation_in_child(cfg, out_dir: Path, *, resume: bool, verbose: bool) 
         main_thread = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
         try:
-            child = subprocess.Popen([sys.executable, "-m", "simulations.federation_process", str(spec), str(os.getpid())],
-                                     env={**os.environ, TOKEN_VAR: token}, start_new_session=True)
+            command = [sys.executable, "-m", "simulations.federation_process", str(spec), str(os.getpid())]
+            child = subprocess.Popen(command, env={**os.environ, TOKEN_VAR: token}, start_new_session=True)
             children.append(child)
             if received:  # a signal that came while the child was starting
                 forward(received[0], None)

@@ -186,7 +186,8 @@ class StrategyConfig(_Section):
             yield "server_optimizer", "'none' with strategy.name = 'fedprox' (use fedavg with a server optimizer)"
         if self.name == "scaffold":
             if self.server_optimizer != "none":
-                yield "server_optimizer", "'none' with strategy.name = 'scaffold' (it has its own server step, server_lr)"
+                yield "server_optimizer", ("'none' with strategy.name = 'scaffold' "
+                                           "(it has its own server step, server_lr)")
             if self.aggregation != "fedavg" or self.robust != "none":
                 key = "aggregation" if self.aggregation != "fedavg" else "robust"
                 yield key, ("the default with strategy.name = 'scaffold' (its control variates live in the space of "
@@ -330,7 +331,8 @@ class FedftConfig:
                 yield key, "false with strategy.name = 'scaffold' (not implemented with differential privacy)"
         if strategy.name in ("local", "centralized") and (privacy.user_level or privacy.record_level):
             key = "privacy.user_level" if privacy.user_level else "privacy.record_level"
-            yield key, f"false with strategy.name = '{strategy.name}' (the baselines train without differential privacy)"
+            yield key, (f"false with strategy.name = '{strategy.name}' "
+                        "(the baselines train without differential privacy)")
         if strategy.min_train_nodes > clients and strategy.name in ("fedavg", "fedprox", "scaffold"):
             yield "strategy.min_train_nodes", f"at most simulation.num_supernodes = {clients}"
         if ranks and len(ranks) != clients:

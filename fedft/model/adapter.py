@@ -32,7 +32,8 @@ def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
         )
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"adapter tensor {key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
+            raise ValueError(f"adapter tensor {key}: shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(expected[key].shape)}")
     set_peft_model_state_dict(model, state)
 
 

@@ -64,8 +64,7 @@ def canary_row(canary: Canary, secret: str | None = None) -> dict:
 def canary_training_examples(privacy: PrivacyConfig, tokenizer, *, seed: int, max_length: int) -> list[Example]:
     """What the chosen client adds to its data: each inserted canary, ``privacy.canary_repeats`` times.
 
-    ``seed`` is the run's seed (``make_canaries``), ``max_length`` is ``data.max_length``; ``candidates`` random secrets are
-    ranked against each inserted one (exposure is at most log2(candidates + 1) bits)."""
+    ``seed`` is the run's seed (``make_canaries``), ``max_length`` is ``data.max_length``."""
     rows = [canary_row(c) for c in make_canaries(privacy, seed) if c.inserted]
     examples = [tokenize_row(r, tokenizer, max_length) for r in rows]
     return [e for e in examples for _ in range(privacy.canary_repeats)]

@@ -130,7 +130,8 @@ def _epsilon_lines(per_round: list[float]) -> list[str]:
 def _norm_line(ratio: float, trainable: int | None, what: str) -> str:
     if not trainable:
         return ""
-    return (f"  over {trainable:,} trainable parameters the noise vector's norm is about {ratio * math.sqrt(trainable):.3g}"
+    norm = ratio * math.sqrt(trainable)
+    return (f"  over {trainable:,} trainable parameters the noise vector's norm is about {norm:.3g}"
             f" x C, against a {what} whose norm is at most C")
 
 

@@ -247,7 +247,8 @@ def export_run(run_dir: Path, out: Path, *, merge: bool = False, dtype: str = "f
             metadata["reload_check"] = {"relative_logit_difference": check_merged_export(tmp, ids, reference, dtype,
                                                                                     cfg.model.trust_remote_code),
                                         "tolerance": MERGE_TOLERANCE[dtype], "tokens": len(ids)}
-            progress(f"reloaded the merged model: logits within {metadata['reload_check']['relative_logit_difference']:.1e} "
+            difference = metadata["reload_check"]["relative_logit_difference"]
+            progress(f"reloaded the merged model: logits within {difference:.1e} "
                      "(relative) of the base + adapter")
         else:
             progress(f"copying the {stage} adapter ({adapter})")
