@@ -117,10 +117,16 @@ def model_error_rows(model, tokenizer, rows: list[dict], pairs: list[PreferenceP
         raise ValueError(f"{len(rows)} rows but {len(pairs)} pairs")
     answers = sample_answers(model, tokenizer, [tokenize_pair(p, tokenizer, max_length) for p in pairs], settings)
 
-    def score(i: int, wrong: list[str]) -> list[float]:
-        pair = pairs[i]
-        scored = [tokenize_pair(PreferencePair(pair.messages, pair.chosen, w, pair.task, pair.source),
-                                tokenizer, max_length) for w in wrong]
-        return scored_logps(model, scored, tokenizer.pad_token_id)[1].tolist()
+    # every prompt's wrong answers scored in one batched pass (not one small pass per prompt)
+    wrong = [wrong_answers(candidates, pair.chosen) for candidates, pair in zip(answers, pairs, strict=True)]
+    scored = [tokenize_pair(PreferencePair(pair.messages, pair.chosen, w, pair.task, pair.source), tokenizer,
+                            max_length) for pair, ws in zip(pairs, wrong, strict=True) for w in ws]
+    logps = scored_logps(model, scored, tokenizer.pad_token_id, batch_size=settings.batch_size)[1].tolist()
+    starts = [0]
+    for ws in wrong:
+        starts.append(starts[-1] + len(ws))
+
+    def score(i: int, wrong_i: list[str]) -> list[float]:  # wrong_i == wrong[i]: the same wrong_answers call
+        return logps[starts[i]:starts[i + 1]]
 
     return rows_from_answers(rows, [p.chosen for p in pairs], answers, score, per_prompt)

@@ -62,7 +62,8 @@ def write_model_pairs(cfg: FedftConfig, model, tokenizer, dpo_dir: Path, log: Ca
     from fedft.rundir import atomic_write_jsonl
 
     d = cfg.dpo
-    settings = SamplingSettings(samples=d.samples, temperature=d.temperature, seed=d.seed)
+    settings = SamplingSettings(samples=d.samples, temperature=d.temperature, seed=d.seed,
+                                batch_size=d.generation_batch_size)
     paths, counts = [], {}
     for name, source, per_prompt, limit in (("train", d.train_path, d.negatives_per_prompt, d.train_max_pairs or None),
                                             ("eval", d.eval_path, 1, d.eval_max_pairs)):

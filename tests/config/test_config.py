@@ -172,6 +172,7 @@ FIELD_LIMITS = {
     "dpo.rejected_from": ("humans", "model", "one of 'file', 'model'"),
     "dpo.samples": (0, 1, "an integer >= 1"),
     "dpo.temperature": (0.0, 1e-9, "a number > 0"),
+    "dpo.generation_batch_size": (0, 1, "an integer >= 1"),
     "dpo.negatives_per_prompt": (0, 1, "an integer >= 1"),
     "dpo.max_length": (7, 8, "an integer >= 8"),
     "dpo.eval_max_pairs": (0, 1, "an integer >= 1"),
