@@ -25,6 +25,7 @@ from fedft.config import FedftConfig
 from fedft.federated import wire
 from fedft.federated.exchange import (
     aggregate_replies,
+    content_order,
     downlink_state,
     private_aggregate,
 )
@@ -173,6 +174,9 @@ class AdapterAggregation:
                 collected.states.append(state)
             else:
                 collected.rejected.append(f"node {m.metadata.src_node_id}: {problem}")
+        order = content_order(collected.states, collected.weights)  # not arrival order: reproducible sums
+        collected.accepted = [collected.accepted[i] for i in order]
+        collected.states = [collected.states[i] for i in order]
         self.node_ranks.update({n: r for n, r in collected.ranks.items() if r > 0})
         return collected
 

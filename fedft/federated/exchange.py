@@ -3,13 +3,15 @@
 Pure functions over adapter states, shared by the Flower strategies and the tests:
 ``downlink_state`` (the global adapter cut to a client's rank, B only under FFA-LoRA, in the
 wire dtype), ``reply_to_full_state`` (a reply back to a float32 adapter the aggregators
-understand) and ``aggregate_replies`` (fedavg / ffa / svd, or a robust trimmed mean /
-median, plus the per-round diagnostics: the naive average's error against the exact mean of
-products and the SVD's discarded energy). No flwr, no I/O.
+understand), ``content_order`` (the order replies are combined in, whatever order they
+arrived in) and ``aggregate_replies`` (fedavg / ffa / svd, or a robust trimmed mean / median,
+plus the per-round diagnostics: the naive average's error against the exact mean of products
+and the SVD's discarded energy). No flwr, no I/O.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,6 +65,26 @@ class AggregateResult:
     state: dict[str, torch.Tensor]
     naive_error: float | None  # ||mean(BA) - mean(B)mean(A)||_F / ||mean(BA)||_F (None: no replies)
     discarded_energy: float | None  # svd only: share of sigma^2 cut by the rank limit
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> bytes:
+    """SHA-256 over a state's tensor names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.digest()
+
+
+def content_order(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> list[int]:
+    """Indices of the replies sorted by their content (digest, then weight).
+
+    Replies arrive in whatever order the clients finish, and float sums depend on the order of
+    their terms; combined in this order, the same replies give the same bits however they arrived.
+    """
+    keys = [(state_digest(s), w) for s, w in zip(states, weights, strict=True)]
+    return sorted(range(len(states)), key=lambda i: keys[i])
 
 
 def aggregate_replies(

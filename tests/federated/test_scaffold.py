@@ -97,3 +97,24 @@ def test_scaffold_with_zero_variates_and_one_local_step_is_fedavg_and_then_depar
     d = load_file(avg2 / "adapter" / "adapter_model.safetensors")
     assert any(not torch.equal(c[k], d[k]) for k in c)  # round 2 carries nonzero corrections
 
+
+
+def test_the_result_does_not_depend_on_the_order_replies_arrive_in(tiny_model_dir, tmp_path, task_identity):
+    """Float sums depend on the order of their terms; the server combines replies in content order, so
+    SCAFFOLD's adapter and control variates come out bit-identical when the replies arrive reversed."""
+    from safetensors.torch import load_file
+
+    from tests.clients.inprocess import InProcessGrid, data_only, run_job, two_institutions
+
+    class ReversedGrid(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            return list(reversed(super().send_and_receive(messages, timeout=timeout)))
+
+    config, sites = two_institutions(tmp_path, tiny_model_dir)
+    overrides = "strategy.name=scaffold strategy.num_rounds=3 strategy.eval_every=0 report.evaluate_stages=false"
+    runs = [run_job(config, data_only(sites), tmp_path / name, overrides, grid_class=grid)
+            for name, grid in (("in-order", InProcessGrid), ("reversed", ReversedGrid))]
+    variates = ("checkpoints", "round-003", "server_optimizer.safetensors")  # SCAFFOLD's c and c_i
+    for files in (("adapter", "adapter_model.safetensors"), variates):
+        a, b = (load_file(run.joinpath(*files)) for run in runs)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), files
