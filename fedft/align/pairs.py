@@ -51,17 +51,21 @@ class SamplingSettings:
 def sample_answers(model, tokenizer, pairs: list[TokenizedPair], settings: SamplingSettings) -> list[list[str]]:
     """Per pair: the greedy answer, then ``settings.samples`` sampled answers to its prompt.
 
-    Batches are seeded ``settings.seed + batch index``, so a given file, model and setting
-    always give the same answers.
+    Prompts are batched by the length of their reference answer (a batch generates until its
+    longest answer allows, so short and long answers are not mixed); the answers come back in
+    the order of ``pairs``. Batches are seeded ``settings.seed + batch index``, so a given
+    file, model and setting always give the same answers.
     """
     from fedft.score.preference import eval_mode
 
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    answers: list[list[str]] = []
+    order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i].chosen_ids) - pairs[i].prompt_len, i))
+    answers: list[list[str]] = [[] for _ in pairs]
     with eval_mode(model):
         for index, start in enumerate(range(0, len(pairs), settings.batch_size)):
-            chunk = pairs[start:start + settings.batch_size]
+            rows = order[start:start + settings.batch_size]
+            chunk = [pairs[i] for i in rows]
             ids, mask = left_padded([p.chosen_ids[:p.prompt_len] for p in chunk], pad_id)
             ids, mask, width = ids.to(device), mask.to(device), ids.shape[1]
             longest = max(len(p.chosen_ids) - p.prompt_len for p in chunk) + settings.extra_tokens
@@ -71,10 +75,10 @@ def sample_answers(model, tokenizer, pairs: list[TokenizedPair], settings: Sampl
             torch.manual_seed(settings.seed + index)
             drawn = model.generate(**common, do_sample=True, temperature=settings.temperature, top_k=0,
                                    top_p=1.0, num_return_sequences=settings.samples)
-            for row in range(len(chunk)):
+            for row, i in enumerate(rows):
                 texts = [greedy[row, width:]] + [drawn[row * settings.samples + j, width:]
                                                  for j in range(settings.samples)]
-                answers.append([tokenizer.decode(t, skip_special_tokens=True) for t in texts])
+                answers[i] = [tokenizer.decode(t, skip_special_tokens=True) for t in texts]
     return answers
 
 
