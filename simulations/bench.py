@@ -72,18 +72,11 @@ from simulations.bench_figures import (  # noqa: F401 - the benchmark's names, a
     worker_loads,
     worker_round_seconds,
 )
-from simulations.bench_processes import (  # noqa: F401
+from simulations.bench_processes import (  # noqa: F401 - TAG_VARIABLE, TreeSampler, log_text: as tests use them
     TAG_VARIABLE,
-    UNSET_FOR_CHILDREN,
     Processes,
     TreeSampler,
-    free_port,
     log_text,
-    port_open,
-    tail,
-    tool,
-    wait_for,
-    wait_until,
 )
 from simulations.bench_runs import REPO_ROOT, run_deployment, run_plain, run_simulation
 
