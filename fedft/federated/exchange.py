@@ -68,7 +68,12 @@ class AggregateResult:
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> bytes:
-    """SHA-256 over a state's tensor names, dtypes, shapes and bytes."""
+    """SHA-256 over a state's tensor names, dtypes, shapes and bytes.
+
+    ``fedft.federated.audit_trail.tensors_sha256`` hashes the same fields ("\\n" after the shape
+    where this has "|"); both stay as they are: that one is recorded in institutions' trails,
+    this one fixes the order replies are combined in, which every measured run depends on.
+    """
     digest = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key].detach().cpu().contiguous()
