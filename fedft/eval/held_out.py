@@ -4,26 +4,54 @@
 exact match overall and per task, a few samples). ``HeldOutEvaluator`` holds the cached
 model and the held-out examples of one run and scores an adapter state when the run loop
 asks (round 0, every ``strategy.eval_every`` rounds, the last round). Read-only.
+
+Each evaluation also carries its greedy answers and loss under ``ANSWERS`` (not an ``eval_``
+column, so kept out of metrics rows and summary.json), with a fingerprint of the examples
+they answer: the stage evaluation after the last round takes the base's and the trained
+adapter's scores from there instead of generating the same answers again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from fedft.data.rows import Example
 from fedft.score.answers import answer_loss, exact_match, generate_answers
+
+ANSWERS = "answers"  # {"examples": fingerprint, "predictions": [...], "loss": float}
+
+
+def examples_fingerprint(examples: list[Example]) -> str:
+    """SHA-256 of the examples' token ids, labels, references and tasks, in order."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.input_ids, e.labels, e.prompt_ids, e.reference, e.task]).encode())
+    return digest.hexdigest()
+
+
+def known_answers(scored: dict | None, examples: list[Example]) -> dict | None:
+    """``scored[ANSWERS]`` when it answers exactly ``examples``, else None."""
+    answers = (scored or {}).get(ANSWERS)
+    if answers is None or answers["examples"] != examples_fingerprint(examples):
+        return None
+    return answers
 
 
 def evaluate_model(model, tokenizer, examples: list[Example], batch_size: int = 32) -> dict:
     """Loss, exact match and per-task exact match on held-out examples."""
     predictions = generate_answers(model, tokenizer, examples, batch_size)
     overall, by_task = exact_match(predictions, examples)
+    loss = answer_loss(model, examples, tokenizer.pad_token_id, batch_size)
     return {
-        "eval_loss": answer_loss(model, examples, tokenizer.pad_token_id, batch_size),
+        "eval_loss": loss,
         "eval_exact_match": overall,
         "eval_exact_match_by_task": by_task,
         "samples": [
             {"prompt_source": e.source, "reference": e.reference, "prediction": p}
             for e, p in list(zip(examples, predictions))[:5]
         ],
+        ANSWERS: {"examples": examples_fingerprint(examples), "predictions": predictions, "loss": loss},
     }
 
 

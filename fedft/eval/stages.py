@@ -32,6 +32,7 @@ import torch
 
 from fedft.config import FedftConfig
 from fedft.data.rows import DataError, Example
+from fedft.eval.held_out import known_answers
 from fedft.rundir import write_evaluation
 from fedft.score.answers import answer_loss, exact_match, generate_answers, perplexity
 from fedft.score.preference import preference_scores, scored_logps
@@ -162,20 +163,26 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor] | None) ->
     return b is not None and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def score_state(model, tokenizer, state: dict[str, torch.Tensor], data: EvalData) -> dict:
+def score_state(model, tokenizer, state: dict[str, torch.Tensor], data: EvalData,
+                known: dict | None = None) -> dict:
     """Every metric of one adapter state (loaded into ``model``).
 
     A state equal to the preference reference takes its log-probs, ``data.reference_logps``:
     on the CPU, re-scoring the same 4-bit model after other adapters were loaded can differ
     by a few hundredths, which would turn the reference's exact ties into wins and losses.
+    ``known`` (``fedft.eval.held_out.known_answers``): this state's greedy answers and loss
+    on ``data.examples``, already computed by the run's held-out evaluation.
     """
     from fedft.model.adapter import set_adapter_state
 
     set_adapter_state(model, state)
     pad_id = tokenizer.pad_token_id
-    predictions = generate_answers(model, tokenizer, data.examples)
+    if known is not None:
+        predictions, loss = known["predictions"], known["loss"]
+    else:
+        predictions = generate_answers(model, tokenizer, data.examples)
+        loss = answer_loss(model, data.examples, pad_id)
     overall, by_task = exact_match(predictions, data.examples)
-    loss = answer_loss(model, data.examples, pad_id)
     metrics = {"loss": loss, "perplexity": perplexity(loss), "exact_match": overall,
                "exact_match_by_task": by_task}
     if data.institutions:
@@ -198,8 +205,12 @@ def score_state(model, tokenizer, state: dict[str, torch.Tensor], data: EvalData
     return metrics
 
 
-def score_stage(model, tokenizer, state: StageState, initial: dict[str, torch.Tensor], data: EvalData) -> dict:
-    """One stage: ``None`` is the base, a list is several adapters (metrics averaged)."""
+def score_stage(model, tokenizer, state: StageState, initial: dict[str, torch.Tensor], data: EvalData,
+                known: dict | None = None) -> dict:
+    """One stage: ``None`` is the base, a list is several adapters (metrics averaged).
+
+    ``known``: a single state's answers and loss from the run's held-out evaluation.
+    """
     started = time.time()
     if isinstance(state, list):
         if not state:
@@ -210,7 +221,7 @@ def score_stage(model, tokenizer, state: StageState, initial: dict[str, torch.Te
         if own:
             metrics["exact_match_own_model_by_institution"] = own
     else:
-        metrics = score_state(model, tokenizer, initial if state is None else state, data)
+        metrics = score_state(model, tokenizer, initial if state is None else state, data, known)
     metrics["seconds"] = time.time() - started
     return metrics
 
@@ -242,13 +253,17 @@ def with_reference(model, tokenizer, stages: dict[str, StageState], initial: dic
 def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_examples: list[Example],
                     pairs: list | None = None, general_texts: list[str] | None = None, num_samples: int = 5,
                     institutions: dict[str, dict] | None = None, out_dir: Path | None = None,
-                    notes: list[str] | None = None, progress: Callable[[str], None] = print) -> dict:
+                    notes: list[str] | None = None, progress: Callable[[str], None] = print,
+                    scored: dict[str, dict] | None = None) -> dict:
     """Score every stage on the same data; write ``out_dir/evaluation.json`` when given.
 
     ``stages`` maps a stage name to its adapter tensors, ``None`` (the base model) or a
     list of adapters (scored one by one, metrics averaged). ``pairs`` are tokenized
     preference pairs (``fedft.data.preferences.tokenize_pair``); ``general_texts`` plain texts
     for the forgetting probe. ``institutions`` defaults to what the training files say.
+    ``scored`` maps a stage to the run's held-out evaluation of that very state
+    (``fedft.eval.held_out.evaluate_model``); its answers and loss are reused when they answer
+    ``eval_examples`` (a note in the result says which stages).
     """
     from fedft.model.adapter import get_adapter_state, set_adapter_state
     from fedft.model.load import cached_peft_model, initial_adapter_state, model_spec
@@ -269,9 +284,15 @@ def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_exa
     results = {}
     try:
         data = with_reference(model, tokenizer, stages, initial, data)
+        reused = []
         for name in ordered_stage_names(stages):
-            results[name] = score_stage(model, tokenizer, stages[name], initial, data)
+            known = None if isinstance(stages[name], list) else known_answers((scored or {}).get(name), eval_examples)
+            results[name] = score_stage(model, tokenizer, stages[name], initial, data, known)
+            reused += [name] if known is not None else []
             progress(stage_line(name, results[name]))
+        if reused:
+            notes.append(f"answers and held-out loss of {', '.join(reused)} taken from the run's own held-out "
+                         "evaluation of the same adapter on the same examples (round 0 / the last round)")
     finally:
         set_adapter_state(model, previous)
     evaluation = {

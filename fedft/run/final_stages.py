@@ -20,12 +20,14 @@ from fedft.rundir import DPO_ADAPTER_DIR
 
 
 def run_final_stages(cfg: FedftConfig, out_dir: Path, stage: str, state,
-                     progress: Callable[[str], None] = print) -> dict:
+                     progress: Callable[[str], None] = print, scored: dict[str, dict] | None = None) -> dict:
     """DPO (when enabled) and the stage evaluation; returns what to add to summary.json.
 
     ``stage`` names the trained state: ``federated`` or ``centralized`` (one adapter, which
     DPO starts from) or ``local`` (one adapter per client: DPO has no single adapter to
-    align, so it is skipped with a line saying so).
+    align, so it is skipped with a line saying so). ``scored`` maps a stage to the run's own
+    held-out evaluation of that state (round 0 for the base, the last round for ``stage``):
+    where it answered the same examples its answers and loss are reused.
     """
     from fedft.eval.inputs import run_pairs_path, stage_inputs
     from fedft.eval.stages import evaluate_stages
@@ -50,7 +52,8 @@ def run_final_stages(cfg: FedftConfig, out_dir: Path, stage: str, state,
         inputs = stage_inputs(cfg, tokenizer, pairs_file=run_pairs_path(out_dir))
         sources = inputs.pop("sources")
         progress(f"evaluating {', '.join(stages)} on the held-out data ...")
-        evaluation = evaluate_stages(cfg, stages, num_samples=cfg.report.samples, progress=progress, **inputs)
+        evaluation = evaluate_stages(cfg, stages, num_samples=cfg.report.samples, progress=progress,
+                                     scored=scored, **inputs)
         write_evaluation(out_dir, {**evaluation, **sources})
         added["evaluation_wall_s"] = round(time.time() - started, 2)
     return added

@@ -119,6 +119,7 @@ class RunLoop:
         self.privacy = (PrivacyBookkeeper(cfg.privacy, self.out_dir / LEDGER_FILE, resume_rows)
                         if accounted else None)
         self.stopped: dict | None = None  # the round that could not run, and why (StopRun)
+        self.base_metrics: dict = {}  # round 0's evaluation (with its answers), unless resumed
 
     def run(self, initial_state) -> dict:
         """Every round, then the summary, the final stages and the report; returns summary.json.
@@ -143,7 +144,8 @@ class RunLoop:
             self.recorder.amend_last(eval_columns(final_metrics))
         self.rounds.save(state, self.out_dir / ADAPTER_DIR)
         summary = self._summary(state, final_metrics, time.time() - started)
-        added = run_final_stages(self.cfg, self.out_dir, self.rounds.stage, state, self.progress)
+        scored = {"base": self.base_metrics, self.rounds.stage: final_metrics}
+        added = run_final_stages(self.cfg, self.out_dir, self.rounds.stage, state, self.progress, scored=scored)
         if added:
             summary.update(added)
             self.recorder.write_summary(summary)
@@ -174,7 +176,7 @@ class RunLoop:
             self.progress(f"resuming after round {self.point.round} from {self.point.path}")
             return eval_columns(self.point.metrics_rows[evaluated]), evaluated
         t0 = time.time()
-        metrics = self.rounds.evaluate(state)
+        metrics = self.base_metrics = self.rounds.evaluate(state)
         row = {"round": 0, "train_loss": None, "bytes_up": 0, "bytes_down": 0, "clients": 0,
                "seconds": time.time() - t0, **eval_columns(metrics)}
         self.recorder.add_round(row)

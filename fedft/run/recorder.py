@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedft.config import FedftConfig, config_to_dict
+from fedft.eval.held_out import ANSWERS
 from fedft.report.plots import plot_curves
 from fedft.rundir import CURVES_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_json, atomic_write_jsonl
 
@@ -85,7 +86,7 @@ def summarize(cfg: FedftConfig, rows: list[dict], final_metrics: dict, wall_seco
         "mean_bytes_up_per_client": (sum(r.get("bytes_up_per_client", 0) for r in trained) / len(trained)
                                      if trained else 0),
         "base": {k: base[k] for k in ("eval_loss", "eval_exact_match", "eval_exact_match_by_task")},
-        "final": {k: v for k, v in final_metrics.items()},
+        "final": {k: v for k, v in final_metrics.items() if k != ANSWERS},
         "rounds": len(rows) - 1,
         "bytes_up_total": sum(r.get("bytes_up", 0) for r in rows),
         "bytes_down_total": sum(r.get("bytes_down", 0) for r in rows),

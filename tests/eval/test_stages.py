@@ -215,3 +215,29 @@ def test_demo_probe_is_held_out_from_the_base_pretraining_text():
     assert not set(texts) & set(pretraining_text(DEMO_PRETRAIN_LINES, DEMO_PRETRAIN_SEED))
     with pytest.raises(ValueError, match="pretraining seed"):
         demo_general_texts(5, seed=DEMO_PRETRAIN_SEED)
+
+
+def test_the_runs_own_held_out_answers_are_reused_only_for_the_same_examples(setup):
+    """Answers the run's held-out evaluation already produced are not generated again.
+
+    The reused answers are doctored (every reference, loss 0.125) so that reuse shows in the
+    result; the base's record names other examples, so the base is scored afresh.
+    """
+    from fedft.eval.held_out import ANSWERS, evaluate_model
+    from fedft.model.adapter import set_adapter_state
+
+    s = setup
+    set_adapter_state(s["model"], s["trained"])
+    federated = evaluate_model(s["model"], s["tokenizer"], s["examples"])
+    doctored = {**federated[ANSWERS], "predictions": [e.reference for e in s["examples"]], "loss": 0.125}
+    base = evaluate_model(s["model"], s["tokenizer"], s["examples"][:3])
+    result = evaluate_stages(
+        s["cfg"], {"base": None, "federated": s["trained"]}, eval_examples=s["examples"], num_samples=1,
+        scored={"federated": {ANSWERS: doctored}, "base": {ANSWERS: {**base[ANSWERS], "loss": 0.125}}},
+        progress=lambda line: None,
+    )
+    assert result["stages"]["federated"]["exact_match"] == 1.0
+    assert result["stages"]["federated"]["loss"] == 0.125
+    assert result["stages"]["base"]["loss"] != 0.125
+    assert any("answers and held-out loss of federated taken" in note for note in result["notes"])
+    assert not any("base" in note and "taken" in note for note in result["notes"])
