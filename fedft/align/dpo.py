@@ -1,7 +1,8 @@
 """DPO training of a LoRA adapter against its frozen self, on TRL's ``DPOTrainer``.
 
 The policy starts from the federated SFT adapter; the reference is the same adapter frozen,
-a second PEFT adapter named ``"ref"`` on the same 4-bit base (no second copy of the model).
+a second PEFT adapter named ``"ref"`` on the same 4-bit base (no second copy of the model),
+which scores every training pair once before the first step (TRL's ``precompute_ref_log_probs``).
 ``train_dpo`` undoes two TRL habits that do not suit this setting (its bfloat16 cast of the
 trainable LoRA tensors, and keeping the reference adapter afterwards) and returns the
 trained adapter with the loss history. TRL is imported only here, with an error naming the
@@ -130,6 +131,9 @@ def _trl_args(TrlDpoConfig, cfg: DpoConfig, output_dir: str, device: torch.devic
         seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True, use_cpu=device.type == "cpu", bf16=False, fp16=False,
         gradient_checkpointing=False, dataloader_num_workers=0,
+        # the reference is frozen: score every pair under it once, before the first step,
+        # instead of once per step it is drawn in (80 steps of 16 draw each pair ~3 times)
+        precompute_ref_log_probs=True, precompute_ref_batch_size=2 * cfg.batch_size,
     )
 
 
