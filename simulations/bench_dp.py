@@ -30,7 +30,7 @@ def measure(config: Path, batch: int, steps: int, repeats: int = 3) -> dict:
                                f"train.local_steps={steps}", "train.warmup_steps=0"])
     spec = model_spec(cfg)
     model, tokenizer = cached_peft_model(spec)
-    examples = client_examples(cfg, tokenizer, partition_id=0)
+    examples = client_examples(cfg.data, tokenizer, num_partitions=cfg.simulation.num_supernodes, partition_id=0)
     start = initial_adapter_state(spec)
 
     def plain() -> float:

@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from fedft.config import ConfigError, FedftConfig, LoraConfig, PrivacyConfig, StrategyConfig, TrainConfig
+from fedft.config import ConfigError, DataConfig, FedftConfig, LoraConfig, PrivacyConfig, StrategyConfig, TrainConfig
 from fedft.data.partition import cached_partitions
 from fedft.data.rows import DataError, Example, load_dataset_files, tokenize_dataset
 from fedft.federated.admission import check_noise
@@ -36,37 +36,42 @@ _LOCK = threading.Lock()
 
 
 def client_examples(
-    cfg: FedftConfig, tokenizer, *, partition_id: int | None = None, data_path: str | None = None
+    data: DataConfig, tokenizer, *, num_partitions: int, partition_id: int | None = None,
+    data_path: str | None = None,
 ) -> list[Example]:
     """This client's tokenized training examples, built once per process.
 
-    Takes the whole config: the cache key is everything the examples depend on (``data``,
-    ``simulation.num_supernodes``, the model path for the tokenizer, ``seed`` and the canaries).
+    A simulated client takes partition ``partition_id`` of ``data.train_files`` split into
+    ``num_partitions``; a deployed one reads its own ``data_path``. The cache key is what the
+    examples depend on: the data section, the partition, the path and the tokenizer's source.
     """
-    p = cfg.privacy
-    key = (cfg.data, cfg.simulation.num_supernodes, cfg.model_path, partition_id, data_path,
-           cfg.seed, p.canaries, p.canary_client, p.canary_repeats)
+    key = (data, num_partitions, getattr(tokenizer, "name_or_path", id(tokenizer)), partition_id, data_path)
     with _LOCK:
         if key not in _EXAMPLES:
             if data_path:
-                rows = load_dataset_files([data_path], cfg.data.columns)
+                rows = load_dataset_files([data_path], data.columns)
             elif partition_id is not None:
-                parts = cached_partitions(cfg.data, cfg.simulation.num_supernodes)
+                parts = cached_partitions(data, num_partitions)
                 if not 0 <= partition_id < len(parts):
                     raise DataError(f"partition-id {partition_id} is outside 0..{len(parts) - 1}")
                 rows = parts[partition_id]
             else:
                 raise DataError("a client needs either a partition-id (simulation) or a data-path")
-            examples = tokenize_dataset(rows, tokenizer, cfg.data)
+            examples = tokenize_dataset(rows, tokenizer, data)
             if not examples:
                 raise DataError(f"client {partition_id if data_path is None else data_path} has no examples")
-            if p.canaries and data_path is None and partition_id == p.canary_client:
-                from fedft.privacy.canaries import canary_training_examples
-
-                canaries = canary_training_examples(p, tokenizer, seed=cfg.seed, max_length=cfg.data.max_length)
-                examples = examples + canaries  # audit only
             _EXAMPLES[key] = examples
         return _EXAMPLES[key]
+
+
+def with_canaries(examples: list[Example], privacy: PrivacyConfig, tokenizer, *, seed: int, max_length: int,
+                  partition_id: int | None, data_path: str | None) -> list[Example]:
+    """``examples`` plus the audit's canaries when this simulated client is ``privacy.canary_client``."""
+    if not privacy.canaries or data_path is not None or partition_id != privacy.canary_client:
+        return examples
+    from fedft.privacy.canaries import canary_training_examples
+
+    return examples + canary_training_examples(privacy, tokenizer, seed=seed, max_length=max_length)
 
 
 def client_seed(seed: int, round_index: int, client_index: int) -> int:
@@ -169,7 +174,10 @@ def run_client_round(
     cfg = dataclasses.replace(cfg, lora=lora_for_rank(cfg.lora, rank))
     spec = model_spec(cfg)
     model, tokenizer = cached_peft_model(spec)
-    examples = client_examples(cfg, tokenizer, partition_id=partition_id, data_path=data_path)
+    examples = client_examples(cfg.data, tokenizer, num_partitions=cfg.simulation.num_supernodes,
+                               partition_id=partition_id, data_path=data_path)
+    examples = with_canaries(examples, cfg.privacy, tokenizer, seed=cfg.seed, max_length=cfg.data.max_length,
+                             partition_id=partition_id, data_path=data_path)
     freeze_a = cfg.strategy.aggregation == "ffa"
     for name, param in model.named_parameters():
         if f".{LORA_A}." in name:

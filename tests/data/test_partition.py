@@ -73,8 +73,8 @@ def test_a_process_reads_and_splits_the_training_files_once_for_all_its_clients(
     monkeypatch.setattr(partition, "partition_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
     partition._PARTITIONS.clear()
     tokenizer = load_tokenizer(model_spec(cfg))
-    first = client_examples(cfg, tokenizer, partition_id=0)
-    second = client_examples(cfg, tokenizer, partition_id=1)
+    first = client_examples(cfg.data, tokenizer, num_partitions=cfg.simulation.num_supernodes, partition_id=0)
+    second = client_examples(cfg.data, tokenizer, num_partitions=cfg.simulation.num_supernodes, partition_id=1)
     assert len(calls) == 1 and first and second and {e.source for e in first}.isdisjoint({e.source for e in second})
     assert partition.check_simulation_data(cfg) == [len(p) for p in real(
         partition.load_dataset_files(cfg.data.train_files), cfg.data, 2)] and len(calls) == 1

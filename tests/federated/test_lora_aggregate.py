@@ -109,7 +109,8 @@ def test_naive_error_matches_the_dense_definition():
         exact = dense(states, weights, layer)
         num += float(((exact - product(naive, layer)) ** 2).sum())
         den += float((exact ** 2).sum())
-    assert naive_aggregation_error(states, weights) == pytest.approx((num / den) ** 0.5, rel=1e-6)  # fedavg rounds to float32
+    # fedavg rounds to float32
+    assert naive_aggregation_error(states, weights) == pytest.approx((num / den) ** 0.5, rel=1e-6)
     assert naive_aggregation_error(states, weights) > 0.1
 
 

@@ -52,7 +52,7 @@ def test_a_zero_correction_trains_exactly_as_without_one(tiny_config_path):
 
     cfg = load_config(tiny_config_path, ["train.local_steps=3"])
     model, tokenizer = cached_peft_model(model_spec(cfg))
-    examples = client_examples(cfg, tokenizer, partition_id=0)
+    examples = client_examples(cfg.data, tokenizer, num_partitions=cfg.simulation.num_supernodes, partition_id=0)
     start = initial_adapter_state(model_spec(cfg))
     args = dict(global_state=start, round_index=1, total_rounds=2, seed=5)
     plain = train_local(model, examples, tokenizer.pad_token_id, cfg.train, **args)

@@ -61,5 +61,6 @@ def test_a_model_trained_on_its_canaries_exposes_them():
                 round_index=1, total_rounds=1)
     after = audit_canaries(cfg.privacy, model, tokenizer, **canary_args)
     # measured: 2.29 bits before, 5.41 after (of at most 6)
-    assert before["mean_exposure_bits"] < 3 < 5 < after["mean_exposure_bits"] <= 6.0 == after["max_possible_exposure_bits"]
+    assert before["mean_exposure_bits"] < 3 < 5 < after["mean_exposure_bits"] <= 6.0
+    assert after["max_possible_exposure_bits"] == 6.0
     assert after["correct_guesses"] == after["guesses"] and after["epsilon_lower_bound"] > 0.5

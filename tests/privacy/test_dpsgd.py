@@ -18,7 +18,8 @@ from fedft.score.answers import per_example_loss
 def _setup(tiny_config_path, *extra):
     cfg = load_config(tiny_config_path, ["privacy.record_level=true", "train.local_steps=3", *extra])
     model, tokenizer = cached_peft_model(model_spec(cfg))
-    return cfg, model, tokenizer, client_examples(cfg, tokenizer, partition_id=0)
+    examples = client_examples(cfg.data, tokenizer, num_partitions=cfg.simulation.num_supernodes, partition_id=0)
+    return cfg, model, tokenizer, examples
 
 
 def _distance(a, b):
@@ -74,7 +75,7 @@ def _per_sample_grads(cfg, examples_count=4):
 
     spec = model_spec(cfg)
     model, tokenizer = load_peft_model(spec), load_tokenizer(spec)
-    examples = client_examples(cfg, tokenizer, partition_id=0)
+    examples = client_examples(cfg.data, tokenizer, num_partitions=cfg.simulation.num_supernodes, partition_id=0)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     loader = torch.utils.data.DataLoader(_Indices(len(examples)), batch_size=examples_count)

@@ -18,7 +18,7 @@ from fedft.train.local import lr_multiplier, train_local
 def setup(tiny_config_path):
     cfg = load_config(tiny_config_path, ["train.local_steps=6"])
     model, tokenizer = cached_peft_model(model_spec(cfg))
-    examples = client_examples(cfg, tokenizer, partition_id=0)
+    examples = client_examples(cfg.data, tokenizer, num_partitions=cfg.simulation.num_supernodes, partition_id=0)
     return cfg, model, tokenizer, examples
 
 
@@ -83,7 +83,7 @@ def test_gradient_checkpointing_on_the_4bit_base_still_trains_the_adapter(tiny_c
     spec = model_spec(cfg)
     model, tokenizer = load_peft_model(spec), load_tokenizer(spec)
     assert model.base_model.model.is_gradient_checkpointing
-    examples = client_examples(cfg, tokenizer, partition_id=1)
+    examples = client_examples(cfg.data, tokenizer, num_partitions=cfg.simulation.num_supernodes, partition_id=1)
     start = get_adapter_state(model)
     result = train_local(model, examples, tokenizer.pad_token_id, cfg.train, global_state=start,
                          round_index=1, total_rounds=1)
