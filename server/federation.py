@@ -12,10 +12,11 @@ runs under the Simulation Engine and the Deployment Engine.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedft.config import FedftConfig
@@ -35,6 +36,30 @@ from server.strategy import (
 
 class FederationError(RunFailed):
     """A round could not complete."""
+
+
+REPLY_POLL_S = 0.1  # the Simulation Engine's own interval; Flower's deployment grid waits 3 s
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float,
+                     poll_s: float = REPLY_POLL_S) -> list[Message]:
+    """``Grid.send_and_receive``, asking for the replies every ``poll_s`` seconds.
+
+    Flower's deployment grid sleeps 3 s between pulls, so the last reply of a round waited
+    on the SuperLink 1.5 s on average (up to 3 s) before the ServerApp saw it. Same
+    contract: push the messages, pull until every one has its reply or ``timeout_s`` passed,
+    return the replies that came.
+    """
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout_s
+    replies: list[Message] = []
+    while True:
+        pulled = list(grid.pull_messages(waiting))
+        replies += pulled
+        waiting -= {m.metadata.reply_to_message_id for m in pulled}
+        if not waiting or time.monotonic() >= deadline:
+            return replies
+        time.sleep(poll_s)
 
 
 def planned_sample_size(cfg: FedftConfig, num_nodes: int) -> int:
@@ -66,7 +91,7 @@ class FlowerRounds:
     def train(self, round_index: int, state) -> RoundResult:
         messages = list(self.strategy.configure_train(
             round_index, ArrayRecord(torch_state_dict=state), self.train_config, self.grid))
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout_s))
+        replies = send_and_receive(self.grid, messages, self.cfg.strategy.round_timeout_s)
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         collected = self.strategy.collect_replies(round_index, replies, sent_to)
         arrays, metrics = self.strategy.aggregate_train(round_index, collected)

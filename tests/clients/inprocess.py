@@ -67,6 +67,7 @@ class InProcessGrid(Grid):
     def __init__(self, contexts: dict[int, Context]) -> None:
         self.contexts = contexts
         self._run = None
+        self._replies: dict[str, Message] = {}  # message id -> its reply, until pulled
 
     def set_run(self, run) -> None:
         self._run = run
@@ -81,11 +82,18 @@ class InProcessGrid(Grid):
     def get_node_ids(self):
         return list(self.contexts)
 
-    def push_messages(self, messages):  # pragma: no cover - fedft uses send_and_receive
-        raise NotImplementedError
+    def push_messages(self, messages):
+        """Deliver every message at once; its reply waits here until pulled (subclasses change
+        what comes back by overriding ``send_and_receive``)."""
+        messages = list(messages)
+        for reply in self.send_and_receive(messages):
+            self._replies[reply.metadata.reply_to_message_id] = reply
+        return [m.metadata.message_id for m in messages]
 
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
+    def pull_messages(self, message_ids):
+        """The waiting replies to ``message_ids``, in the order they came back."""
+        wanted = set(message_ids)
+        return [self._replies.pop(i) for i in list(self._replies) if i in wanted]
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []

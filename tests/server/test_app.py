@@ -9,6 +9,7 @@ again with ``resume=true`` and must end where an uninterrupted job ends.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -40,8 +41,8 @@ class DyingGrid(InProcessGrid):
 def job(tiny_model_dir, tmp_path, task_identity):
     config, sites = two_institutions(tmp_path, tiny_model_dir)
 
-    def start(grid_class, out, **flags):
-        run_job(config, data_only(sites), out, "train.local_steps=2", grid_class, **flags)
+    def start(grid_class, out, overrides="", **flags):
+        run_job(config, data_only(sites), out, f"train.local_steps=2 {overrides}", grid_class, **flags)
 
     return start, tmp_path
 
@@ -99,7 +100,9 @@ class SilentNodeGrid(InProcessGrid):
 
 def test_a_node_that_never_replies_is_named_with_the_round_timeout(job):
     start, root = job
+    started = time.monotonic()
     with pytest.raises(RunFailed, match=r"round 1: 1 of 2 clients replied .*node 12: no reply within "
-                                        r"strategy.round_timeout_s = 3600 s"):
-        start(SilentNodeGrid, root / "silent")
+                                        r"strategy.round_timeout_s = 2 s"):
+        start(SilentNodeGrid, root / "silent", "strategy.round_timeout_s=2")
+    assert time.monotonic() - started >= 2  # the server waited the whole timeout for node 12
     assert run_status(root / "silent").code == 1
