@@ -143,6 +143,13 @@ def private_reply(
     return clip_update(adapter_delta(sent, start), privacy.clip_norm)
 
 
+def train_lora_a(model, trainable: bool) -> None:
+    """Whether the LoRA A factors train this round (FFA-LoRA keeps them at their shared start)."""
+    for name, param in model.named_parameters():
+        if f".{LORA_A}." in name:
+            param.requires_grad = trainable
+
+
 def run_client_round(
     cfg: FedftConfig,
     received_state: dict[str, torch.Tensor],
@@ -178,10 +185,7 @@ def run_client_round(
                                partition_id=partition_id, data_path=data_path)
     examples = with_canaries(examples, cfg.privacy, tokenizer, seed=cfg.seed, max_length=cfg.data.max_length,
                              partition_id=partition_id, data_path=data_path)
-    freeze_a = cfg.strategy.aggregation == "ffa"
-    for name, param in model.named_parameters():
-        if f".{LORA_A}." in name:
-            param.requires_grad = not freeze_a
+    train_lora_a(model, cfg.strategy.aggregation != "ffa")
     start = received_to_start_state(spec, cfg.strategy, received_state)
     seed = client_seed(cfg.seed, round_index, client_index)
     if correction is not None and (cfg.privacy.record_level or cfg.privacy.user_level):
