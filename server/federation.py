@@ -50,7 +50,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float,
     contract: push the messages, pull until every one has its reply or ``timeout_s`` passed,
     return the replies that came.
     """
-    waiting = set(grid.push_messages(messages))
+    waiting = {i for i in grid.push_messages(messages) if i}  # a message Flower could not push has no id
     deadline = time.monotonic() + timeout_s
     replies: list[Message] = []
     while True:

@@ -113,8 +113,9 @@ def train_dpo(
                     f"lr {cfg.learning_rate} (TRL {trl.__version__}, reference = the starting adapter, frozen)")
                 trainer.train()
             state = get_adapter_state(model)
-        finally:
+        finally:  # also when TRL's constructor failed after its bfloat16 cast (e.g. out of memory)
             _drop_reference(model)
+            _trainable_to_float32(model)
             model.eval()
     return DpoResult(state=state, history=history, wall_s=time.time() - start)
 

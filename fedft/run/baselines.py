@@ -18,7 +18,7 @@ from pathlib import Path
 from fedft.config import FedftConfig
 from fedft.data.partition import cached_partitions
 from fedft.data.rows import load_dataset_files, tokenize_dataset
-from fedft.eval.held_out import HeldOutEvaluator
+from fedft.eval.held_out import ANSWERS, HeldOutEvaluator
 from fedft.federated.client_round import client_seed
 from fedft.model.adapter import save_adapter
 from fedft.run.loop import RoundResult, RunLoop
@@ -116,7 +116,9 @@ class LocalRounds(_InProcessRounds):
         else:
             per_client = [self.evaluator(s) for s in states]
         tasks = sorted(per_client[0]["eval_exact_match_by_task"])
+        base_answers = {ANSWERS: per_client[0][ANSWERS]} if all(s is states[0] for s in states) else {}
         return {
+            **base_answers,  # round 0: the base's answers, which the stage evaluation reuses
             "eval_loss": _mean([m["eval_loss"] for m in per_client]),
             "eval_exact_match": _mean([m["eval_exact_match"] for m in per_client]),
             "eval_exact_match_by_task": {t: _mean([m["eval_exact_match_by_task"][t] for m in per_client])

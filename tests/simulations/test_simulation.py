@@ -124,6 +124,9 @@ def test_baselines_go_through_the_same_run_loop_to_the_same_report(fedavg_run, b
     rows = load_metrics(out)
     assert [r["round"] for r in rows] == [0, 1, 2] and all("eval_loss" in r for r in rows)
     evaluation = json.loads((out / "evaluation.json").read_text())
+    # the run's own round-0 and last-round answers are reused (a local run's clients are scored afresh)
+    reused = {"centralized": "base, centralized", "local": "base"}[baseline]
+    assert any(note.startswith(f"answers and held-out loss of {reused} taken") for note in evaluation["notes"])
     if baseline == "centralized":  # one adapter: checkpoints, DPO and the same report as federated
         assert (out / "checkpoints" / "round-002" / "round.json").is_file()
         assert evaluation["stage_order"] == ["base", "centralized", "dpo"] and summary["dpo"]["steps"] == 2
