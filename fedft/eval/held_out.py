@@ -30,16 +30,19 @@ def examples_fingerprint(examples: list[Example]) -> str:
     return digest.hexdigest()
 
 
-def known_answers(scored: dict | None, examples: list[Example]) -> dict | None:
-    """``scored[ANSWERS]`` when it answers exactly ``examples``, else None."""
+def known_answers(scored: dict | None, fingerprint: str) -> dict | None:
+    """``scored[ANSWERS]`` when it answers exactly the examples of ``fingerprint``
+    (``examples_fingerprint``), else None."""
     answers = (scored or {}).get(ANSWERS)
-    if answers is None or answers["examples"] != examples_fingerprint(examples):
+    if answers is None or answers["examples"] != fingerprint:
         return None
     return answers
 
 
-def evaluate_model(model, tokenizer, examples: list[Example], batch_size: int = 32) -> dict:
-    """Loss, exact match and per-task exact match on held-out examples."""
+def evaluate_model(model, tokenizer, examples: list[Example], batch_size: int = 32, *,
+                   fingerprint: str | None = None) -> dict:
+    """Loss, exact match and per-task exact match on held-out examples (``fingerprint``: their
+    ``examples_fingerprint`` when the caller already has it)."""
     predictions = generate_answers(model, tokenizer, examples, batch_size)
     overall, by_task = exact_match(predictions, examples)
     loss = answer_loss(model, examples, tokenizer.pad_token_id, batch_size)
@@ -51,7 +54,7 @@ def evaluate_model(model, tokenizer, examples: list[Example], batch_size: int = 
             {"prompt_source": e.source, "reference": e.reference, "prediction": p}
             for e, p in list(zip(examples, predictions))[:5]
         ],
-        ANSWERS: {"examples": examples_fingerprint(examples), "predictions": predictions, "loss": loss},
+        ANSWERS: {"examples": fingerprint or examples_fingerprint(examples), "predictions": predictions, "loss": loss},
     }
 
 
@@ -78,9 +81,10 @@ class HeldOutEvaluator:
         self.model, self.tokenizer = cached_peft_model(spec)
         self.examples = load_eval_examples(cfg, self.tokenizer)
         self.initial_state = initial_adapter_state(spec)
+        self.fingerprint = examples_fingerprint(self.examples)
 
     def __call__(self, state) -> dict:
         from fedft.model.adapter import set_adapter_state
 
         set_adapter_state(self.model, state)
-        return evaluate_model(self.model, self.tokenizer, self.examples)
+        return evaluate_model(self.model, self.tokenizer, self.examples, fingerprint=self.fingerprint)

@@ -32,7 +32,7 @@ import torch
 
 from fedft.config import FedftConfig
 from fedft.data.rows import DataError, Example
-from fedft.eval.held_out import known_answers
+from fedft.eval.held_out import examples_fingerprint, known_answers
 from fedft.rundir import write_evaluation
 from fedft.score.answers import answer_loss, exact_match, generate_answers, perplexity
 from fedft.score.preference import preference_scores, scored_logps
@@ -284,9 +284,9 @@ def evaluate_stages(cfg: FedftConfig, stages: dict[str, StageState], *, eval_exa
     results = {}
     try:
         data = with_reference(model, tokenizer, stages, initial, data)
-        reused = []
+        reused, fingerprint = [], examples_fingerprint(eval_examples)
         for name in ordered_stage_names(stages):
-            known = None if isinstance(stages[name], list) else known_answers((scored or {}).get(name), eval_examples)
+            known = None if isinstance(stages[name], list) else known_answers((scored or {}).get(name), fingerprint)
             results[name] = score_stage(model, tokenizer, stages[name], initial, data, known)
             reused += [name] if known is not None else []
             progress(stage_line(name, results[name]))

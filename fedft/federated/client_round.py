@@ -45,7 +45,7 @@ def client_examples(
     ``num_partitions``; a deployed one reads its own ``data_path``. The cache key is what the
     examples depend on: the data section, the partition, the path and the tokenizer's source.
     """
-    key = (data, num_partitions, getattr(tokenizer, "name_or_path", id(tokenizer)), partition_id, data_path)
+    key = (data, num_partitions, tokenizer.name_or_path, partition_id, data_path)
     with _LOCK:
         if key not in _EXAMPLES:
             if data_path:
