@@ -17,7 +17,12 @@ import torch
 
 from fedft.config import FedftConfig, LoraConfig, ModelConfig
 from fedft.model.adapter import get_adapter_state
-from fedft.model.quantization import check_cpu_kernel_shapes, check_quantization, quantization_census
+from fedft.model.quantization import (
+    check_cpu_kernel_shapes,
+    check_quantization,
+    keep_training_kernel,
+    quantization_census,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -138,6 +143,7 @@ def load_peft_model(spec: ModelSpec):
     census = quantization_census(model, m.quantization)
     check_quantization(census, m.allow_unquantized)
     check_cpu_kernel_shapes(model, m.quantization, device)
+    keep_training_kernel(model)
     if quant is not None and not census.quantized_layers:
         quant = None  # nothing was quantized (allowed above): train it as the full-precision model it is
     if quant is not None:

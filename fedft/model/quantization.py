@@ -9,7 +9,8 @@ layer type and by weight count; ``check_quantization`` refuses a base whose requ
 quantization did not take effect (unless ``model.allow_unquantized``) and a 4-bit base whose
 layer shapes bitsandbytes' CPU kernel cannot run. ``restore_conv1d_layers`` undoes the one
 layout change dequantizing makes (``Conv1D`` comes back as ``nn.Linear``) before a merged
-model is saved. Nothing here loads files.
+model is saved. ``keep_training_kernel`` stops bitsandbytes from switching a CPU base to its
+inference-only weight layout. Nothing here loads files.
 """
 
 from __future__ import annotations
@@ -150,6 +151,23 @@ def check_cpu_kernel_shapes(model, requested: str, device) -> None:
             f"bitsandbytes' NF4 kernel on the CPU needs every 4-bit layer's output size to be a multiple of "
             f"{CPU_NF4_OUT_MULTIPLE} (and its input size even); this base has {len(bad)} that are not: {shown}. "
             "Run on a CUDA GPU (model.device), or set model.quantization = 'int8' or 'none'")
+
+
+def keep_training_kernel(model) -> int:
+    """Keep every 4-bit layer on the kernel that back-propagates; returns how many were set.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weights for a faster
+    inference kernel the first time the layer runs in eval mode on an input without gradients,
+    and keeps them that way. That kernel has no backward: every later training step of the same
+    model gets silently wrong gradients (each LoRA layer's gradient misses the path back through
+    the frozen 4-bit weights after it). fedft evaluates and trains one cached model in a process
+    (round 0's held-out scores before a centralized run, the stage scores before DPO), so the
+    repacking is switched off; scores then also come from the same kernel on every CPU.
+    """
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def restore_conv1d_layers(model, architecture) -> list[str]:

@@ -25,6 +25,33 @@ def test_the_census_counts_every_quantized_layer_and_keeps_the_head_apart(tiny_c
     assert census.effective == "none" and census.line().startswith("base in full precision")
 
 
+def test_an_evaluation_leaves_the_next_training_steps_gradients_unchanged(tiny_config_path):
+    """bitsandbytes repacks a 4-bit layer for an inference kernel without a backward after one eval-mode
+    pass on a CPU with AVX512-BF16 (this machine's, if it has one); fedft keeps the training kernel, so the
+    LoRA gradients after an evaluation are those without one (before: 28 layers repacked, every gradient off)."""
+    import bitsandbytes as bnb
+
+    cfg = load_config(tiny_config_path)
+    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        model = load_peft_model(model_spec(cfg))
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]  # not peft's wrappers
+        assert len(layers) == 14 and not any(m.support_avx512bf16_for_cpu for m in layers)
+        assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, after_eval = gradients(False), gradients(True)
+    assert plain.keys() == after_eval.keys() and len(plain) == 28
+    assert all(torch.equal(plain[n], after_eval[n]) for n in plain)
+
+
 def test_a_layer_the_cpu_kernel_cannot_pack_is_named_before_any_round(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
