@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 # One OpenMP thread in every test process and in the processes tests start (they inherit the
-# environment): the suite runs one test per core (pytest-xdist), and tiny matmuls whose OpenMP
+# environment): the suite runs about one test per core (pytest-xdist), and tiny matmuls whose OpenMP
 # threads wait for a busy core run ten times slower than on one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -114,6 +114,12 @@ LONG_FILES = ("tests/simulations/test_faults.py", "tests/run/test_resume.py", "t
               "tests/run/test_disk_full.py", "tests/simulations/test_deployment.py",
               "tests/simulations/test_gpu_check.py", "tests/privacy/test_privacy_run.py",
               "tests/simulations/test_simulation.py")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker more than there are cores. Most of the long tests wait (on Flower's
+    polls and timeouts, on processes starting), so a third worker on 2 cores keeps them busy."""
+    return (os.cpu_count() or 1) + 1
 
 
 def pytest_collection_modifyitems(items):

@@ -60,7 +60,8 @@ def test_a_model_trained_on_its_canaries_exposes_them():
     train_local(model, examples, tokenizer.pad_token_id, cfg.train, global_state=start,
                 round_index=1, total_rounds=1)
     after = audit_canaries(cfg.privacy, model, tokenizer, **canary_args)
-    # measured: 2.29 bits before, 5.41 after (of at most 6)
-    assert before["mean_exposure_bits"] < 3 < 5 < after["mean_exposure_bits"] <= 6.0
+    # measured: 2.29 bits before, 4.61 after (of at most 6); 5.41 while an evaluation broke the
+    # next training's gradients on AVX512-BF16 CPUs (fedft.model.quantization.keep_training_kernel)
+    assert before["mean_exposure_bits"] < 3 < 4 < after["mean_exposure_bits"] <= 6.0
     assert after["max_possible_exposure_bits"] == 6.0
     assert after["correct_guesses"] == after["guesses"] and after["epsilon_lower_bound"] > 0.5
