@@ -143,7 +143,7 @@ def check_cpu_kernel_shapes(model, requested: str, device) -> None:
     if requested != "nf4" or device.type != "cpu":
         return
     bad = [f"{name} ({module.in_features} -> {module.out_features})" for name, module in model.named_modules()
-           if type(module).__name__ == "Linear4bit"
+           if type(module).__name__ == QUANTIZED_TYPES["nf4"]
            and (module.out_features % CPU_NF4_OUT_MULTIPLE or module.in_features % 2)]
     if bad:
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
@@ -153,8 +153,8 @@ def check_cpu_kernel_shapes(model, requested: str, device) -> None:
             "Run on a CUDA GPU (model.device), or set model.quantization = 'int8' or 'none'")
 
 
-def keep_training_kernel(model) -> int:
-    """Keep every 4-bit layer on the kernel that back-propagates; returns how many were set.
+def keep_training_kernel(model) -> None:
+    """Keep every 4-bit layer on the kernel that back-propagates.
 
     On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weights for a faster
     inference kernel the first time the layer runs in eval mode on an input without gradients,
@@ -164,10 +164,9 @@ def keep_training_kernel(model) -> int:
     (round 0's held-out scores before a centralized run, the stage scores before DPO), so the
     repacking is switched off; scores then also come from the same kernel on every CPU.
     """
-    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
-    for module in layers:
-        module.support_avx512bf16_for_cpu = False
-    return len(layers)
+    for module in model.modules():
+        if type(module).__name__ == QUANTIZED_TYPES["nf4"]:
+            module.support_avx512bf16_for_cpu = False
 
 
 def restore_conv1d_layers(model, architecture) -> list[str]:
