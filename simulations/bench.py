@@ -8,9 +8,10 @@ Each figure is printed as a ratio with the two absolute values beside it:
     and steady-state time per step (the simulation's rounds 2+ divided by its local steps,
     against the loop's steps after its first round's worth);
 (b) deployment overhead: the same config through a local SuperLink and one SuperNode
-    (``--insecure``, no authentication), once with the institution's resident worker
-    (``fedft node serve``) and once without it (a fresh ClientApp process per round), against
-    the simulation: mean time of rounds 2+;
+    (``--insecure``, no authentication): with the institution's resident worker (``fedft node
+    serve``) behind ``fedft node supernode`` (shorter polls) and behind ``flower-supernode``,
+    and without the worker (a fresh ClientApp process per round), against the simulation:
+    mean time of rounds 2+;
 (c) base loads per process and per institution: from the worker's own log line, from the
     ``flwr-clientapp`` processes seen and the "Loading weights" bars in the SuperNode's log,
     and from a ``--verbose`` simulation's console (one bar per Ray actor that loaded);
@@ -46,6 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from clients.supernode import DEFAULT_POLL_S
 from simulations.bench_figures import (  # noqa: F401 - the benchmark's names, as tests and docs use them
     ANSI,
     LOAD_BAR,
@@ -81,6 +83,10 @@ from simulations.bench_processes import (  # noqa: F401 - TAG_VARIABLE, TreeSamp
 from simulations.bench_runs import REPO_ROOT, run_deployment, run_plain, run_simulation
 
 DEMO_DATA = REPO_ROOT / "simulations" / "data" / "demo"
+# (b)'s jobs: (label, resident worker, SuperNode poll interval: None for flower-supernode as it is)
+DEPLOYMENTS = (("resident worker, fedft node supernode", True, DEFAULT_POLL_S),
+               ("resident worker", True, None),
+               ("no worker", False, None))
 
 
 # ---- the configs every run shares ----
@@ -174,10 +180,11 @@ def run_benchmark(s: Settings, root: Path) -> tuple[list[str], dict]:
                      lambda: run_simulation(procs, one, root / "sim", "simulate", s.timeout_s))
         plain = staged(stages, "(a) plain transformers + peft + bitsandbytes loop, same steps and batches",
                        lambda: run_plain(procs, one, root / "plain.json", s.timeout_s))
-        for label, worker in (("resident worker", True), ("no worker", False)):
+        for label, worker, poll_s in DEPLOYMENTS if "b" in s.parts else ():
             deployed[label] = staged(stages, f"(b) flwr run, local SuperLink + 1 SuperNode, {label}",
-                                     lambda w=worker: run_deployment(procs, s, one, data, worker=w))
-        for clients in s.clients:
+                                     lambda w=worker, p=poll_s: run_deployment(procs, s, one, data, worker=w,
+                                                                               poll_s=p))
+        for clients in s.clients if "d" in s.parts else ():
             memory[clients] = staged(stages, f"(d) fedft simulate --verbose, {clients} clients, "
                                              f"{min(s.sampled, clients)} sampled",
                                      lambda n=clients: run_memory(procs, s, root, n))
@@ -218,6 +225,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         values["clients"] = args.clients
     if args.sampled:
         values["sampled"] = args.sampled
+    if args.parts:
+        values["parts"] = args.parts
     if args.model != "demo":
         values["model"] = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     values["device"] = resolve_device(args.device)
@@ -238,6 +247,15 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bench_parts(text: str) -> tuple[str, ...]:
+    """'a,d' -> ('a', 'd'), for --parts: (a) always, as it is (b)'s reference."""
+    parts = tuple(part.strip() for part in text.split(","))
+    if "a" not in parts or not set(parts) <= {"a", "b", "d"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'a' and any of 'b', 'd', comma-separated (a,b,d); "
+                                         "(a) is the reference of (b), (c) comes with (b) and (d)")
+    return parts
 
 
 def client_counts(text: str) -> tuple[int, ...]:
@@ -261,6 +279,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=client_counts,
                         help="simulated clients of (d), comma-separated (default 8,64,1000)")
     parser.add_argument("--sampled", type=int, help=f"clients sampled per round in (d) (default {Settings.sampled})")
+    parser.add_argument("--parts", type=bench_parts,
+                        help="the measurements to run, comma-separated (default a,b,d; (c) comes with (b) and (d)); "
+                             "e.g. --parts a --rounds 40 for (a) over a long run alone")
     parser.add_argument("--quick", action="store_true",
                         help="a much smaller run: 3 rounds x 3 steps; (d) with N = 2, 8 and 2 sampled")
     parser.add_argument("--out", help="also write every figure and measurement to this JSON file")

@@ -44,6 +44,7 @@ class Settings:
     memory_rounds: int = 1
     memory_steps: int = 2
     timeout_s: float = 480.0  # per process that should end by itself
+    parts: tuple[str, ...] = ("a", "b", "d")  # which measurements run; (c) comes from (b) and (d)
 
 
 QUICK = dict(rounds=3, steps=3, clients=(2, 8), sampled=2, memory_steps=1, eval_examples=1, timeout_s=240.0)

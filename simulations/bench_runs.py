@@ -77,9 +77,11 @@ def supernode_online(procs: Processes) -> bool:
     return '"online"' in listed.stdout
 
 
-def run_deployment(procs: Processes, s: Settings, config: Path, data: Path, *, worker: bool) -> dict:
-    """One job of ``flwr run`` on a fresh local SuperLink and one SuperNode; every process stopped after."""
-    name = "deploy-worker" if worker else "deploy-plain"
+def run_deployment(procs: Processes, s: Settings, config: Path, data: Path, *, worker: bool,
+                   poll_s: float | None = None) -> dict:
+    """One job of ``flwr run`` on a fresh local SuperLink and one SuperNode (``flower-supernode``, or with
+    ``poll_s`` ``fedft node supernode --poll-interval poll_s``); every process stopped after."""
+    name = ("deploy-worker" if worker else "deploy-plain") + ("-fastpoll" if poll_s is not None else "")
     out = procs.root / name  # the job's out-dir: the ServerApp's run directory
     port = start_superlink(procs)
     own = f"data-path='{data}' device='{s.device}'"
@@ -90,8 +92,10 @@ def run_deployment(procs: Processes, s: Settings, config: Path, data: Path, *, w
                                                              "--socket", str(sock), "--node-config", own])
         wait_until(sock.exists, process, worker_log, "the resident worker")
         own = f"worker='{sock}'"
+    launcher = ([sys.executable, "-m", "simulations.cli", "node", "supernode", "--poll-interval", str(poll_s), "--"]
+                if poll_s is not None else [tool("flower-supernode")])
     process, node_log = procs.start(f"{name}-supernode", [
-        tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+        *launcher, "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
         "--node-config", own])
     wait_until(lambda: supernode_online(procs), process, node_log, "the SuperNode", timeout_s=120)
     with TreeSampler(procs) as sampler:

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from clients.supernode import DEFAULT_POLL_S, MAX_POLL_S, MIN_POLL_S
 from simulations.commands import (
     add_config_arguments,
     build_parser,
@@ -47,6 +48,21 @@ def _node_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_supernode(args: argparse.Namespace) -> int:
+    from clients.supernode import LauncherError, check_poll_interval, run_supernode
+
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    try:
+        check_poll_interval(args.poll_interval)
+        if not flower_args:
+            raise LauncherError("no flower-supernode arguments after '--' (at least --superlink HOST:PORT)")
+        run_supernode(flower_args, args.poll_interval)
+    except LauncherError as error:
+        print(f"fedft: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _add_node_commands(commands) -> None:
     node = commands.add_parser("node", help="an institution's own processes beside its SuperNode")
     node_commands = node.add_subparsers(dest="node_command", required=True)
@@ -60,6 +76,18 @@ def _add_node_commands(commands) -> None:
     serve.add_argument("--node-config", default="",
                        help="this institution's settings, as for flower-supernode: \"data-path='...' ...\"")
     serve.set_defaults(handler=_node_serve)
+    supernode = node_commands.add_parser(
+        "supernode", help="Flower's SuperNode, asking for the next message every --poll-interval s (Flower: 3 s)",
+        description="Runs flower-supernode with the arguments after '--', unchanged (TLS, authentication, node "
+                    "config), but when no message is waiting it asks the SuperLink again after --poll-interval "
+                    "seconds instead of 3, and it looks for the ClientApp's reply and for a ClientApp to start "
+                    "as often. Each round then waits less between the coordinator's message and the training.")
+    supernode.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S, metavar="SECONDS",
+                           help=f"the longest wait between two polls ({MIN_POLL_S} to {MAX_POLL_S}; "
+                                f"default {DEFAULT_POLL_S})")
+    supernode.add_argument("flower_args", nargs=argparse.REMAINDER,
+                           help="-- then flower-supernode's own arguments")
+    supernode.set_defaults(handler=_node_supernode)
 
 
 def main(argv: list[str] | None = None) -> int:

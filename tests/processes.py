@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 MARKERS = ("ray::", "raylet", "gcs_server", "dashboard/agent.py", "runtime_env/agent", "log_monitor.py",
-           "flower-superlink", "flower-supernode", "flwr-clientapp", "flwr-serverapp", "flwr-simulation")
+           "flower-superlink", "flower-supernode", "flwr-clientapp", "flwr-serverapp", "flwr-simulation",
+           "node supernode")
 
 
 def federation_processes() -> dict[int, str]:

@@ -105,9 +105,13 @@ class Deployment:
         pytest.fail(f"fewer than {count} SuperNodes online after {timeout}s:\n{listed[-2000:]}")
 
     def start_supernode(self, name: str, key: Path, data: Path | None, *, with_ca: bool = True,
-                        max_retries: int | None = None, node_config: str = "") -> tuple[subprocess.Popen, Path]:
+                        max_retries: int | None = None, node_config: str = "",
+                        poll_interval: float | None = None) -> tuple[subprocess.Popen, Path]:
+        """``flower-supernode``, or with ``poll_interval`` the same through ``fedft node supernode``."""
         own = f"data-path='{data}' device='cpu' " if data is not None else ""
-        args = [tool("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+        launcher = ([sys.executable, "-m", "simulations.cli", "node", "supernode", "--poll-interval",
+                     str(poll_interval), "--"] if poll_interval is not None else [tool("flower-supernode")])
+        args = [*launcher, "--superlink", f"127.0.0.1:{self.port}",
                 "--auth-supernode-private-key", str(key), "--port", str(free_port()),
                 "--node-config", f"{own}{node_config}".strip()]
         if with_ca:

@@ -3,6 +3,7 @@ and one ``--quick`` run that prints every figure with numbers and leaves no proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -149,6 +150,10 @@ def test_quick_settings_and_refused_arguments():
         bench.settings_from(bench.parse_args(["--clients", "5000", "--device", "cpu"]))
     with pytest.raises(SystemExit):
         bench.parse_args(["--clients", "8,x"])
+    assert bench.settings_from(bench.parse_args(["--parts", "a,d", "--device", "cpu"])).parts == ("a", "d")
+    for parts in ("b", "a,c", "a,,b"):
+        with pytest.raises(SystemExit):  # (a) is (b)'s reference; (c) is not run on its own
+            bench.parse_args(["--parts", parts])
 
 
 def test_the_benchmark_runs_each_step_once_in_order_and_stops_everything(tmp_path, monkeypatch):
@@ -162,8 +167,8 @@ def test_the_benchmark_runs_each_step_once_in_order_and_stops_everything(tmp_pat
         return {"wall_s": 30.0, "rows": rows, "console": BAR + "\n", "peak_rss": 2**30, "peak_pss": 2**29,
                 "peak_processes": 9, "ray_actors": 2}
 
-    def deployment(procs, s, config, data, *, worker):
-        calls.append(("deploy", worker, data.name))
+    def deployment(procs, s, config, data, *, worker, poll_s=None):
+        calls.append(("deploy", worker, poll_s, data.name))
         return {"wall_s": 40.0, "rows": rows, "node_log": "" if worker else f"{BAR}\n" * 3,
                 "worker_log": worker_log if worker else "", "clientapp_processes": 3, "peak_rss": 1}
 
@@ -174,14 +179,18 @@ def test_the_benchmark_runs_each_step_once_in_order_and_stops_everything(tmp_pat
     monkeypatch.setattr(bench.Processes, "stop_all", lambda self, grace_s=10.0: stopped.append(True) or [])
     settings = bench.Settings(device="cpu", rounds=3, steps=3, clients=(2, 8), sampled=2)
     lines, results = bench.run_benchmark(settings, tmp_path)
-    assert calls == [("simulate", "simulate", False, 1), ("plain",), ("deploy", True, "inst0.jsonl"),
-                     ("deploy", False, "inst0.jsonl"), ("simulate", "memory-2", True, 2),
-                     ("simulate", "memory-8", True, 8)]
+    assert calls == [("simulate", "simulate", False, 1), ("plain",), ("deploy", True, 0.25, "inst0.jsonl"),
+                     ("deploy", True, None, "inst0.jsonl"), ("deploy", False, None, "inst0.jsonl"),
+                     ("simulate", "memory-2", True, 2), ("simulate", "memory-8", True, 8)]
     assert stopped == [True]
-    assert len(lines) == 13 and results["figures"] == lines
+    assert len(lines) == 17 and results["figures"] == lines
     assert list(results["stage_s"])[0] == "(a) fedft simulate, 1 client, 3 rounds x 3 steps"
     assert results["memory"]["8"]["loads"] == {"driver": 1}
     assert len((tmp_path / "inst0.jsonl").read_text().splitlines()) == 400
+    calls.clear()
+    lines, _ = bench.run_benchmark(dataclasses.replace(settings, parts=("a",)), tmp_path / "only-a")
+    assert calls == [("simulate", "simulate", False, 1), ("plain",)]  # --parts a: (a) alone
+    assert [line.split(":")[0] for line in lines] == ["(a) whole wall time", "(a) steady-state step"]
 
 
 def _alive(pid: int) -> bool:
@@ -279,11 +288,17 @@ def test_quick_prints_every_figure_with_numbers_and_leaves_nothing_running(tmp_p
     expected = [
         ("(a) whole wall time: simulation / plain loop", ratio),
         ("(a) steady-state step: simulation / plain loop", ratio),
+        ("(b) round time, resident worker, fedft node supernode: deployment / simulation", ratio),
+        ("(b) round time, resident worker, fedft node supernode: deployment round − simulation round",
+         re.compile(rf"= [+-]{number} s$")),
+        ("(b) round time, resident worker, fedft node supernode: in the worker / whole round", ratio),
         ("(b) round time, resident worker: deployment / simulation", ratio),
         ("(b) round time, resident worker: deployment round − simulation round", re.compile(rf"= [+-]{number} s$")),
         ("(b) round time, resident worker: in the worker / whole round", ratio),
         ("(b) round time, no worker: deployment / simulation", ratio),
         ("(b) round time, no worker: deployment round − simulation round", re.compile(rf"= [+-]{number} s$")),
+        ("(c) base loads, deployment, resident worker, fedft node supernode: 0.33 per round  (1 load vs 3 rounds",
+         None),
         ("(c) base loads, deployment, resident worker: 0.33 per round  (1 load vs 3 rounds", None),
         ("(c) base loads, deployment, no worker: 1.00 per round  (3 loads vs 3 rounds", None),
         ("(c) base loads, simulation, N=2 (2 sampled)", re.compile(rf"{number} per client-round  \(\d+ loads? vs 2 ")),
@@ -295,7 +310,7 @@ def test_quick_prints_every_figure_with_numbers_and_leaves_nothing_running(tmp_p
     for line, (start, pattern) in zip(figures, expected):
         assert line.startswith(start), (line, start)
         assert pattern is None or pattern.search(line), line
-    for line in figures[9:11]:  # every Ray actor that trained loaded the base once, no more
+    for line in figures[13:15]:  # every Ray actor that trained loaded the base once, no more
         loads, actors = re.search(r"\((\d+) loads? vs .*?(\d+) actors seen", line).groups()
         assert 1 <= int(loads) <= int(actors), line
     results = json.loads(out.read_text())

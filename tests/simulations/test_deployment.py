@@ -4,7 +4,8 @@ A ``flower-superlink`` with TLS (certificates from ``fedft certs``) and SuperNod
 authentication; two institutions' ``flower-supernode`` processes, each registered with
 ``flwr supernode register`` and pointed at its own JSONL file through ``--node-config``; a
 2-round job started with ``flwr run`` under record-level DP-SGD, one institution training in its
-resident worker (``fedft node serve``: the base loaded once for the job), the other with a
+resident worker (``fedft node serve``: the base loaded once for the job) behind a SuperNode
+started with ``fedft node supernode`` (shorter polls), the other with a
 policy that declines the second round (the server records it; both audit trails agree with
 the coordinator's ledger). In the same family: a SuperNode whose key was never
 registered is refused, and one that does not have the CA certificate cannot connect.
@@ -83,7 +84,8 @@ def test_two_institutions_train_over_tls_under_their_own_policies(deployment):
     socket_path = inst_a / "run" / "worker.sock"  # inst-a trains in its resident worker
     deployment.start_worker("inst-a-worker", socket_path,
                             f"data-path='{inst_a / 'train.jsonl'}' device='cpu' state-dir='{inst_a / 'state'}'")
-    deployment.start_supernode("inst-a", inst_a / "keys" / "node", None, node_config=f"worker='{socket_path}'")
+    deployment.start_supernode("inst-a", inst_a / "keys" / "node", None, node_config=f"worker='{socket_path}'",
+                               poll_interval=0.25)  # through fedft node supernode
     inst_b = deployment.root / "inst-b"
     deployment.start_supernode("inst-b", inst_b / "keys" / "node", inst_b / "train.jsonl",
                                node_config=f"state-dir='{inst_b / 'state'}' policy='{policy}'")
@@ -124,6 +126,8 @@ def test_two_institutions_train_over_tls_under_their_own_policies(deployment):
     assert "settings chosen by the coordinator: " in worker_log
     # the worker loaded the base once for both rounds; inst-a's SuperNode loaded nothing
     assert "round 2 of run" in worker_log and "base loads in this worker: 1, rounds: 2" in worker_log, worker_log
-    assert "Loading weights" not in (deployment.root / "inst-a.log").read_text()
+    node_a_log = (deployment.root / "inst-a.log").read_text()
+    assert "Loading weights" not in node_a_log
+    assert "polling every 0.25 s when idle" in node_a_log  # inst-a's SuperNode ran through the launcher
     assert decisions == {"inst-a": [(1, "accepted", ""), (2, "accepted", "")],
                          "inst-b": [(1, "accepted", ""), (2, "declined", "compute.max_rounds_per_day")]}
