@@ -44,7 +44,7 @@ class PollClock:
     """Stands in for the ``time`` module inside Flower's SuperNode loop: its fixed 3 s and 0.5 s
     waits become at most ``poll_s``; every other call goes to ``real``."""
 
-    def __init__(self, poll_s: float, real: types.ModuleType | object = time) -> None:
+    def __init__(self, poll_s: float, real: object = time) -> None:
         self.poll_s = poll_s
         self._real = real
 
@@ -57,10 +57,9 @@ class PollClock:
         return getattr(self._real, name)
 
 
-def check_poll_interval(poll_s: float) -> float:
+def check_poll_interval(poll_s: float) -> None:
     if not (math.isfinite(poll_s) and MIN_POLL_S <= poll_s <= MAX_POLL_S):
         raise LauncherError(f"--poll-interval {poll_s}: must be between {MIN_POLL_S} and {MAX_POLL_S} seconds")
-    return poll_s
 
 
 def check_flower_waits(module: types.ModuleType) -> None:
@@ -80,6 +79,8 @@ def check_flower_waits(module: types.ModuleType) -> None:
 def run_supernode(flower_args: list[str], poll_s: float = DEFAULT_POLL_S) -> None:
     """Run ``flower-supernode FLOWER_ARGS`` in this process with every poll wait at most ``poll_s``."""
     check_poll_interval(poll_s)
+    if not flower_args:
+        raise LauncherError("no flower-supernode arguments after '--' (at least --superlink HOST:PORT)")
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -49,13 +49,10 @@ def _node_serve(args: argparse.Namespace) -> int:
 
 
 def _node_supernode(args: argparse.Namespace) -> int:
-    from clients.supernode import LauncherError, check_poll_interval, run_supernode
+    from clients.supernode import LauncherError, run_supernode
 
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
     try:
-        check_poll_interval(args.poll_interval)
-        if not flower_args:
-            raise LauncherError("no flower-supernode arguments after '--' (at least --superlink HOST:PORT)")
         run_supernode(flower_args, args.poll_interval)
     except LauncherError as error:
         print(f"fedft: error: {error}", file=sys.stderr)
