@@ -56,8 +56,8 @@ _quiet_simulated_client()
 
 
 def guard_reply(reply: RecordDict) -> None:
-    """Refuse to send anything but adapter tensors and whitelisted metrics (fedft.federated.validate)."""
-    from fedft.federated.validate import check_outgoing
+    """Refuse to send anything but adapter tensors and whitelisted metrics (fedft.federated.outgoing)."""
+    from fedft.federated.outgoing import check_outgoing
 
     kinds = {key: "arrays" if isinstance(record, ArrayRecord) else
              "metrics" if isinstance(record, MetricRecord) else "config" for key, record in reply.items()}
@@ -105,6 +105,8 @@ def train(msg: Message, context: Context) -> Message:
     proximal_mu = float(config.get(wire.PROXIMAL_MU, 0.0))
     if WORKER in context.node_config:
         return _forward_to_worker(msg, context, round_index, config_json, proximal_mu)
+    import torch  # noqa: F401 - Flower's to_torch_state_dict needs torch imported already
+
     from clients.institution import RoundRequest, run_round
 
     correction = (msg.content[wire.CORRECTION].to_torch_state_dict() if wire.CORRECTION in msg.content

@@ -30,9 +30,9 @@ from fedft.federated.admission import (
     public_settings,
 )
 from fedft.federated.audit_trail import TrailRecorder, accepted_times, read_trail, spent_history
+from fedft.federated.outgoing import check_outgoing
 from fedft.federated.policy import OPTIONAL_METRICS
 from fedft.federated.public_errors import public_reason
-from fedft.federated.validate import check_outgoing
 from fedft.privacy.client_accountant import ClientDeclined, RecordLevelAccountant
 
 ANNOUNCED = "fedft-announced"  # node state: the config fingerprint whose settings were logged
@@ -80,7 +80,7 @@ class RoundOutcome:
 
 
 def guard_outgoing(arrays: Mapping, metrics: Mapping) -> None:
-    """Refuse to send anything but adapter tensors and whitelisted metrics (fedft.federated.validate)."""
+    """Refuse to send anything but adapter tensors and whitelisted metrics (fedft.federated.outgoing)."""
     check_outgoing({wire.ARRAYS: "arrays", wire.METRICS: "metrics"}, list(arrays), list(metrics))
 
 

@@ -27,9 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fedft.federated.aggregate import normalized_weights
-
-LORA_A = "lora_A"
-LORA_B = "lora_B"
+from fedft.federated.wire import LORA_A, LORA_B
 
 
 def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[str, str]]:

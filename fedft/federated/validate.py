@@ -1,10 +1,7 @@
-"""What may leave a client, and which replies the server accepts: pure checks, no flwr.
+"""Which replies the server accepts: pure checks, no flwr.
 
-Client side, ``check_outgoing``: a reply carries only adapter tensors (names with
-``lora_A`` / ``lora_B``) and the scalar metrics in ``fedft.federated.wire.REPLY_METRICS``; anything
-else is refused before it leaves the institution.
-
-Server side, ``reply_problem``: a reply whose tensor names differ from the adapter's, whose
+(What may leave a client is checked in ``fedft.federated.outgoing``, which needs no torch.)
+``reply_problem``: a reply whose tensor names differ from the adapter's, whose
 shapes are not a LoRA adapter of rank 1..lora.r, whose dtype is not the wire dtype, whose
 values are not finite, or whose update norm exceeds ``strategy.max_update_norm`` is named
 with its reason and left out of the aggregate.
@@ -15,33 +12,9 @@ from __future__ import annotations
 import torch
 
 from fedft.config import PrivacyConfig, StrategyConfig
-from fedft.federated import wire
 from fedft.federated.exchange import wire_dtype
-from fedft.federated.lora_aggregate import LORA_A, LORA_B, adapter_rank, b_only, truncate_to_rank
+from fedft.federated.lora_aggregate import LORA_A, adapter_rank, b_only, truncate_to_rank
 from fedft.privacy.dpfedavg import adapter_delta, update_norm
-
-
-class OutgoingDataError(RuntimeError):
-    """A client reply would carry something other than adapter tensors and allowed metrics."""
-
-
-def check_outgoing(record_names: dict[str, str], array_names: list[str], metric_names: list[str]) -> None:
-    """Refuse a reply with extra records, non-adapter arrays or non-whitelisted metrics.
-
-    ``record_names`` maps each record key of the reply to its kind ("arrays", "metrics",
-    "config").
-    """
-    allowed = {wire.ARRAYS: "arrays", wire.METRICS: "metrics"}
-    extra = {k: v for k, v in record_names.items() if allowed.get(k) != v}
-    if extra:
-        raise OutgoingDataError(f"refused to send records {sorted(extra)}: a reply carries only "
-                                f"'{wire.ARRAYS}' (adapter tensors) and '{wire.METRICS}'")
-    bad_arrays = [n for n in array_names if f".{LORA_A}." not in n and f".{LORA_B}." not in n]
-    if bad_arrays:
-        raise OutgoingDataError(f"refused to send non-adapter tensors {bad_arrays[:3]}")
-    bad_metrics = sorted(set(metric_names) - set(wire.REPLY_METRICS))
-    if bad_metrics:
-        raise OutgoingDataError(f"refused to send metrics {bad_metrics}; allowed: {list(wire.REPLY_METRICS)}")
 
 
 def reply_problem(strategy: StrategyConfig, privacy: PrivacyConfig, global_state: dict[str, torch.Tensor],

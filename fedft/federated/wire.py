@@ -18,6 +18,9 @@ CONFIG = "config"  # ConfigRecord key, server -> client
 METRICS = "metrics"  # MetricRecord key, client -> server
 CORRECTION = "scaffold-correction"  # ArrayRecord key, server -> client under SCAFFOLD: c - c_i
 
+LORA_A = "lora_A"  # the two factors of a LoRA layer: every adapter tensor name has one
+LORA_B = "lora_B"
+
 SERVER_ROUND = "server-round"
 CONFIG_JSON = "fedft-config"
 PROXIMAL_MU = "proximal-mu"

@@ -9,7 +9,8 @@ import torch
 
 from fedft.config import load_config
 from fedft.federated import wire
-from fedft.federated.validate import OutgoingDataError, check_outgoing, reply_problem
+from fedft.federated.outgoing import OutgoingDataError, check_outgoing
+from fedft.federated.validate import reply_problem
 from tests.federated.test_lora_aggregate import adapter
 
 
