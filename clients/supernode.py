@@ -17,6 +17,11 @@ chooses it on its own command line.
 The waits are replaced by name in Flower's module, so the launcher first checks that the
 installed Flower still waits where and how it expects (``check_flower_waits``) and refuses to
 start otherwise; ``flower-supernode`` itself then still works.
+
+It also turns Flower's usage telemetry off for the SuperNode and every process it starts
+(``FLWR_TELEMETRY_ENABLED=0``, unless the institution set the variable itself): by default
+each Flower process posts start and stop events to Flower's server, and nothing but the
+adapter and the allowed metrics should leave an institution unasked.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from importlib.metadata import version
 FLOWER_IDLE_WAIT_S = 3  # the SuperNode's sleep when the SuperLink had no message for it
 FLOWER_REPLY_WAIT_S = 0.5  # its sleep between looks for the ClientApp's reply
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # read by flower-superexec, default 1 s
+TELEMETRY_ENV = "FLWR_TELEMETRY_ENABLED"  # Flower's usage events to telemetry.flower.ai; "0" turns them off
 MIN_POLL_S, MAX_POLL_S = 0.05, 3.0
 DEFAULT_POLL_S = 0.25
 
@@ -81,6 +87,7 @@ def run_supernode(flower_args: list[str], poll_s: float = DEFAULT_POLL_S) -> Non
     check_poll_interval(poll_s)
     if not flower_args:
         raise LauncherError("no flower-supernode arguments after '--' (at least --superlink HOST:PORT)")
+    os.environ.setdefault(TELEMETRY_ENV, "0")  # before flwr is imported: Flower reads it once, at import
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
@@ -88,6 +95,7 @@ def run_supernode(flower_args: list[str], poll_s: float = DEFAULT_POLL_S) -> Non
     loop.time = PollClock(poll_s)
     os.environ.setdefault(SUPEREXEC_POLL_ENV, str(poll_s))  # inherited by the SuperExec it starts
     print(f"fedft: flower-supernode (flwr {version('flwr')}) polling every {poll_s} s when idle "
-          f"(Flower's own: {FLOWER_IDLE_WAIT_S} s)", flush=True)
+          f"(Flower's own: {FLOWER_IDLE_WAIT_S} s); "
+          f"Flower telemetry {'off' if os.environ[TELEMETRY_ENV] == '0' else 'on'}", flush=True)
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()

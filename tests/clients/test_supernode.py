@@ -6,6 +6,7 @@ in tests/simulations/test_deployment.py; here, the parts that decide what it doe
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -85,3 +86,25 @@ def test_the_command_refuses_before_starting_anything(args, message):
     assert done.returncode == 2
     assert message in done.stderr
     assert "Starting Flower SuperNode" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "0"), ("1", "1")])
+def test_the_launcher_turns_flower_telemetry_off_unless_the_institution_set_it(monkeypatch, preset, expected):
+    import flwr.supernode.cli.flower_supernode  # noqa: F401 - loads the module named below
+    import flwr.supernode.start_client_internal as loop
+
+    from clients.supernode import SUPEREXEC_POLL_ENV, TELEMETRY_ENV, run_supernode
+
+    for name in (TELEMETRY_ENV, SUPEREXEC_POLL_ENV):
+        monkeypatch.delenv(name, raising=False)
+    if preset is not None:
+        monkeypatch.setenv(TELEMETRY_ENV, preset)
+    cli = sys.modules["flwr.supernode.cli.flower_supernode"]  # the package's name for it is the function
+    seen = {}
+    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    monkeypatch.setattr(cli, "flower_supernode", lambda: seen.update(argv=sys.argv, telemetry=os.environ[TELEMETRY_ENV],
+                                                                      poll=os.environ[SUPEREXEC_POLL_ENV]))
+    run_supernode(["--superlink", "127.0.0.1:1"], poll_s=0.5)
+    assert seen == {"argv": ["flower-supernode", "--superlink", "127.0.0.1:1"], "telemetry": expected, "poll": "0.5"}
+    assert isinstance(loop.time, PollClock)
