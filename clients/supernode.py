@@ -22,17 +22,33 @@ It also turns Flower's usage telemetry off for the SuperNode and every process i
 (``FLWR_TELEMETRY_ENABLED=0``, unless the institution set the variable itself): by default
 each Flower process posts start and stop events to Flower's server, and nothing but the
 adapter and the allowed metrics should leave an institution unasked.
+
+Every message starts a fresh ``flwr-clientapp`` process; the launcher puts a lighter command
+of that name first on the SuperExec's ``PATH``: Flower's own ``flwr_clientapp()`` without the
+SuperNode CLI imports around it, 0.35 s less per message (clients/clientapp_command.py).
 """
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import types
 from importlib.metadata import version
+from pathlib import Path
+
+from clients.clientapp_command import (
+    CommandUnavailable,
+    check_command,
+    load_flower_clientapp,
+    prepend_to_path,
+    write_command,
+)
 
 FLOWER_IDLE_WAIT_S = 3  # the SuperNode's sleep when the SuperLink had no message for it
 FLOWER_REPLY_WAIT_S = 0.5  # its sleep between looks for the ClientApp's reply
@@ -82,6 +98,20 @@ def check_flower_waits(module: types.ModuleType) -> None:
                             f"({module.__name__}: {found}); start flower-supernode directly")
 
 
+def install_lean_clientapp_command() -> str:
+    """Put fedft's ``flwr-clientapp`` (clients/clientapp_command.py) first on the ``PATH`` the
+    SuperExec inherits, in a private directory removed at exit; say which command will run."""
+    directory = Path(tempfile.mkdtemp(prefix="fedft-clientapp-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    try:
+        load_flower_clientapp()
+        check_command(write_command(directory))
+    except CommandUnavailable as reason:
+        return f"flwr-clientapp as Flower installs it ({reason})"
+    prepend_to_path(directory)
+    return "flwr-clientapp without Flower's SuperNode CLI imports"
+
+
 def run_supernode(flower_args: list[str], poll_s: float = DEFAULT_POLL_S) -> None:
     """Run ``flower-supernode FLOWER_ARGS`` in this process with every poll wait at most ``poll_s``."""
     check_poll_interval(poll_s)
@@ -94,8 +124,9 @@ def run_supernode(flower_args: list[str], poll_s: float = DEFAULT_POLL_S) -> Non
     check_flower_waits(loop)
     loop.time = PollClock(poll_s)
     os.environ.setdefault(SUPEREXEC_POLL_ENV, str(poll_s))  # inherited by the SuperExec it starts
+    clientapp = install_lean_clientapp_command()
     print(f"fedft: flower-supernode (flwr {version('flwr')}) polling every {poll_s} s when idle "
           f"(Flower's own: {FLOWER_IDLE_WAIT_S} s); "
-          f"Flower telemetry {'off' if os.environ[TELEMETRY_ENV] == '0' else 'on'}", flush=True)
+          f"Flower telemetry {'off' if os.environ[TELEMETRY_ENV] == '0' else 'on'}; {clientapp}", flush=True)
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()

@@ -103,6 +103,7 @@ def test_the_launcher_turns_flower_telemetry_off_unless_the_institution_set_it(m
     seen = {}
     monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
     monkeypatch.setattr(sys, "argv", sys.argv)
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # the launcher prepends its flwr-clientapp directory
     monkeypatch.setattr(cli, "flower_supernode", lambda: seen.update(argv=sys.argv, telemetry=os.environ[TELEMETRY_ENV],
                                                                       poll=os.environ[SUPEREXEC_POLL_ENV]))
     run_supernode(["--superlink", "127.0.0.1:1"], poll_s=0.5)

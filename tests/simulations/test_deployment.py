@@ -129,5 +129,6 @@ def test_two_institutions_train_over_tls_under_their_own_policies(deployment):
     node_a_log = (deployment.root / "inst-a.log").read_text()
     assert "Loading weights" not in node_a_log
     assert "polling every 0.25 s when idle" in node_a_log  # inst-a's SuperNode ran through the launcher
+    assert "flwr-clientapp without Flower's SuperNode CLI imports" in node_a_log  # and its lighter flwr-clientapp
     assert decisions == {"inst-a": [(1, "accepted", ""), (2, "accepted", "")],
                          "inst-b": [(1, "accepted", ""), (2, "declined", "compute.max_rounds_per_day")]}
