@@ -22,6 +22,7 @@ from simulations.bench_processes import (
     wait_for,
     wait_until,
 )
+from simulations.node_commands import supernode_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,8 +93,7 @@ def run_deployment(procs: Processes, s: Settings, config: Path, data: Path, *, w
                                                              "--socket", str(sock), "--node-config", own])
         wait_until(sock.exists, process, worker_log, "the resident worker")
         own = f"worker='{sock}'"
-    launcher = ([sys.executable, "-m", "simulations.cli", "node", "supernode", "--poll-interval", str(poll_s), "--"]
-                if poll_s is not None else [tool("flower-supernode")])
+    launcher = supernode_command(tool("flower-supernode"), poll_s)
     process, node_log = procs.start(f"{name}-supernode", [
         *launcher, "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
         "--node-config", own])

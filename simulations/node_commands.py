@@ -17,6 +17,15 @@ def add_node_commands(commands: argparse._SubParsersAction) -> None:
     _add_policy_commands(commands)
 
 
+def supernode_command(flower_supernode: str, poll_s: float | None = None) -> list[str]:
+    """The start of an institution's SuperNode command line, before Flower's own arguments:
+    ``flower_supernode`` (the path of Flower's executable), or with ``poll_s`` the same SuperNode
+    through ``fedft node supernode --poll-interval POLL_S --`` in this Python."""
+    if poll_s is None:
+        return [flower_supernode]
+    return [sys.executable, "-m", "simulations.cli", "node", "supernode", "--poll-interval", str(poll_s), "--"]
+
+
 def _certs(args: argparse.Namespace) -> int:
     from fedft.deploy.certs import explain, make_certificates
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedft.deploy.certs import make_certificates
+from simulations.node_commands import supernode_command
 from tests.conftest import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -109,8 +110,7 @@ class Deployment:
                         poll_interval: float | None = None) -> tuple[subprocess.Popen, Path]:
         """``flower-supernode``, or with ``poll_interval`` the same through ``fedft node supernode``."""
         own = f"data-path='{data}' device='cpu' " if data is not None else ""
-        launcher = ([sys.executable, "-m", "simulations.cli", "node", "supernode", "--poll-interval",
-                     str(poll_interval), "--"] if poll_interval is not None else [tool("flower-supernode")])
+        launcher = supernode_command(tool("flower-supernode"), poll_interval)
         args = [*launcher, "--superlink", f"127.0.0.1:{self.port}",
                 "--auth-supernode-private-key", str(key), "--port", str(free_port()),
                 "--node-config", f"{own}{node_config}".strip()]
