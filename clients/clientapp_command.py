@@ -6,12 +6,12 @@ message a SuperNode receives. Flower's script imports ``flwr.supernode.cli``, wh
 only needs ``flwr_clientapp()``: on 2 cores that is about 0.9 s of imports against 0.5 s
 (``python -c "import flwr.supernode.cli"``), paid every round.
 
-``fedft node supernode`` writes the script below into a private directory (mode 0700) and
-puts it first on the ``PATH`` its SuperExec inherits. The script runs the same function from
-the same file of the installed Flower (``flwr/supernode/cli/flwr_clientapp.py``), loaded on its
-own: the arguments, the token, TLS and the ClientApp it runs are Flower's, unchanged. Where
-that file or function is missing (another Flower), ``load_flower_clientapp`` raises and the
-launcher leaves ``PATH`` alone.
+``fedft node supernode`` writes a script of that name (``write_command``) into a private
+directory (mode 0700) and puts it first on the ``PATH`` its SuperExec inherits. The script
+runs the same function from the same file of the installed Flower
+(``flwr/supernode/cli/flwr_clientapp.py``), loaded on its own: the arguments, the token, TLS
+and the ClientApp it runs are Flower's, unchanged. Where that file or function is missing
+(another Flower), ``load_flower_clientapp`` raises and the launcher leaves ``PATH`` alone.
 """
 
 from __future__ import annotations

@@ -101,10 +101,10 @@ def check_flower_waits(module: types.ModuleType) -> None:
 def install_lean_clientapp_command() -> str:
     """Put fedft's ``flwr-clientapp`` (clients/clientapp_command.py) first on the ``PATH`` the
     SuperExec inherits, in a private directory removed at exit; say which command will run."""
-    directory = Path(tempfile.mkdtemp(prefix="fedft-clientapp-"))
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     try:
         load_flower_clientapp()
+        directory = Path(tempfile.mkdtemp(prefix="fedft-clientapp-"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
         check_command(write_command(directory))
     except CommandUnavailable as reason:
         return f"flwr-clientapp as Flower installs it ({reason})"

@@ -13,7 +13,8 @@ import torch
 
 from fedft.config import PrivacyConfig, StrategyConfig
 from fedft.federated.exchange import wire_dtype
-from fedft.federated.lora_aggregate import LORA_A, adapter_rank, b_only, truncate_to_rank
+from fedft.federated.lora_aggregate import adapter_rank, b_only, truncate_to_rank
+from fedft.federated.wire import LORA_A
 from fedft.privacy.dpfedavg import adapter_delta, update_norm
 
 

@@ -64,7 +64,7 @@ def test_robust_aggregation_keeps_ffa_a_frozen_and_is_checked_in_the_config(tiny
     import pytest
 
     from fedft.config import ConfigError
-    from fedft.federated.lora_aggregate import LORA_A
+    from fedft.federated.wire import LORA_A
 
     cfg = _with(load_config(tiny_config_path), aggregation="ffa", robust="median")
     start = adapter(4, 0)
