@@ -21,7 +21,7 @@ def plain_loop(config_path: Path) -> dict:
 
     from fedft.config import load_config
     from fedft.data.partition import partition_dataset
-    from fedft.data.rows import collate, load_dataset_files, tokenize_dataset
+    from fedft.data.rows import collate, load_row_files, tokenize_dataset
     from fedft.federated.client_round import client_seed
     from fedft.model.load import lora_targets  # fedft's choice of layers (experts of a MoE base stay frozen)
     from fedft.train.local import batch_indices
@@ -47,7 +47,7 @@ def plain_loop(config_path: Path) -> dict:
                                              task_type="CAUSAL_LM"))
     model.config.use_cache = False
     load_s = time.perf_counter() - started
-    all_rows = load_dataset_files(cfg.data.train_files, cfg.data.columns)
+    all_rows = load_row_files(cfg.data.train_files, cfg.data.columns)
     rows = partition_dataset(all_rows, cfg.data, cfg.simulation.num_supernodes)[0]  # client 0's part
     examples = tokenize_dataset(rows, tokenizer, cfg.data)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fedft.config import config_to_dict, load_config
-from fedft.data.rows import load_dataset_files, tokenize_dataset
+from fedft.data.rows import load_row_files, tokenize_dataset
 from fedft.federated.aggregate import fedavg
 from fedft.federated.lora_aggregate import svd_aggregate
 from fedft.model.adapter import get_adapter_state, save_adapter
@@ -43,7 +43,7 @@ def setup(tiny_model_dir, tmp_path_factory):
 
 def local_steps_values(cfg, model) -> dict:
     tokenizer = load_tokenizer(model_spec(cfg))
-    examples = tokenize_dataset(load_dataset_files(cfg.data.train_files), tokenizer, cfg.data)
+    examples = tokenize_dataset(load_row_files(cfg.data.train_files), tokenizer, cfg.data)
     result = train_local(model, examples, tokenizer.pad_token_id, dataclasses.replace(cfg.train, local_steps=5),
                          global_state=initial_adapter_state(model_spec(cfg)), round_index=1, total_rounds=1, seed=7)
     return {"steps": result.steps, "train_loss": result.train_loss,

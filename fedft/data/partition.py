@@ -1,7 +1,12 @@
-"""Split one data set into simulated institutions with flwr-datasets, and check it before a run.
+"""Split one data set into simulated institutions, and check it before a run.
 
-``partition_dataset`` cuts rows IID, by a Dirichlet draw over a label column, or naturally
-(one partition per value of a column, e.g. the institution). ``check_simulation_data``
+``partition_dataset`` cuts a list of rows IID, by a Dirichlet draw over a label column, or
+naturally (one partition per value of a column, e.g. the institution). The IID and natural
+splits are plain Python and give exactly flwr-datasets' ``IidPartitioner`` (contiguous
+shards) and ``NaturalIdPartitioner`` (sorted ids) partitions (a test compares them) without
+importing ``datasets`` or flwr-datasets, whose imports (Arrow, pandas, seaborn, scipy) cost
+every simulation process seconds at start; the Dirichlet split is flwr-datasets' own.
+``check_simulation_data``
 reads every file and splits it as the clients will, so a bad row (file and line), a
 missing column or an empty partition fails before anything starts.
 """
@@ -9,7 +14,7 @@ missing column or an empty partition fails before anything starts.
 from __future__ import annotations
 
 from fedft.config import DataConfig, FedftConfig
-from fedft.data.rows import load_dataset_files
+from fedft.data.rows import load_row_files
 
 
 class PartitionError(ValueError):
@@ -43,54 +48,74 @@ def cached_partitions(cfg: DataConfig, num_partitions: int) -> list:
     key = (cfg, num_partitions, _file_stamps(cfg.train_files))
     if key not in _PARTITIONS:
         _PARTITIONS.clear()
-        _PARTITIONS[key] = partition_dataset(load_dataset_files(cfg.train_files, cfg.columns), cfg, num_partitions)
+        _PARTITIONS[key] = partition_dataset(load_row_files(cfg.train_files, cfg.columns), cfg, num_partitions)
     return _PARTITIONS[key]
 
 
-def make_partitioner(cfg: DataConfig, num_partitions: int):
-    """The flwr-datasets partitioner named by ``cfg.partition``."""
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
-
-    if cfg.partition == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
-    if cfg.partition == "dirichlet":
-        return DirichletPartitioner(
-            num_partitions=num_partitions, partition_by=cfg.partition_by,
-            alpha=cfg.dirichlet_alpha, min_partition_size=1, seed=cfg.seed,
-        )
-    return NaturalIdPartitioner(partition_by=cfg.partition_by)
+def contiguous_shards(rows: list, num_partitions: int) -> list[list]:
+    """``rows`` cut in order into ``num_partitions`` shards, the first ``len % n`` one row longer
+    (what ``datasets.Dataset.shard(n, i, contiguous=True)``, flwr-datasets' IID split, returns)."""
+    size, extra = divmod(len(rows), num_partitions)
+    bounds = [i * size + min(i, extra) for i in range(num_partitions + 1)]
+    return [rows[bounds[i]:bounds[i + 1]] for i in range(num_partitions)]
 
 
-def partition_dataset(dataset, cfg: DataConfig, num_partitions: int) -> list:
-    """Split ``dataset`` into ``num_partitions`` non-empty ``datasets.Dataset`` partitions."""
-    if len(dataset) < num_partitions:
+def natural_parts(rows: list[dict], column: str) -> list[list[dict]]:
+    """One partition per value of ``column``, in sorted order of the values, each keeping the rows'
+    order (flwr-datasets' ``NaturalIdPartitioner``, which numbers the sorted unique ids)."""
+    by_value: dict = {}
+    for row in rows:
+        by_value.setdefault(row[column], []).append(row)
+    return [by_value[value] for value in sorted(by_value)]
+
+
+def dirichlet_parts(rows: list[dict], cfg: DataConfig, num_partitions: int) -> list[list[dict]]:
+    """flwr-datasets' ``DirichletPartitioner`` over ``cfg.partition_by`` (imported only here): it is
+    given the label column and each row's index, and the rows themselves are handed out."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by=cfg.partition_by,
+                                       alpha=cfg.dirichlet_alpha, min_partition_size=1, seed=cfg.seed)
+    partitioner.dataset = Dataset.from_list([{cfg.partition_by: row[cfg.partition_by], "row_index": i}
+                                             for i, row in enumerate(rows)])
+    return [[rows[i] for i in partitioner.load_partition(p)["row_index"]] for p in range(num_partitions)]
+
+
+def partition_dataset(rows: list[dict], cfg: DataConfig, num_partitions: int) -> list[list[dict]]:
+    """Split ``rows`` into ``num_partitions`` non-empty lists of rows."""
+    rows = list(rows)
+    if len(rows) < num_partitions:
         raise PartitionError(
-            f"{len(dataset)} training rows cannot fill {num_partitions} client partitions "
+            f"{len(rows)} training rows cannot fill {num_partitions} client partitions "
             "(simulation.num_supernodes); every client needs at least one row"
         )
     needs_column = cfg.partition in ("dirichlet", "natural")
-    if needs_column and cfg.partition_by not in dataset.column_names:
+    columns = set().union(*(row.keys() for row in rows))
+    if needs_column and cfg.partition_by not in columns:
         raise PartitionError(
             f"data.partition_by = {cfg.partition_by!r}: no such column in the training data "
-            f"(columns: {', '.join(dataset.column_names)})"
+            f"(columns: {', '.join(sorted(columns))})"
         )
-    if needs_column and any(v is None for v in dataset[cfg.partition_by]):
+    if needs_column and any(row.get(cfg.partition_by) is None for row in rows):
         raise PartitionError(f"data.partition_by = {cfg.partition_by!r}: some rows have no value")
-    if cfg.partition == "natural":
-        found = sorted(set(map(str, dataset[cfg.partition_by])))
-        if len(found) != num_partitions:
-            raise PartitionError(
-                f"data.partition = 'natural' by {cfg.partition_by!r} gives {len(found)} "
-                f"partitions ({', '.join(found[:10])}), but {num_partitions} clients are configured "
-                "(simulation.num_supernodes)"
-            )
-        # NaturalIdPartitioner numbers ids in order of first appearance; sort for stability.
-        dataset = dataset.sort(cfg.partition_by)
-    partitioner = make_partitioner(cfg, num_partitions)
-    partitioner.dataset = dataset
     try:
-        parts = [partitioner.load_partition(i) for i in range(num_partitions)]
-    except (ValueError, IndexError) as err:
+        if cfg.partition == "natural":
+            parts = natural_parts(rows, cfg.partition_by)
+            if len(parts) != num_partitions:
+                found = sorted(set(map(str, (row[cfg.partition_by] for row in rows))))
+                raise PartitionError(
+                    f"data.partition = 'natural' by {cfg.partition_by!r} gives {len(found)} "
+                    f"partitions ({', '.join(found[:10])}), but {num_partitions} clients are configured "
+                    "(simulation.num_supernodes)"
+                )
+        elif cfg.partition == "dirichlet":
+            parts = dirichlet_parts(rows, cfg, num_partitions)
+        else:
+            parts = contiguous_shards(rows, num_partitions)
+    except (ValueError, IndexError, TypeError) as err:
+        if isinstance(err, PartitionError):
+            raise
         raise PartitionError(f"data.partition = {cfg.partition!r}: {err}") from err
     for i, part in enumerate(parts):
         if len(part) == 0:

@@ -127,16 +127,16 @@ def read_rows(path: str | Path, columns: Mapping[str, str] | None = None) -> lis
     return _rows(path, records(path), columns or {})
 
 
-def load_dataset_files(paths: list[str] | tuple[str, ...], columns: Mapping[str, str] | None = None):
-    """Load one or more data files into a ``datasets.Dataset`` (metadata columns kept)."""
-    from datasets import Dataset
-
+def load_row_files(paths: list[str] | tuple[str, ...], columns: Mapping[str, str] | None = None) -> list[dict]:
+    """Read one or more data files into one list of rows, every row holding every column seen
+    (``None`` where its file had none; metadata columns kept). Plain lists: no Arrow table is
+    built and ``datasets`` is not imported, which a client's or the command's start-up would pay."""
     rows = [row for path in paths for row in read_rows(path, columns)]
     names = set().union(*(row.keys() for row in rows))
     for row in rows:
         for name in names:
             row.setdefault(name, None)
-    return Dataset.from_list(rows)
+    return rows
 
 
 def prompt_and_completion(messages: list[dict], tokenizer) -> tuple[str, str]:
@@ -231,7 +231,7 @@ def _places(errors: list[DataError], limit: int = 5) -> str:
 
 
 def tokenize_dataset(dataset, tokenizer, data, report: TokenizeReport | None = None) -> list[Example]:
-    """Tokenize every row of a ``datasets.Dataset`` (or list of rows) once, as ``data`` (a
+    """Tokenize every row of a list of rows (or a ``datasets.Dataset``) once, as ``data`` (a
     ``DataConfig``) says: its max_length, task column, long prompts and empty answers.
 
     Refused rows are all named in one ``DataError`` (the first few places and the count);

@@ -62,13 +62,13 @@ def load_eval_examples(cfg, tokenizer) -> list[Example]:
     """The held-out set, tokenized; at most ``data.eval_max_examples`` rows, drawn evenly."""
     import random
 
-    from fedft.data.rows import load_dataset_files, tokenize_dataset
+    from fedft.data.rows import load_row_files, tokenize_dataset
 
-    rows = load_dataset_files([cfg.data.eval_file], cfg.data.columns)
+    rows = load_row_files([cfg.data.eval_file], cfg.data.columns)
     indices = list(range(len(rows)))
     if len(indices) > cfg.data.eval_max_examples:
         indices = sorted(random.Random(cfg.data.seed).sample(indices, cfg.data.eval_max_examples))
-    return tokenize_dataset(rows.select(indices), tokenizer, cfg.data)
+    return tokenize_dataset([rows[i] for i in indices], tokenizer, cfg.data)
 
 
 class HeldOutEvaluator:

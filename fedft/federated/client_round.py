@@ -17,7 +17,7 @@ import torch
 
 from fedft.config import ConfigError, DataConfig, FedftConfig, LoraConfig, PrivacyConfig, StrategyConfig, TrainConfig
 from fedft.data.partition import cached_partitions
-from fedft.data.rows import DataError, Example, load_dataset_files, tokenize_dataset
+from fedft.data.rows import DataError, Example, load_row_files, tokenize_dataset
 from fedft.federated.admission import check_noise
 from fedft.federated.exchange import wire_dtype
 from fedft.federated.lora_aggregate import (
@@ -49,7 +49,7 @@ def client_examples(
     with _LOCK:
         if key not in _EXAMPLES:
             if data_path:
-                rows = load_dataset_files([data_path], data.columns)
+                rows = load_row_files([data_path], data.columns)
             elif partition_id is not None:
                 parts = cached_partitions(data, num_partitions)
                 if not 0 <= partition_id < len(parts):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fedft.config import FedftConfig
 from fedft.data.partition import cached_partitions
-from fedft.data.rows import load_dataset_files, tokenize_dataset
+from fedft.data.rows import load_row_files, tokenize_dataset
 from fedft.eval.held_out import ANSWERS, HeldOutEvaluator
 from fedft.federated.client_round import client_seed
 from fedft.model.adapter import save_adapter
@@ -61,7 +61,7 @@ class CentralizedRounds(_InProcessRounds):
 
     def __init__(self, cfg: FedftConfig, evaluator: HeldOutEvaluator) -> None:
         super().__init__(cfg, evaluator)
-        rows = load_dataset_files(cfg.data.train_files, cfg.data.columns)
+        rows = load_row_files(cfg.data.train_files, cfg.data.columns)
         self.examples = tokenize_dataset(rows, self.tokenizer, cfg.data)
         self.train_cfg = dataclasses.replace(cfg.train, local_steps=cfg.train.local_steps * clients_per_round(cfg))
 

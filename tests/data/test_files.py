@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fedft.data.files import DataError
-from fedft.data.rows import load_dataset_files, read_rows
+from fedft.data.rows import load_row_files, read_rows
 
 ROWS = [
     {"instruction": "ISO date:", "input": "Jul 2 2047", "output": "2047-07-02", "task": "date", "institution": "a"},
@@ -139,7 +139,7 @@ def test_a_bad_row_is_named_by_file_and_row_in_every_format(tmp_path, name, rows
 def test_a_bad_csv_row_is_named_by_its_line(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("instruction,output\nq,a\n\n,\n")
-    rows = load_dataset_files([str(path)])  # an empty answer is the tokenizer's to refuse or skip
+    rows = load_row_files([str(path)])  # an empty answer is the tokenizer's to refuse or skip
     assert rows[1]["source"] == f"{path}:4" and rows[1]["messages"][1]["content"] == ""
     path.write_bytes(b"instruction,output\nq,a\ncaf\xe9,b\n")
     with pytest.raises(DataError, match=f"^{path}:3:4: byte 0xe9 is not valid UTF-8"):
@@ -194,7 +194,7 @@ def test_reading_writes_no_copy_of_the_data_into_the_datasets_cache(tmp_path, mo
     cache = tmp_path / "cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     for name in ("d.csv", "d.parquet", "d.json", "saved"):
-        load_dataset_files([str(write(tmp_path / name, ROWS))])
+        load_row_files([str(write(tmp_path / name, ROWS))])
     assert not cache.exists() or not any(cache.rglob("*.arrow"))
 
 

@@ -1,27 +1,51 @@
-"""Simulated institutions through flwr-datasets partitioners."""
+"""Simulated institutions: fedft's IID and natural splits (equal to flwr-datasets') and the Dirichlet one."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-from datasets import Dataset
 
 from fedft.config import DataConfig
 from fedft.data.partition import PartitionError, partition_dataset
 
 
-def _rows(n_per_inst: dict[str, int]) -> Dataset:
+def _rows(n_per_inst: dict[str, int]) -> list[dict]:
     rows = []
     for inst, n in n_per_inst.items():
         rows += [{"x": f"{inst}-{i}", "institution": inst, "task": f"t{i % 3}"} for i in range(n)]
-    return Dataset.from_list(rows)
+    return rows
+
+
+def _column(rows: list[dict], name: str) -> list:
+    return [row[name] for row in rows]
+
+
+@pytest.mark.parametrize("rows, clients", [
+    ([{"x": i, "institution": ("b", "a", "c")[i % 3]} for i in range(10)], 3),
+    ([{"x": i, "institution": (12, 3, 7, 40)[i * 7 % 4]} for i in range(23)], 4),
+])
+def test_iid_and_natural_splits_equal_flwr_datasets_partitioners(rows, clients):
+    """The plain-Python splits hand each client exactly the rows, in the order, flwr-datasets would."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner
+
+    for n in (1, 3, clients):
+        iid = IidPartitioner(num_partitions=n)
+        iid.dataset = Dataset.from_list(rows)
+        ours = partition_dataset(rows, DataConfig(partition="iid"), n)
+        assert [_column(p, "x") for p in ours] == [iid.load_partition(i)["x"] for i in range(n)]
+    natural = NaturalIdPartitioner(partition_by="institution")
+    natural.dataset = Dataset.from_list(rows).sort("institution")
+    ours = partition_dataset(rows, DataConfig(partition="natural", partition_by="institution"), clients)
+    assert [_column(p, "x") for p in ours] == [natural.load_partition(i)["x"] for i in range(clients)]
+    assert all(isinstance(p[0], dict) and set(p[0]) == {"x", "institution"} for p in ours)
 
 
 def test_natural_gives_one_partition_per_value_in_sorted_order():
     ds = _rows({"b": 5, "a": 3, "c": 4})
     parts = partition_dataset(ds, DataConfig(partition="natural", partition_by="institution"), 3)
-    assert [sorted(set(p["institution"])) for p in parts] == [["a"], ["b"], ["c"]]
+    assert [sorted(set(_column(p, "institution"))) for p in parts] == [["a"], ["b"], ["c"]]
     assert [len(p) for p in parts] == [3, 5, 4]
 
 
@@ -35,7 +59,7 @@ def test_iid_splits_evenly_without_loss():
     ds = _rows({"a": 40})
     parts = partition_dataset(ds, DataConfig(partition="iid"), 4)
     assert [len(p) for p in parts] == [10, 10, 10, 10]
-    assert sorted(x for p in parts for x in p["x"]) == sorted(ds["x"])
+    assert sorted(row["x"] for p in parts for row in p) == sorted(_column(ds, "x"))
 
 
 def test_dirichlet_small_alpha_skews_labels():
@@ -44,8 +68,26 @@ def test_dirichlet_small_alpha_skews_labels():
     parts = partition_dataset(ds, cfg, 3)
     assert sum(len(p) for p in parts) == 300
     # With alpha = 0.1 each client is dominated by one label.
-    shares = [max(p["task"].count(t) for t in ("t0", "t1", "t2")) / len(p) for p in parts]
+    shares = [max(_column(p, "task").count(t) for t in ("t0", "t1", "t2")) / len(p) for p in parts]
     assert min(shares) > 0.6
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    theirs = DirichletPartitioner(num_partitions=3, partition_by="task", alpha=0.1, min_partition_size=1, seed=1)
+    theirs.dataset = Dataset.from_list(ds)
+    assert [_column(p, "x") for p in parts] == [theirs.load_partition(i)["x"] for i in range(3)]
+
+
+def test_splitting_the_training_files_imports_neither_datasets_nor_flwr_datasets(tiny_config_path):
+    """Their imports (Arrow, pandas, seaborn, scipy) cost each simulation process seconds at start."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedft.config import load_config; from fedft.data.partition import "
+            f"check_simulation_data; print(check_simulation_data(load_config({str(tiny_config_path)!r}))); "
+            "print(sorted(m for m in ('datasets', 'flwr_datasets', 'pandas', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[1] == "[]", out
 
 
 def test_missing_column_is_named():
@@ -77,4 +119,4 @@ def test_a_process_reads_and_splits_the_training_files_once_for_all_its_clients(
     second = client_examples(cfg.data, tokenizer, num_partitions=cfg.simulation.num_supernodes, partition_id=1)
     assert len(calls) == 1 and first and second and {e.source for e in first}.isdisjoint({e.source for e in second})
     assert partition.check_simulation_data(cfg) == [len(p) for p in real(
-        partition.load_dataset_files(cfg.data.train_files), cfg.data, 2)] and len(calls) == 1
+        partition.load_row_files(cfg.data.train_files), cfg.data, 2)] and len(calls) == 1

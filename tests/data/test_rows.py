@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedft.data.rows import IGNORE_INDEX, DataError, collate, load_dataset_files, read_rows, tokenize_row
+from fedft.data.rows import IGNORE_INDEX, DataError, collate, load_row_files, read_rows, tokenize_row
 from fedft.demo.base import build_char_tokenizer
 
 
@@ -23,7 +23,7 @@ def test_both_row_formats_load_with_metadata(tmp_path):
                                    {"role": "user", "content": "Say bye."},
                                    {"role": "assistant", "content": "bye"}]}) + "\n"
     )
-    ds = load_dataset_files([str(path)])
+    ds = load_row_files([str(path)])
     assert len(ds) == 2
     assert ds[0]["messages"][-1] == {"role": "assistant", "content": "hi"}
     assert ds[0]["task"] == "greet" and ds[1]["task"] is None

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fedft.config import config_to_dict, load_config
-from fedft.data.rows import DataError, load_dataset_files, tokenize_dataset
+from fedft.data.rows import DataError, load_row_files, tokenize_dataset
 from fedft.demo.base import pretraining_text
 from fedft.demo.general import DEMO_PRETRAIN_LINES, DEMO_PRETRAIN_SEED, demo_general_texts
 from fedft.demo.pairs import make_preference_rows
@@ -38,7 +38,7 @@ TASKS = {"date", "units", "json", "snake"}
 
 def _trained(cfg, model, tokenizer, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A few real optimizer steps on the institutions' training rows."""
-    examples = tokenize_dataset(load_dataset_files(cfg.data.train_files), tokenizer, cfg.data)
+    examples = tokenize_dataset(load_row_files(cfg.data.train_files), tokenizer, cfg.data)
     train = dataclasses.replace(cfg.train, local_steps=8, learning_rate=2e-2)
     return train_local(model, examples, tokenizer.pad_token_id, train, global_state=initial,
                        round_index=1, total_rounds=1).state
