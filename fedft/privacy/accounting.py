@@ -29,10 +29,18 @@ import math
 import numbers
 from collections.abc import Iterator, Sequence
 
-import dp_accounting
-from dp_accounting import pld, rdp
+from typing import TYPE_CHECKING
 
-NeighboringRelation = dp_accounting.NeighboringRelation
+if TYPE_CHECKING:
+    import dp_accounting
+
+@functools.cache
+def _dp():
+    """dp-accounting, imported on first use: a run without differential privacy (and every
+    client and server process it starts) does not pay for its import (scipy among it)."""
+    import dp_accounting
+
+    return dp_accounting
 
 SAMPLING_SCHEMES = ("fixed", "poisson", "none")
 ACCOUNTANTS = ("rdp", "pld")
@@ -44,7 +52,7 @@ PLD_VALUE_DISCRETIZATION = 1e-4
 # Replace-one sensitivity of a sum of updates clipped to norm C, in units of C.
 REPLACE_ONE_SENSITIVITY_FACTOR = 2.0
 
-EventCounts = Sequence[tuple[dp_accounting.DpEvent, int]]
+EventCounts = Sequence[tuple["dp_accounting.DpEvent", int]]
 
 
 # --- validation -----------------------------------------------------------------------------
@@ -103,11 +111,11 @@ def user_level_event(num_clients: int, sampled: float, noise_multiplier: float,
         sampled = _check_real("sampled", sampled, 0.0, num_clients, low_open=True, high_open=False)
     else:
         sampled = _check_int("sampled", sampled, 1, num_clients)
-    gaussian = dp_accounting.GaussianDpEvent(_check_noise("noise_multiplier", noise_multiplier))
+    gaussian = _dp().GaussianDpEvent(_check_noise("noise_multiplier", noise_multiplier))
     if sampling == "fixed":
-        return dp_accounting.SampledWithoutReplacementDpEvent(num_clients, sampled, gaussian)
+        return _dp().SampledWithoutReplacementDpEvent(num_clients, sampled, gaussian)
     if sampling == "poisson":
-        return dp_accounting.PoissonSampledDpEvent(sampled / num_clients, gaussian)
+        return _dp().PoissonSampledDpEvent(sampled / num_clients, gaussian)
     return gaussian
 
 
@@ -136,8 +144,8 @@ def dp_fedavg_round_event(num_clients: int, sampling_rate: float, noise_multipli
             )
         return user_level_event(num_clients, sampled, z / REPLACE_ONE_SENSITIVITY_FACTOR, "fixed")
     if sampling == "poisson":
-        return dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(z))
-    return dp_accounting.GaussianDpEvent(z)
+        return _dp().PoissonSampledDpEvent(rate, _dp().GaussianDpEvent(z))
+    return _dp().GaussianDpEvent(z)
 
 
 def record_sample_rate(num_examples: int, batch_size: int) -> float:
@@ -151,39 +159,39 @@ def record_level_round_event(sample_rate: float, noise_multiplier: float,
     q = _check_real("sample_rate", sample_rate, 0.0, 1.0, low_open=True, high_open=False)
     sigma = _check_noise("noise_multiplier", noise_multiplier)
     steps = _check_int("steps", steps, 1)
-    step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-    return dp_accounting.SelfComposedDpEvent(step, steps)
+    step = _dp().PoissonSampledDpEvent(q, _dp().GaussianDpEvent(sigma))
+    return _dp().SelfComposedDpEvent(step, steps)
 
 
 # --- composition ----------------------------------------------------------------------------
 
 def _leaves(event: dp_accounting.DpEvent) -> Iterator[dp_accounting.DpEvent]:
     """The sampling events (and other leaves) inside a possibly composed event."""
-    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    if isinstance(event, _dp().SelfComposedDpEvent):
         yield from _leaves(event.event)
-    elif isinstance(event, dp_accounting.ComposedDpEvent):
+    elif isinstance(event, _dp().ComposedDpEvent):
         for inner in event.events:
             yield from _leaves(inner)
     else:
         yield event
 
 
-def neighboring_relation(events: EventCounts) -> NeighboringRelation:
+def neighboring_relation(events: EventCounts) -> dp_accounting.NeighboringRelation:
     """The one neighbouring relation under which all ``events`` can be composed.
 
     Sampling without replacement needs replace-one; Poisson sampling needs add/remove-one;
     a plain Gaussian fits either (its ratio must then be w.r.t. that relation's sensitivity).
     """
     kinds = {type(leaf) for event, _ in events for leaf in _leaves(event)}
-    wor = dp_accounting.SampledWithoutReplacementDpEvent in kinds
-    poisson = dp_accounting.PoissonSampledDpEvent in kinds
+    wor = _dp().SampledWithoutReplacementDpEvent in kinds
+    poisson = _dp().PoissonSampledDpEvent in kinds
     if wor and poisson:
         raise ValueError(
             "events mix fixed-size sampling without replacement (replace-one neighbours) with "
             "Poisson sampling (add/remove-one neighbours); no single accountant composes both. "
             "Account the two guarantees separately"
         )
-    return NeighboringRelation.REPLACE_ONE if wor else NeighboringRelation.ADD_OR_REMOVE_ONE
+    return _dp().NeighboringRelation.REPLACE_ONE if wor else _dp().NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
 def _grouped(events: EventCounts) -> list[tuple[dp_accounting.DpEvent, int]]:
@@ -193,7 +201,7 @@ def _grouped(events: EventCounts) -> list[tuple[dp_accounting.DpEvent, int]]:
         if not (isinstance(item, tuple) and len(item) == 2):
             raise ValueError(f"events[{index}] must be an (event, count) pair, got {item!r}")
         event, count = item
-        if not isinstance(event, dp_accounting.DpEvent):
+        if not isinstance(event, _dp().DpEvent):
             raise ValueError(f"events[{index}][0] must be a dp_accounting.DpEvent, got {event!r}")
         count = _check_int(f"events[{index}] count", count, 0)
         for group in groups:
@@ -247,11 +255,11 @@ def _epsilon_uncached(grouped: tuple, delta: float, accountant: str,
                       interval: float | None) -> float | None:
     relation = neighboring_relation(grouped)
     if accountant == "rdp":
-        acc = rdp.RdpAccountant(neighboring_relation=relation)
+        acc = _dp().rdp.RdpAccountant(neighboring_relation=relation)
     else:
-        if relation is NeighboringRelation.REPLACE_ONE:
+        if relation is _dp().NeighboringRelation.REPLACE_ONE:
             return None
-        acc = pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=interval)
+        acc = _dp().pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=interval)
     with _quiet_absl():
         for event, count in grouped:
             if not acc.supports(event):

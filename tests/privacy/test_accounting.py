@@ -307,3 +307,15 @@ def test_next_user_epsilon_predicts_the_next_row(honest_rows):
     off = dataclasses.replace(honest_rows[0], mechanisms=[ledger.RECORD_LEVEL])
     assert math.isinf(ledger.next_user_epsilon([off], num_clients=10, sampling_rate=0.5,
                                                noise_multiplier=1.0, sampling="poisson", delta=DELTA))
+
+
+def test_dp_accounting_is_imported_only_when_an_epsilon_is_computed():
+    """A run without DP (its server and every client process) does not pay for dp-accounting's import."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import fedft.privacy.ledger, fedft.run.loop, clients.institution; "
+            "print('dp_accounting' in sys.modules); from fedft.privacy import accounting; "
+            "e = accounting.record_level_round_event(0.01, 1.0, 10); print('dp_accounting' in sys.modules, type(e).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "SelfComposedDpEvent"]
