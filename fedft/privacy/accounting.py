@@ -28,11 +28,11 @@ import logging
 import math
 import numbers
 from collections.abc import Iterator, Sequence
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import dp_accounting
+
 
 @functools.cache
 def _dp():
@@ -41,6 +41,7 @@ def _dp():
     import dp_accounting
 
     return dp_accounting
+
 
 SAMPLING_SCHEMES = ("fixed", "poisson", "none")
 ACCOUNTANTS = ("rdp", "pld")

@@ -316,6 +316,7 @@ def test_dp_accounting_is_imported_only_when_an_epsilon_is_computed():
 
     code = ("import sys; import fedft.privacy.ledger, fedft.run.loop, clients.institution; "
             "print('dp_accounting' in sys.modules); from fedft.privacy import accounting; "
-            "e = accounting.record_level_round_event(0.01, 1.0, 10); print('dp_accounting' in sys.modules, type(e).__name__)")
+            "e = accounting.record_level_round_event(0.01, 1.0, 10); "
+            "print('dp_accounting' in sys.modules, type(e).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "SelfComposedDpEvent"]
