@@ -36,6 +36,7 @@ from fedft.federated.public_errors import public_reason
 from fedft.privacy.client_accountant import ClientDeclined, RecordLevelAccountant
 
 ANNOUNCED = "fedft-announced"  # node state: the config fingerprint whose settings were logged
+OPTIMIZER_STATE = "fedft-optimizer-state"  # node state: this run's AdamW moments (train.keep_optimizer_state)
 
 
 def client_log() -> logging.Logger:
@@ -113,6 +114,22 @@ def save_accountant(state: MutableMapping, path: Path | None, accountant: Record
         accountant.save(path)
 
 
+def kept_moments(state: Mapping, cfg: FedftConfig, round_index: int) -> dict | None:
+    """This client's AdamW moments from its previous round in this run, when the round keeps them
+    (``train.keep_optimizer_state``); they never leave the institution. None: a fresh AdamW."""
+    if not cfg.train.keep_optimizer_state:
+        return None
+    kept = state.get(OPTIMIZER_STATE) if OPTIMIZER_STATE in state else None
+    if kept is None:
+        if round_index > 1:
+            log.info("round %d: a fresh AdamW (this node holds no moments from an earlier round of the run, "
+                     "e.g. after a restart)", round_index)
+        return None
+    from fedft.train.optimizer_state import from_bytes
+
+    return from_bytes(kept["moments"])
+
+
 def _announce_once(state: MutableMapping, admission: Admission, fingerprint: str) -> None:
     """Log which settings the coordinator chose, once per run and config (node state remembers)."""
     seen = state.get(ANNOUNCED)
@@ -183,7 +200,12 @@ def _train_admitted(request: RoundRequest, state: MutableMapping, node: NodeSett
         min_noise_multiplier=admission.min_noise_multiplier,
         noise_generator=generator,
         correction=request.correction,
+        optimizer_state=kept_moments(state, cfg, record.round_index),
     )
+    if result.optimizer_state is not None:
+        from fedft.train.optimizer_state import to_bytes
+
+        state[OPTIMIZER_STATE] = {"moments": to_bytes(result.optimizer_state), "round": record.round_index}
     metrics = {
         wire.NUM_EXAMPLES: result.num_examples,
         wire.TRAIN_LOSS: result.train_loss,

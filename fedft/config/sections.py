@@ -148,6 +148,8 @@ class TrainConfig(_Section):
     weight_decay: float = option(0.0, "a number >= 0")
     max_grad_norm: float = _max_grad_norm()
     num_threads: int = option(0, "an integer >= 0")  # torch threads per client process; 0 keeps torch's default
+    # each client's AdamW moments carried to its next round (kept at the institution), not restarted
+    keep_optimizer_state: bool = False
 
 
 @dataclass(frozen=True)

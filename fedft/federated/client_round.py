@@ -165,10 +165,13 @@ def run_client_round(
     min_noise_multiplier: float = 0.0,
     noise_generator: torch.Generator | None = None,
     correction: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> LocalResult:
     """Train this client's cached model for one round from the server's adapter.
 
     ``correction`` is SCAFFOLD's ``c - c_i`` from the server (``fedft.federated.scaffold``).
+    ``optimizer_state`` is this client's AdamW moments from its previous round
+    (``train.keep_optimizer_state``; the result carries the new ones, which stay here).
 
     The returned ``state`` is the reply payload (``reply_state``); ``rank`` is this
     client's LoRA rank, which the server needs for heterogeneous-rank aggregation. Under
@@ -196,13 +199,15 @@ def run_client_round(
                                accountant=accountant if accountant is not None else RecordLevelAccountant(),
                                max_epsilon=max_epsilon if max_epsilon is not None else cfg.privacy.client_max_epsilon,
                                min_noise_multiplier=min_noise_multiplier,
-                               noise_generator=noise_generator or secure_generator())
+                               noise_generator=noise_generator or secure_generator(),
+                               optimizer_state=optimizer_state)
     else:
         result = train_local(
             model, examples, tokenizer.pad_token_id, cfg.train,
             global_state=start, round_index=round_index,
             total_rounds=cfg.strategy.num_rounds, proximal_mu=proximal_mu, seed=seed,
             correction=None if correction is None else {k: v.to(torch.float32) for k, v in correction.items()},
+            optimizer_state=optimizer_state,
         )
     if cfg.privacy.user_level:
         update, clipped = private_reply(cfg.strategy, cfg.privacy, start, result.state)
@@ -213,7 +218,7 @@ def run_client_round(
 def _dp_sgd_round(train: TrainConfig, privacy: PrivacyConfig, total_rounds: int, model, pad_id: int,
                   examples: list, start: dict[str, torch.Tensor], round_index: int, seed: int, *,
                   accountant: RecordLevelAccountant, max_epsilon: float, min_noise_multiplier: float,
-                  noise_generator: torch.Generator) -> LocalResult:
+                  noise_generator: torch.Generator, optimizer_state: dict | None = None) -> LocalResult:
     """Record-level DP-SGD (``train``, ``privacy``, the run's ``total_rounds``): the planned round checked
     against the noise floor and the epsilon limit first (``ClientDeclined``: nothing trained), then
     trained and its spend recorded."""
@@ -224,6 +229,7 @@ def _dp_sgd_round(train: TrainConfig, privacy: PrivacyConfig, total_rounds: int,
     accountant.check(planned, privacy.delta, max_epsilon)
     result, spent = train_local_dp(model, examples, pad_id, train, privacy, global_state=start,
                                    round_index=round_index, total_rounds=total_rounds,
-                                   noise_generator=noise_generator, seed=seed, planned=planned)
+                                   noise_generator=noise_generator, seed=seed, planned=planned,
+                                   optimizer_state=optimizer_state)
     accountant.step(spent)
     return dataclasses.replace(result, dp_sgd=spent)

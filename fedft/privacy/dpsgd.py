@@ -28,6 +28,7 @@ from fedft.privacy import accounting
 from fedft.privacy.client_accountant import DpSgdRound
 from fedft.score.answers import per_example_loss
 from fedft.train.local import LocalResult, lr_multiplier
+from fedft.train.optimizer_state import restore_state, saved_state, trainable_names
 
 
 def noise_for_client(privacy: PrivacyConfig, *, sample_rate: float, local_steps: int, num_rounds: int) -> float:
@@ -80,12 +81,15 @@ def train_local_dp(
     noise_generator: torch.Generator,
     seed: int = 0,
     planned: DpSgdRound | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[LocalResult, DpSgdRound]:
     """``train.local_steps`` DP-SGD steps from ``global_state``; the adapter and what it spent.
 
     ``train`` and ``privacy`` are the run's sections; ``total_rounds`` (``strategy.num_rounds``) sets
     the learning-rate schedule's length and a calibrated sigma. ``planned`` is the round a caller
-    already checked against its limits (``planned_round``); without it the round is planned here."""
+    already checked against its limits (``planned_round``); without it the round is planned here.
+    With ``train.keep_optimizer_state`` AdamW continues from ``optimizer_state`` (moments of noised,
+    clipped gradients: post-processing, no extra privacy cost) and the result carries the new ones."""
     if not examples:
         raise ValueError("train_local_dp: this client has no training examples")
     if train.num_threads:
@@ -96,6 +100,9 @@ def train_local_dp(
     sigma = planned.noise_multiplier
     hooks, dp_optimizer, dp_loader = _make_private(model, params, train, privacy, len(examples), sigma,
                                                    noise_generator, seed)
+    named = trainable_names(model) if train.keep_optimizer_state else []
+    inner = dp_optimizer.original_optimizer
+    restored = restore_state(inner, named, optimizer_state) if optimizer_state else 0
     torch.manual_seed(seed)  # LoRA dropout
     try:
         losses = _dp_steps(model, examples, pad_id, train, dp_optimizer, dp_loader, round_index,
@@ -109,6 +116,8 @@ def train_local_dp(
     result = LocalResult(
         state=get_adapter_state(model), num_examples=len(examples),
         train_loss=sum(losses) / len(losses) if losses else float("nan"), steps=train.local_steps,
+        optimizer_state=saved_state(inner, named) if train.keep_optimizer_state else None,
+        optimizer_restored=restored,
     )
     return result, planned
 

@@ -64,6 +64,7 @@ class CentralizedRounds(_InProcessRounds):
         rows = load_row_files(cfg.data.train_files, cfg.data.columns)
         self.examples = tokenize_dataset(rows, self.tokenizer, cfg.data)
         self.train_cfg = dataclasses.replace(cfg.train, local_steps=cfg.train.local_steps * clients_per_round(cfg))
+        self.moments = None  # train.keep_optimizer_state: AdamW's moments from the last round (fresh after a resume)
 
     def headline(self, state) -> str:
         return (f"fedft: centralized baseline on the pooled data ({len(self.examples)} rows), "
@@ -72,7 +73,9 @@ class CentralizedRounds(_InProcessRounds):
     def train(self, round_index: int, state) -> RoundResult:
         result = train_local(self.model, self.examples, self.tokenizer.pad_token_id, self.train_cfg,
                              global_state=state, round_index=round_index,
-                             total_rounds=self.cfg.strategy.num_rounds, seed=client_seed(self.cfg.seed, round_index, 0))
+                             total_rounds=self.cfg.strategy.num_rounds, seed=client_seed(self.cfg.seed, round_index, 0),
+                             optimizer_state=self.moments)
+        self.moments = result.optimizer_state
         row = {"train_loss": result.train_loss, "bytes_up": 0, "bytes_down": 0, "clients": 1, "steps": result.steps}
         return RoundResult(result.state, row)
 
@@ -94,6 +97,7 @@ class LocalRounds(_InProcessRounds):
         parts = cached_partitions(cfg.data, n)
         self.examples = [tokenize_dataset(p, self.tokenizer, cfg.data)
                          for p in parts]
+        self.moments = [None] * n  # train.keep_optimizer_state: each client's AdamW moments
 
     def headline(self, state) -> str:
         return (f"fedft: local-only baseline, {len(self.examples)} clients each alone, "
@@ -103,8 +107,10 @@ class LocalRounds(_InProcessRounds):
         results = [train_local(self.model, examples, self.tokenizer.pad_token_id, self.cfg.train,
                                global_state=states[client], round_index=round_index,
                                total_rounds=self.cfg.strategy.num_rounds,
-                               seed=client_seed(self.cfg.seed, round_index, client))
+                               seed=client_seed(self.cfg.seed, round_index, client),
+                               optimizer_state=self.moments[client])
                    for client, examples in enumerate(self.examples)]
+        self.moments = [r.optimizer_state for r in results]
         row = {"train_loss": _mean([r.train_loss for r in results]), "bytes_up": 0, "bytes_down": 0,
                "clients": len(results)}
         return RoundResult([r.state for r in results], row)

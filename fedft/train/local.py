@@ -20,6 +20,7 @@ import torch
 from fedft.config import TrainConfig
 from fedft.data.rows import Example, collate
 from fedft.model.adapter import get_adapter_state, set_adapter_state
+from fedft.train.optimizer_state import restore_state, saved_state, trainable_names
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class LocalResult:
     clipped: bool = False  # DP-FedAvg: the update was scaled down to privacy.clip_norm
     dp_sgd: object = None  # record-level DP: fedft.privacy.dpsgd.DpSgdRound spent this round
     lr_sum: float | None = None  # SCAFFOLD: the sum of the round's per-step learning rates
+    optimizer_state: dict | None = None  # train.keep_optimizer_state: the AdamW moments after the round
+    optimizer_restored: int = 0  # how many parameters continued from the previous round's moments
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -77,11 +80,15 @@ def train_local(
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
     correction: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> LocalResult:
     """Run ``cfg.local_steps`` optimizer steps from ``global_state``; return the new adapter.
 
     ``correction`` (SCAFFOLD's ``c - c_i``, by adapter tensor name) moves the adapter by
     ``-lr * correction`` after every optimizer step; the result then carries ``lr_sum``.
+    With ``cfg.keep_optimizer_state`` AdamW starts from ``optimizer_state`` (this client's
+    previous round, ``fedft.train.optimizer_state``; ``None`` or ``{}``: fresh) and the result
+    carries the moments after this round.
     """
     if not examples:
         raise ValueError("train_local: this client has no training examples")
@@ -94,6 +101,8 @@ def train_local(
     corrections = correction_pairs(model, correction) if correction is not None else []
     lr_sum = 0.0
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    named = trainable_names(model) if cfg.keep_optimizer_state else []
+    restored = restore_state(optimizer, named, optimizer_state) if optimizer_state else 0
     total_steps = total_rounds * cfg.local_steps
     first_step = (round_index - 1) * cfg.local_steps
     batches = batch_indices(len(examples), cfg.batch_size, seed)
@@ -123,6 +132,8 @@ def train_local(
         state=get_adapter_state(model), num_examples=len(examples),
         train_loss=sum(losses) / len(losses), steps=cfg.local_steps,
         lr_sum=lr_sum if correction is not None else None,
+        optimizer_state=saved_state(optimizer, named) if cfg.keep_optimizer_state else None,
+        optimizer_restored=restored,
     )
 
 
