@@ -12,7 +12,8 @@ from collections.abc import Iterable
 LOAD_BAR = re.compile(r"Loading weights:\s+0%")
 
 
-RAY_PREFIX = re.compile(r"^\((\w+) pid=(\d+)(?:, ip=[^)]*)?\)")
+# "(ClientAppActor pid=N)", or "(pid=N)" before the worker became an actor (its warm-up: simulations/ray_cluster.py)
+RAY_PREFIX = re.compile(r"^\((?:\w+ )?pid=(\d+)(?:, ip=[^)]*)?\)")
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -95,14 +96,15 @@ def loads_line(label: str, loads: int, per: int, per_name: str, detail: str) -> 
 
 def count_loads(console: str) -> Counter:
     """Base loads per process in a ``--verbose`` simulation's console: the starts of transformers'
-    "Loading weights" bar, keyed by Ray's "(Actor pid=N)" line prefix ("driver" for the simulation
-    process itself, which loads the base for the server's evaluation)."""
+    "Loading weights" bar, keyed by the process id in Ray's "(Actor pid=N)" or "(pid=N)" line
+    prefix ("driver" for the simulation process itself, which loads the base for the server's
+    evaluation)."""
     counts: Counter = Counter()
     for line in ANSI.sub("", console).split("\n"):  # not splitlines(): a bar's "\r" follows Ray's prefix
         found = len(LOAD_BAR.findall(line))
         if found:
             prefix = RAY_PREFIX.match(line)
-            counts[f"{prefix.group(1)} pid={prefix.group(2)}" if prefix else "driver"] += found
+            counts[f"Ray worker pid={prefix.group(1)}" if prefix else "driver"] += found
     return counts
 
 
@@ -127,8 +129,21 @@ def client_rounds(rows: list[dict]) -> int:
 def figures_a(sim: dict, plain: dict, s: Settings) -> list[str]:
     sim_step = steady_round_seconds(sim["rows"]) / s.steps
     plain_step = mean(plain["step_s"][s.steps:])  # after the first round's worth of steps
-    return [ratio_line("(a) whole wall time", ("simulation", "plain loop"), (sim["wall_s"], plain["wall_s"])),
-            ratio_line("(a) steady-state step", ("simulation", "plain loop"), (sim_step, plain_step))]
+    lines = [ratio_line("(a) whole wall time", ("simulation", "plain loop"), (sim["wall_s"], plain["wall_s"])),
+             ratio_line("(a) steady-state step", ("simulation", "plain loop"), (sim_step, plain_step))]
+    if plain.get("losses"):
+        lines.append(same_work_line(sim["rows"], plain["losses"], s.steps))
+    return lines
+
+
+def same_work_line(rows: list[dict], plain_losses: list[float], steps: int) -> str:
+    """Whether the two did the same arithmetic: each round's training loss in the simulation (its
+    metrics rows) against the mean of the plain loop's losses over that round's steps."""
+    trained = [r for r in rows if r.get("train_loss") is not None]
+    plain = [mean(plain_losses[i:i + steps]) for i in range(0, len(plain_losses), steps)]
+    gaps = [abs(r["train_loss"] - plain[r["round"] - 1]) for r in trained if r["round"] - 1 < len(plain)]
+    return (f"(a) same arithmetic: training loss per round, simulation vs plain loop: largest difference "
+            f"{max(gaps, default=float('nan')):.4f} over {len(gaps)} rounds")
 
 
 def figures_b(sim: dict, deployed: dict[str, dict]) -> list[str]:

@@ -12,8 +12,10 @@ def plain_loop(config_path: Path) -> dict:
     """transformers + peft + bitsandbytes, no fedft in the loop: the simulated client's rounds back to back.
 
     The same model, quantization, LoRA, threads, tokenized examples and batch indices as client 0
-    of the simulation (fedft's data preparation and batch order are reused; loading, the optimizer
-    and the steps are written out here). Returns the load time and every step's time.
+    of the simulation (fedft's data preparation, batch order and dropout seeds are reused; loading,
+    the optimizer and the steps are written out here). Returns the load time, every step's time and
+    every step's loss (each round's mean is the simulated client's training loss when the two did
+    the same arithmetic).
     """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -42,6 +44,7 @@ def plain_loop(config_path: Path) -> dict:
                                                  device_map={"": device})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(cfg.seed)  # LoRA's initialisation, as fedft seeds it
     model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                              target_modules=lora_targets(model, cfg.lora.target_modules),
                                              task_type="CAUSAL_LM"))
@@ -52,19 +55,23 @@ def plain_loop(config_path: Path) -> dict:
     examples = tokenize_dataset(rows, tokenizer, cfg.data)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    step_s = []
+    step_s, losses = [], []
     for round_index in range(1, cfg.strategy.num_rounds + 1):
         optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-        batches = batch_indices(len(examples), cfg.train.batch_size, client_seed(cfg.seed, round_index, 0))
+        seed = client_seed(cfg.seed, round_index, 0)
+        batches = batch_indices(len(examples), cfg.train.batch_size, seed)
+        torch.manual_seed(seed)  # LoRA dropout, as the client seeds it: the same arithmetic, step for step
         for _ in range(cfg.train.local_steps):
             t0 = time.perf_counter()
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in next(batches)],
                                                          tokenizer.pad_token_id).items()}
-            model(**batch).loss.backward()
+            loss = model(**batch).loss
+            losses.append(loss.item())
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             step_s.append(time.perf_counter() - t0)
-    return {"load_s": load_s, "step_s": step_s, "examples": len(examples)}
+    return {"load_s": load_s, "step_s": step_s, "losses": losses, "examples": len(examples)}

@@ -64,14 +64,14 @@ def test_steady_rounds_leave_out_round_one_and_evaluated_rounds():
 def test_base_loads_are_counted_per_ray_actor_from_a_verbose_console(tmp_path):
     console = (f"\r{BAR}\n"  # the simulation process itself (the server's evaluation)
                f"\x1b[36m(ClientAppActor pid=11)\x1b[0m \r{BAR}\n"
-               f"\x1b[36m(ClientAppActor pid=12)\x1b[0m \rLoading weights:   0%|   | 0/38\n"
-               f"\x1b[36m(ClientAppActor pid=12)\x1b[0m \rLoading weights:  50%|   | 19/38\n"
+               f"\x1b[36m(pid=12)\x1b[0m \rLoading weights:   0%|   | 0/38\n"  # its warm-up, before it was an actor
+               f"\x1b[36m(pid=12)\x1b[0m \rLoading weights:  50%|   | 19/38\n"
                "\x1b[36m(ClientAppActor pid=12)\x1b[0m round 1 trained\n")
     log = tmp_path / "console.log"
     log.write_bytes(console.encode())
     text = bench.log_text(log)
     assert "\r" in text  # read_text would have turned the bars' carriage returns into line breaks
-    assert bench.count_loads(text) == {"driver": 1, "ClientAppActor pid=11": 1, "ClientAppActor pid=12": 1}
+    assert bench.count_loads(text) == {"driver": 1, "Ray worker pid=11": 1, "Ray worker pid=12": 1}
 
 
 def test_the_worker_log_gives_loads_rounds_and_time_per_round():
@@ -123,6 +123,19 @@ def test_the_figures_from_known_runs():
         "(d) peak RSS, 8 sampled: N=64 / N=8 = 1.50x  (3.00 GiB vs 2.00 GiB); 11 processes at the peak "
         "(PSS 1.50 GiB)",
     ]
+
+
+def test_the_same_arithmetic_line_compares_each_round_training_loss():
+    rows = _rows((5.0, True), (12.0, False), (3.0, False), (4.0, True))
+    for row, loss in zip(rows[1:], (2.0, 1.5, 1.0)):
+        row["train_loss"] = loss
+    plain = {"wall_s": 20.0, "step_s": [0.2] * 6, "losses": [2.5, 1.5, 1.0, 2.1, 1.0, 1.0]}  # rounds of 2 steps
+    settings = bench.Settings(rounds=3, steps=2)
+    lines = bench.figures_a({"wall_s": 30.0, "rows": rows}, plain, settings)
+    assert lines[-1] == ("(a) same arithmetic: training loss per round, simulation vs plain loop: largest "
+                         "difference 0.0500 over 3 rounds")
+    older = {k: v for k, v in plain.items() if k != "losses"}  # a plain loop that kept no losses: no such line
+    assert len(bench.figures_a({"wall_s": 30.0, "rows": rows}, older, settings)) == 2
 
 
 def test_the_configs_sample_a_fixed_number_of_clients(tmp_path):
