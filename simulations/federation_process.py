@@ -28,6 +28,7 @@ from pathlib import Path
 
 TOKEN_VAR = "FEDFT_RUN_TOKEN"  # inherited by every process the federation starts
 GRACE_S = 30.0  # after the forwarded Ctrl-C, before the child's group is killed
+GO = b"go\n"  # what the prepared child waits for on its stdin before it runs the federation
 
 
 class Interrupted(KeyboardInterrupt):
@@ -66,56 +67,98 @@ def kill_token_holders(token: str) -> int:
     return len(pids)
 
 
-def run_federation_in_child(cfg, out_dir: Path, *, resume: bool, verbose: bool) -> dict:
+class FederationChild:
+    """The federation's process, started before the run's checks so that its slow start overlaps them.
+
+    It imports Flower, torch and the model libraries and starts Ray (warming its workers) while
+    this process reads and tokenizes the data, then waits: ``go`` lets it run the federation,
+    ``cancel`` (a refused run, an error, Ctrl-C before ``go``) stops it and every process it
+    started. Before ``go`` it touches nothing in the run directory.
+    """
+
+    def __init__(self, cfg, out_dir: Path, *, resume: bool, verbose: bool) -> None:
+        from fedft.config import config_to_dict
+
+        # always fresh: a token inherited from an outer process (a wrapper running several fedft commands) only
+        # prefixes it, so cleaning up this run can never kill another run or the wrapper itself
+        self.token = "-".join(t for t in (os.environ.get(TOKEN_VAR), secrets.token_hex(8)) if t)
+        self._scratch = tempfile.TemporaryDirectory(prefix="fedft-federation-")
+        scratch = Path(self._scratch.name)
+        spec, self.result = scratch / "spec.json", scratch / "result.json"
+        spec.write_text(json.dumps({"config": config_to_dict(cfg), "out_dir": str(out_dir), "resume": resume,
+                                    "verbose": verbose, "result": str(self.result)}))
+        command = [sys.executable, "-m", "simulations.federation_process", str(spec), str(os.getpid())]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, env={**os.environ, TOKEN_VAR: self.token},
+                                        start_new_session=True)
+
+    def __enter__(self) -> FederationChild:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+    def go(self) -> None:
+        """Let the prepared child run the federation."""
+        try:
+            self.process.stdin.write(GO)
+            self.process.stdin.close()
+        except (BrokenPipeError, OSError):  # the child already ended: its outcome file says why
+            pass
+
+    def cancel(self) -> None:
+        """Stop the child (if it still runs) and every process of this run; remove its scratch files."""
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.close()  # a child still preparing reads EOF and leaves
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, OSError):
+                pass
+            self.process.wait()
+        kill_token_holders(self.token)
+        self._scratch.cleanup()
+
+
+def run_federation_in_child(cfg, out_dir: Path, *, resume: bool, verbose: bool,
+                            child: FederationChild | None = None) -> dict:
     """Run the federation in a child process group; return summary.json's contents.
 
-    Raises ``Interrupted`` after Ctrl-C / SIGTERM, ``RunFailed`` when the federation failed.
+    ``child`` is the federation's process started earlier for this ``cfg`` and ``out_dir``
+    (``FederationChild``); without it one starts now. Raises ``Interrupted`` after Ctrl-C /
+    SIGTERM, ``RunFailed`` when the federation failed.
     """
-    from fedft.config import config_to_dict
     from fedft.rundir import RunFailed, load_summary
 
-    # always fresh: a token inherited from an outer process (a wrapper running several fedft commands) only
-    # prefixes it, so cleaning up this run can never kill another run or the wrapper itself
-    token = "-".join(t for t in (os.environ.get(TOKEN_VAR), secrets.token_hex(8)) if t)
-    with tempfile.TemporaryDirectory(prefix="fedft-federation-") as scratch:
-        spec, result = Path(scratch) / "spec.json", Path(scratch) / "result.json"
-        spec.write_text(json.dumps({"config": config_to_dict(cfg), "out_dir": str(out_dir), "resume": resume,
-                                    "verbose": verbose, "result": str(result)}))
+    with child or FederationChild(cfg, out_dir, resume=resume, verbose=verbose) as started:
         received: list[int] = []
-        children: list[subprocess.Popen] = []
 
         def forward(signum, frame):  # noqa: ARG001 - signal handler signature
             received.append(signum)
-            for started in children:
-                try:
-                    os.killpg(started.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
+            try:
+                os.killpg(started.process.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
 
         main_thread = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
         try:
-            command = [sys.executable, "-m", "simulations.federation_process", str(spec), str(os.getpid())]
-            child = subprocess.Popen(command, env={**os.environ, TOKEN_VAR: token}, start_new_session=True)
-            children.append(child)
-            if received:  # a signal that came while the child was starting
-                forward(received[0], None)
-            if not _wait(child, received):
+            started.go()
+            if not _wait(started.process, received):
                 print(f"fedft: the federation did not stop within {GRACE_S:.0f} s of the signal; its processes "
                       "were killed", file=sys.stderr)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            kill_token_holders(token)
+            kill_token_holders(started.token)
+        returncode = started.process.returncode
         if received:
-            if not (child.returncode == 0 and (Path(out_dir) / "summary.json").is_file()):
+            if not (returncode == 0 and (Path(out_dir) / "summary.json").is_file()):
                 record_interruption(out_dir, received[0])
                 raise Interrupted(received[0])
-        outcome = json.loads(result.read_text()) if result.is_file() else {}
+        outcome = json.loads(started.result.read_text()) if started.result.is_file() else {}
     if outcome.get("error"):
         raise _reraised(outcome["error"], outcome["message"])
-    if child.returncode != 0 or not outcome.get("ok"):
-        raise RunFailed(f"the simulation process ended with exit code {child.returncode} before the run finished; "
+    if returncode != 0 or not outcome.get("ok"):
+        raise RunFailed(f"the simulation process ended with exit code {returncode} before the run finished; "
                         f"{out_dir} keeps every complete round (--resume continues it)")
     return load_summary(out_dir)
 
@@ -174,27 +217,45 @@ def _wait(child: subprocess.Popen, received: list[int]) -> bool:
     return True
 
 
-def run_federation_here(cfg, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
-    """Flower's Simulation Engine with fedft's ServerApp and ClientApp, in this process."""
-    import logging
-
-    from fedft.rundir import RunFailed
+def prepare_federation(cfg, *, verbose: bool) -> None:
+    """What the federation needs before its first round, done while the parent still checks the run:
+    Flower and fedft's apps imported, Ray started (its workers warming up: simulations/ray_cluster.py)
+    and the server's copy of the base loaded (the ServerApp's evaluator finds it in the cache). A
+    base that fails to load here is loaded again by the ServerApp, which reports the error."""
     from simulations import console
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from flwr.simulation import run_simulation
+    import flwr.simulation  # noqa: F401 - the slow imports, done before the parent's go
 
-    from clients.app import app as client_app
-    from server.app import make_server_app
+    import clients.app  # noqa: F401
+    import server.app  # noqa: F401
+    from simulations.ray_cluster import start_ray
 
     if not verbose:  # importing flwr set its logger to DEBUG
         console.quiet_loggers()
+    start_ray(cfg)  # before Flower's engine, which then uses it
+    try:
+        from fedft.model.load import cached_peft_model, model_spec
+
+        cached_peft_model(model_spec(cfg))
+    except Exception:  # noqa: BLE001 - the ServerApp's own load reports it
+        pass
+
+
+def run_federation_here(cfg, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
+    """Flower's Simulation Engine with fedft's ServerApp and ClientApp, in this process."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from fedft.rundir import RunFailed
+    from server.app import make_server_app
+
+    prepare_federation(cfg, verbose=verbose)  # done already when the parent started this process early
     backend_config = {
         "client_resources": {
             "num_cpus": cfg.simulation.num_cpus,
             "num_gpus": cfg.simulation.num_gpus,
         },
-        "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
     }
     outcome: dict = {}
     run_simulation(
@@ -223,7 +284,7 @@ def _stop_quietly(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def _child_main(spec_path: str, parent: int) -> int:
-    """The child: run the federation, write how it ended."""
+    """The child: prepare, wait for the parent's go, run the federation, write how it ended."""
     _die_with_parent(parent)
     from fedft.config import config_from_dict
 
@@ -232,8 +293,11 @@ def _child_main(spec_path: str, parent: int) -> int:
     if not spec["verbose"]:
         signal.signal(signal.SIGINT, _stop_quietly)
     try:
-        run_federation_here(config_from_dict(spec["config"]), Path(spec["out_dir"]), resume=spec["resume"],
-                            verbose=spec["verbose"])
+        cfg = config_from_dict(spec["config"])
+        prepare_federation(cfg, verbose=spec["verbose"])
+        if sys.stdin.buffer.readline() != GO:  # the parent refused the run; it stops Ray's processes
+            return 0
+        run_federation_here(cfg, Path(spec["out_dir"]), resume=spec["resume"], verbose=spec["verbose"])
     except KeyboardInterrupt:
         # Flower's ServerApp thread (fedft's run loop) is not a daemon: a normal exit would wait for it
         # to finish its round, and the parent would kill the group after GRACE_S. Every complete round is
@@ -249,4 +313,10 @@ def _child_main(spec_path: str, parent: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1], int(sys.argv[2])))
+    code = _child_main(sys.argv[1], int(sys.argv[2]))
+    # Leave without the interpreter's teardown (Ray's and torch's exit handlers: about 4 s on 2 cores):
+    # Flower has shut Ray down, every file of the run is written (atomically) and the parent reads
+    # the outcome file and kills any process of this run still alive.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

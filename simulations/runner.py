@@ -32,9 +32,6 @@ def simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool = False, resume: 
 
 
 def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool, overwrite: bool) -> dict:
-    from fedft.data.partition import check_simulation_data
-    from fedft.model.files import check_model_files
-
     if resume and cfg.strategy.name == "local":
         raise ConfigError("--resume works for federated and centralized runs; strategy.name = 'local' keeps one "
                           "adapter per client and writes no checkpoint")
@@ -43,6 +40,28 @@ def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool, o
         # enforces every client's limit (deployed clients use their node's state-dir)
         privacy = dataclasses.replace(cfg.privacy, client_state_dir=str(out_dir.resolve() / "client-privacy"))
         cfg = dataclasses.replace(cfg, privacy=privacy)
+    if cfg.strategy.name in ("local", "centralized"):  # in this process (torch is imported only here)
+        _check_run(cfg, out_dir, resume=resume)
+        with claimed_run_dir(out_dir, resume=resume, overwrite=overwrite):
+            from fedft.run.baselines import run_centralized, run_local
+
+            return run_local(cfg, out_dir) if cfg.strategy.name == "local" else run_centralized(cfg, out_dir,
+                                                                                               resume=resume)
+    from simulations.federation_process import FederationChild, run_federation_in_child
+
+    # the federation's process starts now and prepares (imports, Ray, the server's base) during the checks;
+    # a refused run stops it before it touched the run directory
+    with FederationChild(cfg, out_dir, resume=resume, verbose=verbose) as child:
+        _check_run(cfg, out_dir, resume=resume)
+        with claimed_run_dir(out_dir, resume=resume, overwrite=overwrite):
+            return run_federation_in_child(cfg, out_dir, resume=resume, verbose=verbose, child=child)
+
+
+def _check_run(cfg: FedftConfig, out_dir: Path, *, resume: bool) -> None:
+    """Every check before a run starts: data, model files, tokenized rows, the checkpoint resumed from."""
+    from fedft.data.partition import check_simulation_data
+    from fedft.model.files import check_model_files
+
     sizes = check_simulation_data(cfg)  # bad rows or empty partitions fail before anything starts
     check_model_files(cfg.model_path)
     tokenized = check_tokenized_data(cfg)  # long prompts, empty answers: refused or counted, before anything runs
@@ -52,13 +71,6 @@ def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool, o
         load_resume_point(out_dir, cfg)  # a changed config is refused before anything is touched
     print(f"fedft: {len(sizes)} clients with {', '.join(map(str, sizes))} training rows"
           + (f"; {tokenized}" if tokenized else ""))
-    with claimed_run_dir(out_dir, resume=resume, overwrite=overwrite):
-        if cfg.strategy.name in ("local", "centralized"):  # in this process (torch is imported only here)
-            from fedft.run.baselines import run_centralized, run_local
-
-            return run_local(cfg, out_dir) if cfg.strategy.name == "local" else run_centralized(cfg, out_dir,
-                                                                                               resume=resume)
-        return _simulate_federation(cfg, out_dir, verbose=verbose, resume=resume)
 
 
 def check_tokenized_data(cfg: FedftConfig) -> str:
@@ -77,9 +89,3 @@ def check_tokenized_data(cfg: FedftConfig) -> str:
     return report.line()
 
 
-def _simulate_federation(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
-    """The federation in a child process group (simulations/federation_process.py), so Ctrl-C and
-    SIGTERM stop it cleanly and no Ray process outlives the command."""
-    from simulations.federation_process import run_federation_in_child
-
-    return run_federation_in_child(cfg, out_dir, resume=resume, verbose=verbose)
