@@ -82,6 +82,7 @@ class FederationChild:
         # always fresh: a token inherited from an outer process (a wrapper running several fedft commands) only
         # prefixes it, so cleaning up this run can never kill another run or the wrapper itself
         self.token = "-".join(t for t in (os.environ.get(TOKEN_VAR), secrets.token_hex(8)) if t)
+        self.out_dir = Path(out_dir)
         self._scratch = tempfile.TemporaryDirectory(prefix="fedft-federation-")
         scratch = Path(self._scratch.name)
         spec, self.result = scratch / "spec.json", scratch / "result.json"
@@ -109,58 +110,57 @@ class FederationChild:
         """Stop the child (if it still runs) and every process of this run; remove its scratch files."""
         if self.process.poll() is None:
             try:
-                self.process.stdin.close()  # a child still preparing reads EOF and leaves
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, OSError):
+            except ProcessLookupError:
                 pass
             self.process.wait()
+        if not self.process.stdin.closed:
+            self.process.stdin.close()
         kill_token_holders(self.token)
         self._scratch.cleanup()
 
 
-def run_federation_in_child(cfg, out_dir: Path, *, resume: bool, verbose: bool,
-                            child: FederationChild | None = None) -> dict:
-    """Run the federation in a child process group; return summary.json's contents.
+def run_federation_in_child(child: FederationChild) -> dict:
+    """Let the prepared federation process run (``FederationChild``, started before the run's
+    checks), wait for it and return summary.json's contents. The caller's ``with child`` stops
+    whatever is left of it afterwards.
 
-    ``child`` is the federation's process started earlier for this ``cfg`` and ``out_dir``
-    (``FederationChild``); without it one starts now. Raises ``Interrupted`` after Ctrl-C /
-    SIGTERM, ``RunFailed`` when the federation failed.
+    Raises ``Interrupted`` after Ctrl-C / SIGTERM, ``RunFailed`` when the federation failed.
     """
     from fedft.rundir import RunFailed, load_summary
 
-    with child or FederationChild(cfg, out_dir, resume=resume, verbose=verbose) as started:
-        received: list[int] = []
+    received: list[int] = []
 
-        def forward(signum, frame):  # noqa: ARG001 - signal handler signature
-            received.append(signum)
-            try:
-                os.killpg(started.process.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
-
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    def forward(signum, frame):  # noqa: ARG001 - signal handler signature
+        received.append(signum)
         try:
-            started.go()
-            if not _wait(started.process, received):
-                print(f"fedft: the federation did not stop within {GRACE_S:.0f} s of the signal; its processes "
-                      "were killed", file=sys.stderr)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            kill_token_holders(started.token)
-        returncode = started.process.returncode
-        if received:
-            if not (returncode == 0 and (Path(out_dir) / "summary.json").is_file()):
-                record_interruption(out_dir, received[0])
-                raise Interrupted(received[0])
-        outcome = json.loads(started.result.read_text()) if started.result.is_file() else {}
+            os.killpg(child.process.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        child.go()
+        if not _wait(child.process, received):
+            print(f"fedft: the federation did not stop within {GRACE_S:.0f} s of the signal; its processes "
+                  "were killed", file=sys.stderr)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        kill_token_holders(child.token)
+    returncode = child.process.returncode
+    if received:
+        if not (returncode == 0 and (child.out_dir / "summary.json").is_file()):
+            record_interruption(child.out_dir, received[0])
+            raise Interrupted(received[0])
+    outcome = json.loads(child.result.read_text()) if child.result.is_file() else {}
     if outcome.get("error"):
         raise _reraised(outcome["error"], outcome["message"])
     if returncode != 0 or not outcome.get("ok"):
         raise RunFailed(f"the simulation process ended with exit code {returncode} before the run finished; "
-                        f"{out_dir} keeps every complete round (--resume continues it)")
-    return load_summary(out_dir)
+                        f"{child.out_dir} keeps every complete round (--resume continues it)")
+    return load_summary(child.out_dir)
 
 
 def _reraised(name: str, message: str) -> Exception:

@@ -54,7 +54,7 @@ def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool, o
     with FederationChild(cfg, out_dir, resume=resume, verbose=verbose) as child:
         _check_run(cfg, out_dir, resume=resume)
         with claimed_run_dir(out_dir, resume=resume, overwrite=overwrite):
-            return run_federation_in_child(cfg, out_dir, resume=resume, verbose=verbose, child=child)
+            return run_federation_in_child(child)
 
 
 def _check_run(cfg: FedftConfig, out_dir: Path, *, resume: bool) -> None:
