@@ -11,6 +11,7 @@ coordinator crash) or ``overwrite=true`` (replace a finished run there).
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context
@@ -19,22 +20,30 @@ from flwr.serverapp import Grid, ServerApp
 from fedft.config import ConfigError, FedftConfig, load_config
 from fedft.model.files import check_model_files
 from fedft.run.directory import claimed_run_dir
-from fedft.run.resume import load_resume_point
-from server.federation import run_federation
 
 
-def make_server_app(cfg: FedftConfig, out_dir: Path, resume: bool = False,
-                    outcome: dict | None = None) -> ServerApp:
+def make_server_app(cfg: FedftConfig, out_dir: Path, resume: bool = False, outcome: dict | None = None,
+                    before_run: Callable[[], bool] | None = None,
+                    after_run: Callable[[dict], None] | None = None) -> ServerApp:
     """A ServerApp bound to a loaded config (used by the simulation runner).
 
     ``outcome`` receives the run's ``summary`` or the ``error`` that ended it; the runner, in
     the same process, raises that error itself (so ``fedft simulate`` exits non-zero with one
-    line) rather than leaving it to Flower's log.
+    line) rather than leaving it to Flower's log. ``before_run``, called first in the
+    ServerApp's thread, may wait (the engine starts its client actors meanwhile); when it
+    returns False the ServerApp returns at once and touches nothing (``outcome`` gets
+    ``refused``). ``after_run`` is called with ``outcome`` once the run has ended.
     """
     bound = ServerApp()
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
+        from server.federation import run_federation  # torch: imported here, so the engine starts sooner
+
+        if before_run is not None and not before_run():
+            if outcome is not None:
+                outcome["refused"] = True
+            return
         if outcome is None:
             run_federation(grid, cfg, out_dir, resume=resume)
             return
@@ -42,6 +51,8 @@ def make_server_app(cfg: FedftConfig, out_dir: Path, resume: bool = False,
             outcome["summary"] = run_federation(grid, cfg, out_dir, resume=resume)
         except Exception as error:  # noqa: BLE001 - handed to the runner, which raises it
             outcome["error"] = error
+        if after_run is not None:
+            after_run(outcome)
 
     return bound
 
@@ -53,6 +64,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: the fedft config comes from the run config."""
+    from fedft.run.resume import load_resume_point
+    from server.federation import run_federation  # torch and the model libraries: imported on use
+
     run_config = context.run_config
     overrides = shlex.split(str(run_config.get("overrides", "")))
     config_path = Path(str(run_config["config"]))

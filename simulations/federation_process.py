@@ -6,11 +6,16 @@ federation (Flower's Simulation Engine with fedft's ServerApp and ClientApp) the
 in a child process in its own process group; this process keeps the run directory's lock
 and the signals. Ctrl-C or SIGTERM is forwarded to the child as SIGINT (the run loop stops
 where it is: every complete round is already checkpointed), the child gets ``GRACE_S``
-seconds, then its whole group is killed; at the end every process that carries this run's
-token in its environment (the child, Ray's raylet, GCS, workers and agents, which inherit
-it) is killed too, so nothing outlives the command. If this process is killed outright, the
+seconds, then its whole group is killed; at the end the child's group (Ray's agents stay
+in it but drop the token) and every process that carries this run's token in its
+environment (the child, Ray's raylet, GCS and workers, which inherit it) are killed, so
+nothing outlives the command. If this process is killed outright, the
 kernel kills the child with it (PR_SET_PDEATHSIG). The child reports how it ended in a small
 JSON file.
+
+The child starts before the run's checks (``FederationChild``): a run's start-up is Ray's start,
+then each Ray actor importing torch, transformers, peft and bitsandbytes and loading its base,
+and all of it overlaps the checks and the server's own load.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 TOKEN_VAR = "FEDFT_RUN_TOKEN"  # inherited by every process the federation starts
@@ -70,10 +76,12 @@ def kill_token_holders(token: str) -> int:
 class FederationChild:
     """The federation's process, started before the run's checks so that its slow start overlaps them.
 
-    It imports Flower, torch and the model libraries and starts Ray (warming its workers) while
-    this process reads and tokenizes the data, then waits: ``go`` lets it run the federation,
-    ``cancel`` (a refused run, an error, Ctrl-C before ``go``) stops it and every process it
-    started. Before ``go`` it touches nothing in the run directory.
+    While this process reads and tokenizes the data, it starts Ray, then Flower's Simulation
+    Engine, whose client actors load their base at once, while fedft's ServerApp loads the
+    server's base and waits: ``go`` lets the ServerApp run the federation, ``cancel`` (a refused
+    run, an error, Ctrl-C before ``go``) stops it and every process it started. Before ``go`` it
+    touches nothing in the run directory. Once the run's files are written it leaves without
+    stopping Ray (about 2.5 s); ``kill_all`` then stops what is left.
     """
 
     def __init__(self, cfg, out_dir: Path, *, resume: bool, verbose: bool) -> None:
@@ -108,16 +116,20 @@ class FederationChild:
 
     def cancel(self) -> None:
         """Stop the child (if it still runs) and every process of this run; remove its scratch files."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait()
+        self.kill_all()
         if not self.process.stdin.closed:
             self.process.stdin.close()
-        kill_token_holders(self.token)
         self._scratch.cleanup()
+
+    def kill_all(self) -> None:
+        """SIGKILL the child's process group (Ray's agents stay in it but drop the token from their
+        environment) and every process carrying this run's token."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the group outlives its leader while members remain
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
+        kill_token_holders(self.token)
 
 
 def run_federation_in_child(child: FederationChild) -> dict:
@@ -148,7 +160,7 @@ def run_federation_in_child(child: FederationChild) -> dict:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        kill_token_holders(child.token)
+        child.kill_all()
     returncode = child.process.returncode
     if received:
         if not (returncode == 0 and (child.out_dir / "summary.json").is_file()):
@@ -218,22 +230,26 @@ def _wait(child: subprocess.Popen, received: list[int]) -> bool:
 
 
 def prepare_federation(cfg, *, verbose: bool) -> None:
-    """What the federation needs before its first round, done while the parent still checks the run:
-    Flower and fedft's apps imported, Ray started (its workers warming up: simulations/ray_cluster.py)
-    and the server's copy of the base loaded (the ServerApp's evaluator finds it in the cache). A
-    base that fails to load here is loaded again by the ServerApp, which reports the error."""
+    """What the federation needs before Flower's engine starts, done while the parent still checks
+    the run: Ray started first (its workers warm up as they start: simulations/ray_cluster.py),
+    then Flower and fedft's apps imported."""
     from simulations import console
+    from simulations.ray_cluster import start_ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    start_ray(cfg)  # before Flower's engine, which then uses it; Ray's start is the longest step here
     import flwr.simulation  # noqa: F401 - the slow imports, done before the parent's go
 
     import clients.app  # noqa: F401
-    import server.app  # noqa: F401
-    from simulations.ray_cluster import start_ray
+    import server.app  # noqa: F401 - light: it imports torch and the model libraries only when it runs
 
     if not verbose:  # importing flwr set its logger to DEBUG
         console.quiet_loggers()
-    start_ray(cfg)  # before Flower's engine, which then uses it
+
+
+def load_server_base(cfg) -> None:
+    """The server's copy of the base, into the cache where the ServerApp's evaluator finds it. A base
+    that fails to load here is loaded again by the ServerApp, which reports the error."""
     try:
         from fedft.model.load import cached_peft_model, model_spec
 
@@ -242,8 +258,15 @@ def prepare_federation(cfg, *, verbose: bool) -> None:
         pass
 
 
-def run_federation_here(cfg, out_dir: Path, *, verbose: bool, resume: bool) -> dict:
-    """Flower's Simulation Engine with fedft's ServerApp and ClientApp, in this process."""
+def run_federation_here(cfg, out_dir: Path, *, verbose: bool, resume: bool,
+                        before_run: Callable[[], bool] | None = None,
+                        after_run: Callable[[dict], None] | None = None) -> dict | None:
+    """Flower's Simulation Engine with fedft's ServerApp and ClientApp, in this process.
+
+    ``before_run`` runs first in the ServerApp's thread while the engine starts its client actors
+    (which load their base meanwhile); when it returns False the run is refused and this returns
+    None. ``after_run`` gets the ServerApp's outcome as soon as the run has ended.
+    """
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
@@ -259,12 +282,15 @@ def run_federation_here(cfg, out_dir: Path, *, verbose: bool, resume: bool) -> d
     }
     outcome: dict = {}
     run_simulation(
-        server_app=make_server_app(cfg, out_dir, resume=resume, outcome=outcome),
+        server_app=make_server_app(cfg, out_dir, resume=resume, outcome=outcome, before_run=before_run,
+                                   after_run=after_run),
         client_app=client_app,
         num_supernodes=cfg.simulation.num_supernodes,
         backend_config=backend_config,
         verbose_logging=verbose,
     )
+    if outcome.get("refused"):
+        return None
     if "error" in outcome:
         raise outcome["error"]
     if "summary" not in outcome:
@@ -284,7 +310,8 @@ def _stop_quietly(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def _child_main(spec_path: str, parent: int) -> int:
-    """The child: prepare, wait for the parent's go, run the federation, write how it ended."""
+    """The child: prepare, start Flower's engine (its client actors load their base), load the server's
+    base, wait for the parent's go, run the federation, write how it ended."""
     _die_with_parent(parent)
     from fedft.config import config_from_dict
 
@@ -292,12 +319,22 @@ def _child_main(spec_path: str, parent: int) -> int:
     result = Path(spec["result"])
     if not spec["verbose"]:
         signal.signal(signal.SIGINT, _stop_quietly)
+
+    def load_then_wait_for_go() -> bool:
+        load_server_base(cfg)
+        return sys.stdin.buffer.readline() == GO  # else the parent refused the run; it stops Ray's processes
+
+    def leave_when_done(outcome: dict) -> None:
+        if "summary" in outcome:  # every file of the run is written: leave without stopping Ray (~2.5 s);
+            _leave_ok(result)     # the parent kills every process of this run that is still alive
+
     try:
         cfg = config_from_dict(spec["config"])
         prepare_federation(cfg, verbose=spec["verbose"])
-        if sys.stdin.buffer.readline() != GO:  # the parent refused the run; it stops Ray's processes
+        summary = run_federation_here(cfg, Path(spec["out_dir"]), resume=spec["resume"], verbose=spec["verbose"],
+                                      before_run=load_then_wait_for_go, after_run=leave_when_done)
+        if summary is None:
             return 0
-        run_federation_here(cfg, Path(spec["out_dir"]), resume=spec["resume"], verbose=spec["verbose"])
     except KeyboardInterrupt:
         # Flower's ServerApp thread (fedft's run loop) is not a daemon: a normal exit would wait for it
         # to finish its round, and the parent would kill the group after GRACE_S. Every complete round is
@@ -308,15 +345,22 @@ def _child_main(spec_path: str, parent: int) -> int:
     except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
         result.write_text(json.dumps({"error": type(error).__name__, "message": str(error)}))
         return 1
+    _leave_ok(result)
+    return 0  # not reached
+
+
+def _leave_ok(result: Path) -> None:
+    """Write the outcome file and leave without the interpreter's teardown (Ray's and torch's exit
+    handlers: about 4 s on 2 cores): every file of the run is written (atomically) and the parent
+    reads the outcome file and kills any process of this run still alive."""
     result.write_text(json.dumps({"ok": True}))
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     code = _child_main(sys.argv[1], int(sys.argv[2]))
-    # Leave without the interpreter's teardown (Ray's and torch's exit handlers: about 4 s on 2 cores):
-    # Flower has shut Ray down, every file of the run is written (atomically) and the parent reads
-    # the outcome file and kills any process of this run still alive.
-    sys.stdout.flush()
+    sys.stdout.flush()  # then leave without the interpreter's teardown, as _leave_ok does
     sys.stderr.flush()
     os._exit(code)

@@ -12,9 +12,10 @@ fedft starts it first, with the same settings Flower would use (no dashboard, th
 - **Warm-up** (``worker_process_setup_hook``): a Ray worker process, as it starts, imports
   the client's libraries (torch, transformers, peft, bitsandbytes) and loads the run's
   4-bit base and its data split into this process's caches (``warm_worker``), the same
-  ones a client's first round uses. Flower starts its actors when the ServerApp starts,
-  and the ServerApp evaluates the base on the held-out set (round 0) before it sends round
-  1: the actors load during that evaluation instead of after round 1's message arrived. A
+  ones a client's first round uses. Flower starts its actors with its engine, which fedft
+  starts before the run's checks have finished (simulations/federation_process.py): the
+  actors load while the server loads its own base and evaluates round 0, instead of after
+  round 1's message arrived. A
   warm-up that fails leaves nothing half-done: the first round loads what it needs, as
   before, and reports any error itself.
 """
