@@ -39,6 +39,17 @@ class FederationError(RunFailed):
 
 
 REPLY_POLL_S = 0.1  # the Simulation Engine's own interval; Flower's deployment grid waits 3 s
+IN_PROCESS_POLL_S = 0.01  # the Simulation Engine's grid: a pull is a lock and a lookup in this process
+
+
+def reply_poll_s(grid: Grid) -> float:
+    """How often a round asks ``grid`` for its replies: every 10 ms on the Simulation Engine's in-process
+    grid (0.1 s cost 50 ms a round on average, 2 s over a 40-round run), 0.1 s over the network."""
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # pragma: no cover - a Flower that moved it: the network interval is still correct
+        return REPLY_POLL_S
+    return IN_PROCESS_POLL_S if isinstance(grid, InMemoryGrid) else REPLY_POLL_S
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float,
@@ -91,7 +102,7 @@ class FlowerRounds:
     def train(self, round_index: int, state) -> RoundResult:
         messages = list(self.strategy.configure_train(
             round_index, ArrayRecord(torch_state_dict=state), self.train_config, self.grid))
-        replies = send_and_receive(self.grid, messages, self.cfg.strategy.round_timeout_s)
+        replies = send_and_receive(self.grid, messages, self.cfg.strategy.round_timeout_s, reply_poll_s(self.grid))
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         collected = self.strategy.collect_replies(round_index, replies, sent_to)
         arrays, metrics = self.strategy.aggregate_train(round_index, collected)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from server.federation import send_and_receive
+from server.federation import IN_PROCESS_POLL_S, REPLY_POLL_S, reply_poll_s, send_and_receive
 
 
 class SlowGrid:
@@ -45,3 +45,11 @@ def test_a_missing_reply_waits_out_the_timeout_and_the_others_are_returned():
     waited = time.monotonic() - started
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert waited >= 0.3 and grid.pulls >= 4
+
+
+def test_the_simulation_engines_grid_is_asked_every_10_ms_a_network_grid_every_100_ms():
+    from flwr.superlink.grid import InMemoryGrid
+
+    in_process = InMemoryGrid.__new__(InMemoryGrid)  # its type is what counts; no LinkState needed
+    assert reply_poll_s(in_process) == IN_PROCESS_POLL_S == 0.01
+    assert reply_poll_s(SlowGrid([1])) == REPLY_POLL_S == 0.1
