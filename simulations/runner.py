@@ -49,8 +49,8 @@ def _simulate(cfg: FedftConfig, out_dir: Path, *, verbose: bool, resume: bool, o
                                                                                                resume=resume)
     from simulations.federation_process import FederationChild, run_federation_in_child
 
-    # the federation's process starts now and prepares (imports, Ray, the server's base) during the checks;
-    # a refused run stops it before it touched the run directory
+    # the federation's process starts now and prepares during the checks (Ray, Flower's engine and its client
+    # actors, the server's base); a refused run stops it before it touched the run directory
     with FederationChild(cfg, out_dir, resume=resume, verbose=verbose) as child:
         _check_run(cfg, out_dir, resume=resume)
         with claimed_run_dir(out_dir, resume=resume, overwrite=overwrite):
