@@ -32,7 +32,8 @@ def make_server_app(cfg: FedftConfig, out_dir: Path, resume: bool = False, outco
     line) rather than leaving it to Flower's log. ``before_run``, called first in the
     ServerApp's thread, may wait (the engine starts its client actors meanwhile); when it
     returns False the ServerApp returns at once and touches nothing (``outcome`` gets
-    ``refused``). ``after_run`` is called with ``outcome`` once the run has ended.
+    ``refused``). ``after_run`` is called with ``outcome`` once a run that started has ended
+    (with its summary or its error); it needs ``outcome``.
     """
     bound = ServerApp()
 

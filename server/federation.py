@@ -38,7 +38,7 @@ class FederationError(RunFailed):
     """A round could not complete."""
 
 
-REPLY_POLL_S = 0.1  # the Simulation Engine's own interval; Flower's deployment grid waits 3 s
+REPLY_POLL_S = 0.1  # over the network (a SuperLink); Flower's deployment grid waits 3 s
 IN_PROCESS_POLL_S = 0.01  # the Simulation Engine's grid: a pull is a lock and a lookup in this process
 
 

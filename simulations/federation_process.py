@@ -123,12 +123,16 @@ class FederationChild:
 
     def kill_all(self) -> None:
         """SIGKILL the child's process group (Ray's agents stay in it but drop the token from their
-        environment) and every process carrying this run's token."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the group outlives its leader while members remain
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.process.wait()
+        environment), reap the child, and SIGKILL every process carrying this run's token.
+
+        The group is signalled only while the child is not yet reaped (``_wait`` leaves it a zombie):
+        until then its pid, and so the group's id, cannot belong to another process."""
+        if self.process.returncode is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)  # the group outlives its leader while members remain
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.process.wait()
         kill_token_holders(self.token)
 
 
@@ -203,6 +207,11 @@ def _die_with_parent(parent: int) -> None:
         os._exit(137)
 
 
+def _has_exited(pid: int) -> bool:
+    """Whether the child ``pid`` has exited, without reaping it (``waitid`` with ``WNOWAIT``)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
 def record_interruption(out_dir: Path, signum: int) -> None:
     """failed.json for ``fedft status``: stopped by a signal, every complete round kept."""
     from fedft.rundir import record_failure
@@ -212,10 +221,10 @@ def record_interruption(out_dir: Path, signum: int) -> None:
 
 
 def _wait(child: subprocess.Popen, received: list[int]) -> bool:
-    """Until the child exits; after a forwarded signal at most ``GRACE_S`` more, then kill its group.
-    False when the group had to be killed."""
+    """Until the child exits (left unreaped, so its group's id stays its own: ``kill_all``); after a
+    forwarded signal at most ``GRACE_S`` more, then kill its group. False when the group had to be killed."""
     deadline = None
-    while child.poll() is None:
+    while not _has_exited(child.pid):
         if received and deadline is None:
             deadline = time.monotonic() + GRACE_S
         if deadline is not None and time.monotonic() > deadline:
