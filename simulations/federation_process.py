@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 TOKEN_VAR = "FEDFT_RUN_TOKEN"  # inherited by every process the federation starts
 GRACE_S = 30.0  # after the forwarded Ctrl-C, before the child's group is killed
@@ -276,13 +277,13 @@ def run_federation_here(cfg, out_dir: Path, *, verbose: bool, resume: bool,
     (which load their base meanwhile); when it returns False the run is refused and this returns
     None. ``after_run`` gets the ServerApp's outcome as soon as the run has ended.
     """
+    prepare_federation(cfg, verbose=verbose)  # Ray first, then the imports below are cached ones
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
     from fedft.rundir import RunFailed
     from server.app import make_server_app
 
-    prepare_federation(cfg, verbose=verbose)  # done already when the parent started this process early
     backend_config = {
         "client_resources": {
             "num_cpus": cfg.simulation.num_cpus,
@@ -339,11 +340,9 @@ def _child_main(spec_path: str, parent: int) -> int:
 
     try:
         cfg = config_from_dict(spec["config"])
-        prepare_federation(cfg, verbose=spec["verbose"])
-        summary = run_federation_here(cfg, Path(spec["out_dir"]), resume=spec["resume"], verbose=spec["verbose"],
-                                      before_run=load_then_wait_for_go, after_run=leave_when_done)
-        if summary is None:
-            return 0
+        if run_federation_here(cfg, Path(spec["out_dir"]), resume=spec["resume"], verbose=spec["verbose"],
+                               before_run=load_then_wait_for_go, after_run=leave_when_done) is None:
+            return 0  # refused
     except KeyboardInterrupt:
         # Flower's ServerApp thread (fedft's run loop) is not a daemon: a normal exit would wait for it
         # to finish its round, and the parent would kill the group after GRACE_S. Every complete round is
@@ -354,11 +353,10 @@ def _child_main(spec_path: str, parent: int) -> int:
     except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
         result.write_text(json.dumps({"error": type(error).__name__, "message": str(error)}))
         return 1
-    _leave_ok(result)
-    return 0  # not reached
+    _leave_ok(result)  # after_run has left already when the run wrote its summary
 
 
-def _leave_ok(result: Path) -> None:
+def _leave_ok(result: Path) -> NoReturn:
     """Write the outcome file and leave without the interpreter's teardown (Ray's and torch's exit
     handlers: about 4 s on 2 cores): every file of the run is written (atomically) and the parent
     reads the outcome file and kills any process of this run still alive."""

@@ -15,9 +15,8 @@ fedft starts it first, with the same settings Flower would use (no dashboard, th
   ones a client's first round uses. Flower starts its actors with its engine, which fedft
   starts before the run's checks have finished (simulations/federation_process.py): the
   actors load while the server loads its own base and evaluates round 0, instead of after
-  round 1's message arrived. A
-  warm-up that fails leaves nothing half-done: the first round loads what it needs, as
-  before, and reports any error itself.
+  round 1's message arrived. A warm-up that fails leaves nothing half-done: the first round
+  loads what it needs, as before, and reports any error itself.
 """
 
 from __future__ import annotations
