@@ -239,15 +239,16 @@ def _wait(child: subprocess.Popen, received: list[int]) -> bool:
     return True
 
 
-def prepare_federation(cfg, *, verbose: bool) -> None:
+def prepare_federation(cfg, scratch: Path, *, verbose: bool) -> None:
     """What the federation needs before Flower's engine starts, done while the parent still checks
     the run: Ray started first (its workers warm up as they start: simulations/ray_cluster.py),
-    then Flower and fedft's apps imported."""
+    then Flower and fedft's apps imported. ``scratch`` is a directory of this run's own (the
+    workers claim their warm-ups there) that outlives the federation's process."""
     from simulations import console
     from simulations.ray_cluster import start_ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    start_ray(cfg)  # before Flower's engine, which then uses it; Ray's start is the longest step here
+    start_ray(cfg, scratch)  # before Flower's engine, which then uses it; Ray's start is the longest step here
     import flwr.simulation  # noqa: F401 - the slow imports, done before the parent's go
 
     import clients.app  # noqa: F401
@@ -268,16 +269,17 @@ def load_server_base(cfg) -> None:
         pass
 
 
-def run_federation_here(cfg, out_dir: Path, *, verbose: bool, resume: bool,
+def run_federation_here(cfg, out_dir: Path, scratch: Path, *, verbose: bool, resume: bool,
                         before_run: Callable[[], bool] | None = None,
                         after_run: Callable[[dict], None] | None = None) -> dict | None:
     """Flower's Simulation Engine with fedft's ServerApp and ClientApp, in this process.
 
     ``before_run`` runs first in the ServerApp's thread while the engine starts its client actors
     (which load their base meanwhile); when it returns False the run is refused and this returns
-    None. ``after_run`` gets the ServerApp's outcome as soon as the run has ended.
+    None. ``after_run`` gets the ServerApp's outcome as soon as the run has ended. ``scratch``: as
+    for ``prepare_federation``.
     """
-    prepare_federation(cfg, verbose=verbose)  # Ray first, then the imports below are cached ones
+    prepare_federation(cfg, scratch, verbose=verbose)  # Ray first, then the imports below are cached ones
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
@@ -340,8 +342,9 @@ def _child_main(spec_path: str, parent: int) -> int:
 
     try:
         cfg = config_from_dict(spec["config"])
-        if run_federation_here(cfg, Path(spec["out_dir"]), resume=spec["resume"], verbose=spec["verbose"],
-                               before_run=load_then_wait_for_go, after_run=leave_when_done) is None:
+        if run_federation_here(cfg, Path(spec["out_dir"]), Path(spec_path).parent, resume=spec["resume"],
+                               verbose=spec["verbose"], before_run=load_then_wait_for_go,
+                               after_run=leave_when_done) is None:
             return 0  # refused
     except KeyboardInterrupt:
         # Flower's ServerApp thread (fedft's run loop) is not a daemon: a normal exit would wait for it

@@ -9,14 +9,21 @@ fedft starts it first, with the same settings Flower would use (no dashboard, th
   builds one actor per ``simulation.num_cpus`` CPUs Ray has, so a run with fewer simulated
   clients than cores no longer starts actors that never train (each one a Python process
   importing Flower, and with the warm-up below, torch and the base).
-- **Warm-up** (``worker_process_setup_hook``): a Ray worker process, as it starts, imports
-  the client's libraries (torch, transformers, peft, bitsandbytes) and loads the run's
-  4-bit base and its data split into this process's caches (``warm_worker``), the same
-  ones a client's first round uses. Flower starts its actors with its engine, which fedft
-  starts before the run's checks have finished (simulations/federation_process.py): the
-  actors load while the server loads its own base and evaluates round 0, instead of after
-  round 1's message arrived. A warm-up that fails leaves nothing half-done: the first round
-  loads what it needs, as before, and reports any error itself.
+- **Warm-up**: a Ray worker process, as it starts, imports the client's libraries (torch,
+  transformers, peft, bitsandbytes) and loads the run's 4-bit base and its data split into
+  this process's caches (``warm_worker``), the same ones a client's first round uses. Ray
+  starts one worker per CPU while ``ray.init`` is still running, before Flower exists in
+  the process; Flower's client actors then take those workers. The warm-up runs as Ray
+  preloads a module into each of them (``simulations.ray_warm``, Ray's
+  ``preload_python_modules``): it starts seconds before Flower asks for its actors, and
+  overlaps the run's checks, Flower's start and the server's own load. The environment
+  reaches the workers as Ray's own processes inherit it, not as a ``runtime_env`` (Ray
+  would start a fresh worker for an actor whose runtime environment differs from the
+  prestarted ones'). Only as many workers warm up as Flower will make actors
+  (``client_actors``), and only when the clients run on the CPU: the GPU an actor gets is
+  known only once Ray assigns it, after its worker started, so GPU clients load in their
+  first round. A warm-up that fails leaves nothing half-done: the first round loads what it
+  needs, as before, and reports any error itself.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 
 from fedft.config import FedftConfig, SimulationConfig
 
 WARM_CONFIG_VAR = "FEDFT_WARM_CONFIG"  # the run's resolved config (wire JSON), for the workers' warm-up
-WARM_HOOK = "simulations.ray_cluster.warm_worker"
+WARM_CLAIMS_VAR = "FEDFT_WARM_CLAIMS"  # "N:DIR": the first N workers to create a file in DIR warm up
+WARM_MODULE = "simulations.ray_warm"  # imported by every Ray worker as it starts
 
 log = logging.getLogger("fedft.simulation")
 
@@ -40,11 +49,30 @@ def ray_cpus(simulation: SimulationConfig, cores: int) -> int:
     return min(cores, math.ceil(simulation.num_supernodes * simulation.num_cpus))
 
 
-def start_ray(cfg: FedftConfig, *, warm: bool = True) -> None:
+def client_actors(simulation: SimulationConfig, cpus: int) -> int:
+    """The client actors Flower's engine builds on ``cpus`` CPUs (one per ``simulation.num_cpus``)."""
+    return max(1, math.floor(cpus / simulation.num_cpus))
+
+
+def warms_at_start(device: str) -> bool:
+    """Whether a worker can load the base before Ray assigns it to a client: only for clients on the
+    CPU (``model.device`` 'cpu', or 'auto' on a machine without an NVIDIA GPU)."""
+    if device == "cpu":
+        return True
+    return device == "auto" and not _has_nvidia_gpu()
+
+
+def _has_nvidia_gpu() -> bool:
+    """Whether the NVIDIA driver lists a GPU (Linux), asked without initialising CUDA here."""
+    return any(Path("/proc/driver/nvidia/gpus").glob("*"))
+
+
+def start_ray(cfg: FedftConfig, claims_dir: Path, *, warm: bool = True) -> None:
     """Start Ray in this process for the simulation of ``cfg`` (before Flower's engine would).
 
-    The workers run ``warm_worker`` with the run's config unless ``warm`` is false. A Ray
-    already running in this process is left as it is (Flower's engine then uses it).
+    Unless ``warm`` is false, the first ``client_actors`` workers to start warm up (``warm_worker``;
+    each claims its place with a file in ``claims_dir``, which must exist). A Ray already
+    running in this process is left as it is (Flower's engine then uses it).
     """
     import ray
 
@@ -56,24 +84,26 @@ def start_ray(cfg: FedftConfig, *, warm: bool = True) -> None:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath  # as Flower's RayBackend does: workers import what the driver can
-    env_vars = {"PYTHONPATH": pythonpath}
-    runtime_env: dict = {"env_vars": env_vars}
-    if warm:
-        env_vars[WARM_CONFIG_VAR] = wire.encode_config(cfg)
-        runtime_env["worker_process_setup_hook"] = WARM_HOOK
     cpus = ray_cpus(cfg.simulation, os.cpu_count() or 1)
-    ray.init(runtime_env=runtime_env, num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR)
+    system_config: dict = {}
+    if warm and warms_at_start(cfg.model.device):
+        os.environ[WARM_CONFIG_VAR] = wire.encode_config(cfg)
+        os.environ[WARM_CLAIMS_VAR] = f"{client_actors(cfg.simulation, cpus)}:{claims_dir}"
+        system_config["preload_python_modules"] = [WARM_MODULE]
+    # Ray's raylet inherits this environment and its workers inherit the raylet's
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, _system_config=system_config)
 
 
 def warm_worker() -> None:
-    """Ray's worker setup hook: load what this run's clients will need, while the server starts.
+    """Load what this run's clients will need, while the server starts (``simulations.ray_warm``).
 
-    Runs in every Ray worker process of the run, before it becomes a client actor; only
-    regular workers warm up (not Ray's object-spilling I/O workers). Never raises: a failed
-    warm-up is logged at debug level and the client's first round does the work instead.
+    Runs in every Ray worker process of the run as it starts, before it becomes a client
+    actor; only regular workers warm up (not Ray's object-spilling I/O workers), and only the
+    first ``client_actors`` of them (``claim_warm_up``). Never raises: a failed warm-up is
+    logged at debug level and the client's first round does the work instead.
     """
     text = os.environ.get(WARM_CONFIG_VAR)
-    if not text or not _is_task_worker():
+    if not text or not _is_task_worker() or not claim_warm_up(os.environ.get(WARM_CLAIMS_VAR, "")):
         return
     try:
         import clients.app  # noqa: F401 - quiets third-party loggers as a client would
@@ -86,6 +116,26 @@ def warm_worker() -> None:
         cached_partitions(cfg.data, cfg.simulation.num_supernodes)
     except Exception:  # noqa: BLE001 - the first round redoes this and reports its own error
         log.debug("worker warm-up failed; the first round loads instead", exc_info=True)
+
+
+def claim_warm_up(claims: str) -> bool:
+    """Whether this process is one of the first N to claim a warm-up (``claims`` is "N:DIR"): each
+    claim is a file created in DIR, holding the claimant's pid, so extra workers (Ray starts one
+    per CPU; a client may take several CPUs) load nothing they will not use."""
+    count, _, directory = claims.partition(":")
+    if not count.isdigit() or not directory:
+        return False
+    for place in range(int(count)):
+        try:
+            claim = os.open(Path(directory) / f"warm-{place}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            continue
+        except OSError:
+            return False
+        with os.fdopen(claim, "w") as file:
+            file.write(str(os.getpid()))  # which worker warmed up
+        return True
+    return False
 
 
 def _is_task_worker() -> bool:
