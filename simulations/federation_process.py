@@ -251,6 +251,10 @@ def prepare_federation(cfg, scratch: Path, *, verbose: bool) -> None:
     start_ray(cfg, scratch)  # before Flower's engine, which then uses it; Ray's start is the longest step here
     import flwr.simulation  # noqa: F401 - the slow imports, done before the parent's go
 
+    from simulations import engine_wakeup
+
+    engine_wakeup.install()  # the engine takes each round's messages as they are stored, not up to 100 ms later
+
     import clients.app  # noqa: F401
     import server.app  # noqa: F401 - light: it imports torch and the model libraries only when it runs
 
