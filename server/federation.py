@@ -157,8 +157,8 @@ class FlowerRounds:
     def evaluate(self, state) -> dict:
         return self.evaluator(state)
 
-    def save(self, state, directory: Path, extras: dict | None = None) -> None:
-        save_adapter(self.evaluator.model, state, directory, extras)
+    def save(self, state, directory: Path, extras: dict | None = None, *, model_card: bool = True) -> None:
+        save_adapter(self.evaluator.model, state, directory, extras, model_card=model_card)
 
     def optimizer_state(self) -> dict:
         return self.strategy.server_optimizer_state()

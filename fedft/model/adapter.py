@@ -7,6 +7,8 @@ PEFT directory (adapter_config.json + adapter_model.safetensors) in one rename.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -83,17 +85,33 @@ def adapter_nbytes(state: dict[str, torch.Tensor]) -> int:
 
 
 def save_adapter(model, state: dict[str, torch.Tensor], out_dir: Path,
-                 extras: dict[str, bytes] | None = None) -> Path:
+                 extras: dict[str, bytes] | None = None, *, model_card: bool = True) -> Path:
     """Write ``state`` in PEFT format (adapter_config.json + adapter_model.safetensors).
 
     ``extras`` (file name -> bytes) are written into the same directory, which appears in
-    one rename: a checkpoint is either complete or absent.
+    one rename: a checkpoint is either complete or absent. Without ``model_card`` PEFT's
+    README.md is left out (a checkpoint's: PEFT renders it from a template on every save,
+    half of the 30 ms a demo checkpoint took; the run's final adapter keeps it).
     """
     from fedft.rundir import atomic_directory
 
     set_adapter_state(model, state)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp, _model_card(model, model_card):
         model.save_pretrained(tmp, safe_serialization=True)
         for name, data in (extras or {}).items():
             (Path(tmp) / name).write_bytes(data)
     return out_dir
+
+
+@contextmanager
+def _model_card(model, wanted: bool) -> Iterator[None]:
+    """While open and unless ``wanted``, PEFT's ``save_pretrained`` writes no README.md (its
+    ``create_or_update_model_card`` is shadowed on this model object only)."""
+    if wanted:
+        yield
+        return
+    model.create_or_update_model_card = lambda output_dir: None
+    try:
+        yield
+    finally:
+        del model.create_or_update_model_card

@@ -82,8 +82,8 @@ class CentralizedRounds(_InProcessRounds):
     def evaluate(self, state) -> dict:
         return self.evaluator(state)
 
-    def save(self, state, directory: Path, extras: dict | None = None) -> None:
-        save_adapter(self.model, state, directory, extras)
+    def save(self, state, directory: Path, extras: dict | None = None, *, model_card: bool = True) -> None:
+        save_adapter(self.model, state, directory, extras, model_card=model_card)
 
 
 class LocalRounds(_InProcessRounds):
@@ -132,9 +132,9 @@ class LocalRounds(_InProcessRounds):
             "eval_exact_match_by_client": {f"client{i}": m["eval_exact_match"] for i, m in enumerate(per_client)},
         }
 
-    def save(self, states, directory: Path, extras: dict | None = None) -> None:
+    def save(self, states, directory: Path, extras: dict | None = None, *, model_card: bool = True) -> None:
         for i, state in enumerate(states):
-            save_adapter(self.model, state, Path(directory) / f"client{i}")
+            save_adapter(self.model, state, Path(directory) / f"client{i}", model_card=model_card)
 
 
 def run_centralized(cfg: FedftConfig, out_dir: Path, progress: Callable[[str], None] = print,

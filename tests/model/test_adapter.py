@@ -55,3 +55,23 @@ def test_a_new_adapter_on_the_model_finds_its_parameters_again(model):
     finally:
         model.delete_adapter("other")
         model.set_adapter("default")
+
+
+def test_a_checkpoint_without_the_model_card_holds_the_same_adapter(model, tmp_path):
+    from safetensors.torch import load_file
+
+    from fedft.model.adapter import save_adapter
+
+    state = {k: torch.randn_like(v) for k, v in get_adapter_state(model).items()}
+    save_adapter(model, state, tmp_path / "final")
+    save_adapter(model, state, tmp_path / "checkpoint", {"round.json": b"{}"}, model_card=False)
+    final, checkpoint = tmp_path / "final", tmp_path / "checkpoint"
+    assert (final / "README.md").is_file() and not (checkpoint / "README.md").exists()
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                           "round.json"]
+    assert (checkpoint / "adapter_config.json").read_text() == (final / "adapter_config.json").read_text()
+    saved, reference = load_file(checkpoint / "adapter_model.safetensors"), load_file(final / "adapter_model.safetensors")
+    assert saved.keys() == reference.keys() and all(torch.equal(saved[k], reference[k]) for k in saved)
+    assert "create_or_update_model_card" not in vars(model)  # PEFT's own method is back
+    save_adapter(model, state, tmp_path / "again")
+    assert (tmp_path / "again" / "README.md").is_file()
