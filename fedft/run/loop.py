@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from fedft.config import FedftConfig
 from fedft.privacy.bookkeeping import LEDGER_FILE, PrivacyBookkeeper
+from fedft.report.plots import prefetch_pyplot
 from fedft.run.final_stages import run_final_stages, write_report
 from fedft.run.recorder import RunRecorder, format_progress, summarize
 from fedft.run.resume import ResumePoint, checkpoint_extras, load_resume_point
@@ -209,6 +210,8 @@ class RunLoop:
             row["seconds"] = time.time() - t0
             self._record(round_index, state, row)
             took.append(row["seconds"])
+            if round_index == first_round:
+                prefetch_pyplot()
             eta = eta_text(took, num_rounds - round_index)
             self.progress(format_progress(row, num_rounds) + (f"  {eta}" if eta else ""))
             for note in result.notes:
