@@ -150,9 +150,12 @@ def ffa_aggregate(
 def naive_aggregation_error(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> float:
     """||mean(B A) - mean(B) mean(A)||_F / ||mean(B A)||_F over all layers together.
 
-    0 when every client holds the same A (as under FFA-LoRA); computed from factors only.
-    Clients must share a rank (pad heterogeneous ones first).
+    0 when every client holds the same A (as under FFA-LoRA) and, exactly, for one client (not
+    computed then: it cost ~10 ms a round on the demo); computed from factors only. Clients
+    must share a rank (pad heterogeneous ones first).
     """
+    if len(states) == 1:
+        return 0.0
     shares = normalized_weights(weights)
     num = den = 0.0
     for a_key, b_key in lora_pairs(states[0]).values():

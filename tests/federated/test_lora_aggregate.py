@@ -114,6 +114,10 @@ def test_naive_error_matches_the_dense_definition():
     assert naive_aggregation_error(states, weights) > 0.1
 
 
+def test_one_client_has_no_naive_averaging_error():
+    assert naive_aggregation_error([adapter(3, 1)], [3.0]) == 0.0  # exactly: mean(B A) is mean(B) mean(A)
+
+
 def test_heterogeneous_ranks_pad_and_truncate_with_the_right_shapes_and_values():
     small, large = adapter(2, 1), adapter(6, 2)
     padded = pad_to_rank(small, 6)
