@@ -70,7 +70,8 @@ def test_a_checkpoint_without_the_model_card_holds_the_same_adapter(model, tmp_p
     assert sorted(p.name for p in checkpoint.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                            "round.json"]
     assert (checkpoint / "adapter_config.json").read_text() == (final / "adapter_config.json").read_text()
-    saved, reference = load_file(checkpoint / "adapter_model.safetensors"), load_file(final / "adapter_model.safetensors")
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+    reference = load_file(final / "adapter_model.safetensors")
     assert saved.keys() == reference.keys() and all(torch.equal(saved[k], reference[k]) for k in saved)
     assert "create_or_update_model_card" not in vars(model)  # PEFT's own method is back
     save_adapter(model, state, tmp_path / "again")
