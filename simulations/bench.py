@@ -25,7 +25,7 @@ metrics row carries a held-out evaluation and round 1 (where every process loads
 are left out of the per-round figures. The load average is printed with the figures: numbers
 measured while other work shared the CPUs are not the machine's.
 
-Run: ``python -m simulations.bench [--model PATH] [--rounds N] [--steps N] [--quick] [--out FILE.json]``
+Run: ``python -m simulations.bench [--model PATH] [--rounds N] [--steps N] [--repeat N] [--quick] [--out FILE.json]``
 (the embedded demo model by default: an estimated 6-8 minutes on 2 idle CPU cores, ``--quick`` 4-5;
 docs/benchmark.md says what each figure means).
 Every process it starts runs in its own process group and carries a tag in its environment;
@@ -176,10 +176,18 @@ def run_benchmark(s: Settings, root: Path) -> tuple[list[str], dict]:
         data = one_institution_rows(root / "inst0.jsonl")
         one = write_config(root / "one-client.toml", bench_toml(s, data, clients=1, sampled=1, rounds=s.rounds,
                                                                  steps=s.steps))
-        sim = staged(stages, f"(a) fedft simulate, 1 client, {s.rounds} rounds x {s.steps} steps",
-                     lambda: run_simulation(procs, one, root / "sim", "simulate", s.timeout_s))
-        plain = staged(stages, "(a) plain transformers + peft + bitsandbytes loop, same steps and batches",
-                       lambda: run_plain(procs, one, root / "plain.json", s.timeout_s))
+        sims, plains = [], []
+        for index in range(s.repeat):
+            of = f" (run {index + 1} of {s.repeat})" if s.repeat > 1 else ""
+            steps = [lambda of=of, i=index: sims.append(staged(
+                         stages, f"(a) fedft simulate, 1 client, {s.rounds} rounds x {s.steps} steps{of}",
+                         lambda: run_simulation(procs, one, root / f"sim{i or ''}", "simulate", s.timeout_s))),
+                     lambda of=of, i=index: plains.append(staged(
+                         stages, f"(a) plain transformers + peft + bitsandbytes loop, same steps and batches{of}",
+                         lambda: run_plain(procs, one, root / f"plain{i or ''}.json", s.timeout_s)))]
+            for step in steps if index % 2 == 0 else reversed(steps):  # alternate which one runs first
+                step()
+        sim = sims[0]  # (b)'s reference
         for label, worker, poll_s in DEPLOYMENTS if "b" in s.parts else ():
             deployed[label] = staged(stages, f"(b) flwr run, local SuperLink + 1 SuperNode, {label}",
                                      lambda w=worker, p=poll_s: run_deployment(procs, s, one, data, worker=w,
@@ -192,10 +200,13 @@ def run_benchmark(s: Settings, root: Path) -> tuple[list[str], dict]:
         killed = procs.stop_all()
         if killed:
             say(f"stopped {len(killed)} leftover processes with SIGKILL: {killed}")
-    lines = figures_a(sim, plain, s) + figures_b(sim, deployed) + figures_c(deployed, memory, s) + figures_d(memory, s)
+    lines = (figures_a(sims, plains, s) + figures_b(sim, deployed) + figures_c(deployed, memory, s)
+             + figures_d(memory, s))
     results = {"settings": dataclasses.asdict(s), "stage_s": stages, "simulation": _numbers(sim),
-               "plain_loop": plain, "deployment": {k: _numbers(v) for k, v in deployed.items()},
+               "plain_loop": plains[0], "deployment": {k: _numbers(v) for k, v in deployed.items()},
                "memory": {str(k): _numbers(v) for k, v in memory.items()}, "figures": lines}
+    if s.repeat > 1:
+        results.update(simulations=[_numbers(r) for r in sims], plain_loops=plains)
     return lines, results
 
 
@@ -227,14 +238,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
         values["sampled"] = args.sampled
     if args.parts:
         values["parts"] = args.parts
+    if args.repeat is not None:
+        values["repeat"] = args.repeat
     if args.model != "demo":
         values["model"] = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     values["device"] = resolve_device(args.device)
     s = Settings(**values)
     if s.rounds < 3:
         raise BenchError(f"--rounds {s.rounds}: at least 3 (round 1 loads the base, the last round evaluates)")
-    if s.steps < 1 or s.sampled < 1:
-        raise BenchError(f"--steps {s.steps}, --sampled {s.sampled}: each at least 1")
+    if s.steps < 1 or s.sampled < 1 or s.repeat < 1:
+        raise BenchError(f"--steps {s.steps}, --sampled {s.sampled}, --repeat {s.repeat}: each at least 1")
     rows = sum(1 for _ in (DEMO_DATA / "train.jsonl").open())
     if max(s.clients) > rows:
         raise BenchError(f"--clients: at most {rows} simulated clients (the demo's training rows)")
@@ -282,6 +295,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", type=bench_parts,
                         help="the measurements to run, comma-separated (default a,b,d; (c) comes with (b) and (d)); "
                              "e.g. --parts a --rounds 40 for (a) over a long run alone")
+    parser.add_argument("--repeat", type=int,
+                        help="run (a)'s simulation and plain loop this many times each, alternating which goes "
+                             "first, and print the medians and every pair's ratio (default 1); e.g. --parts a "
+                             "--rounds 40 --repeat 3 on a machine whose speed drifts")
     parser.add_argument("--quick", action="store_true",
                         help="a much smaller run: 3 rounds x 3 steps; (d) with N = 2, 8 and 2 sampled")
     parser.add_argument("--out", help="also write every figure and measurement to this JSON file")

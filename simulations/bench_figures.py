@@ -46,9 +46,18 @@ class Settings:
     memory_steps: int = 2
     timeout_s: float = 480.0  # per process that should end by itself
     parts: tuple[str, ...] = ("a", "b", "d")  # which measurements run; (c) comes from (b) and (d)
+    repeat: int = 1  # (a)'s simulation and plain loop, each this many times, alternating which runs first
 
 
 QUICK = dict(rounds=3, steps=3, clients=(2, 8), sampled=2, memory_steps=1, eval_examples=1, timeout_s=240.0)
+
+
+def median(values: Iterable[float]) -> float:
+    values = sorted(values)
+    if not values:
+        raise BenchError("no values to take the median of")
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def mean(values: Iterable[float]) -> float:
@@ -126,13 +135,21 @@ def client_rounds(rows: list[dict]) -> int:
     return sum(r.get("clients", 0) for r in rows if r["round"] >= 1)
 
 
-def figures_a(sim: dict, plain: dict, s: Settings) -> list[str]:
-    sim_step = steady_round_seconds(sim["rows"]) / s.steps
-    plain_step = mean(plain["step_s"][s.steps:])  # after the first round's worth of steps
-    lines = [ratio_line("(a) whole wall time", ("simulation", "plain loop"), (sim["wall_s"], plain["wall_s"])),
-             ratio_line("(a) steady-state step", ("simulation", "plain loop"), (sim_step, plain_step))]
-    if plain.get("losses"):
-        lines.append(same_work_line(sim["rows"], plain["losses"], s.steps))
+def figures_a(sims: list[dict], plains: list[dict], s: Settings) -> list[str]:
+    """(a) from one or more runs of each (``--repeat``): with several, each figure is the median of
+    each side's runs, and a line gives every pair's whole-run ratio (how much the machine moved)."""
+    suffix = f" (median of {len(sims)} runs each)" if len(sims) > 1 else ""
+    walls = (median(r["wall_s"] for r in sims), median(p["wall_s"] for p in plains))
+    steps = (median(steady_round_seconds(r["rows"]) / s.steps for r in sims),
+             median(mean(p["step_s"][s.steps:]) for p in plains))  # after the first round's worth of steps
+    lines = [ratio_line(f"(a) whole wall time{suffix}", ("simulation", "plain loop"), walls),
+             ratio_line(f"(a) steady-state step{suffix}", ("simulation", "plain loop"), steps)]
+    if len(sims) > 1:
+        pairs = [f"{r['wall_s'] / p['wall_s']:.2f}x ({seconds_text(r['wall_s'])} vs {seconds_text(p['wall_s'])})"
+                 for r, p in zip(sims, plains)]
+        lines.append(f"(a) whole wall time, run by run: simulation / plain loop = {', '.join(pairs)}")
+    if plains[0].get("losses"):
+        lines.append(same_work_line(sims[0]["rows"], plains[0]["losses"], s.steps))
     return lines
 
 

@@ -101,7 +101,7 @@ def test_the_figures_from_known_runs():
     memory = {n: {"rows": [{"round": 0, "clients": 0}, {"round": 1, "clients": 8}], "console": BAR + "\n"
                   + actor.format(1) + actor.format(2), "ray_actors": 2, "peak_rss": rss, "peak_pss": rss // 2,
                   "peak_processes": 11} for n, rss in ((8, 2**31), (64, 3 * 2**30))}
-    lines = (bench.figures_a(sim, plain, settings) + bench.figures_b(sim, deployed)
+    lines = (bench.figures_a([sim], [plain], settings) + bench.figures_b(sim, deployed)
              + bench.figures_c(deployed, memory, settings) + bench.figures_d(memory, settings))
     assert lines == [
         "(a) whole wall time: simulation / plain loop = 3.00x  (60.0 s vs 20.0 s)",
@@ -125,17 +125,31 @@ def test_the_figures_from_known_runs():
     ]
 
 
+def test_repeated_runs_give_each_side_s_median_and_every_pair_s_ratio():
+    settings = bench.Settings(rounds=3, steps=2, repeat=3)
+    sims = [{"wall_s": wall, "rows": _rows((1.0, True), (9.0, False), (step, False), (1.0, True))}
+            for wall, step in ((110.0, 0.6), (100.0, 0.4), (130.0, 0.5))]
+    plains = [{"wall_s": wall, "step_s": [1.0, 1.0] + [step] * 4} for wall, step in ((100.0, 0.2), (80.0, 0.3),
+                                                                                      (90.0, 0.25))]
+    assert bench.figures_a(sims, plains, settings) == [
+        "(a) whole wall time (median of 3 runs each): simulation / plain loop = 1.22x  (110.0 s vs 90.0 s)",
+        "(a) steady-state step (median of 3 runs each): simulation / plain loop = 1.00x  (0.250 s vs 0.250 s)",
+        "(a) whole wall time, run by run: simulation / plain loop = 1.10x (110.0 s vs 100.0 s), "
+        "1.25x (100.0 s vs 80.0 s), 1.44x (130.0 s vs 90.0 s)",
+    ]
+
+
 def test_the_same_arithmetic_line_compares_each_round_training_loss():
     rows = _rows((5.0, True), (12.0, False), (3.0, False), (4.0, True))
     for row, loss in zip(rows[1:], (2.0, 1.5, 1.0)):
         row["train_loss"] = loss
     plain = {"wall_s": 20.0, "step_s": [0.2] * 6, "losses": [2.5, 1.5, 1.0, 2.1, 1.0, 1.0]}  # rounds of 2 steps
     settings = bench.Settings(rounds=3, steps=2)
-    lines = bench.figures_a({"wall_s": 30.0, "rows": rows}, plain, settings)
+    lines = bench.figures_a([{"wall_s": 30.0, "rows": rows}], [plain], settings)
     assert lines[-1] == ("(a) same arithmetic: training loss per round, simulation vs plain loop: largest "
                          "difference 0.0500 over 3 rounds")
     older = {k: v for k, v in plain.items() if k != "losses"}  # a plain loop that kept no losses: no such line
-    assert len(bench.figures_a({"wall_s": 30.0, "rows": rows}, older, settings)) == 2
+    assert len(bench.figures_a([{"wall_s": 30.0, "rows": rows}], [older], settings)) == 2
 
 
 def test_the_configs_sample_a_fixed_number_of_clients(tmp_path):
@@ -204,6 +218,13 @@ def test_the_benchmark_runs_each_step_once_in_order_and_stops_everything(tmp_pat
     lines, _ = bench.run_benchmark(dataclasses.replace(settings, parts=("a",)), tmp_path / "only-a")
     assert calls == [("simulate", "simulate", False, 1), ("plain",)]  # --parts a: (a) alone
     assert [line.split(":")[0] for line in lines] == ["(a) whole wall time", "(a) steady-state step"]
+    calls.clear()
+    lines, results = bench.run_benchmark(dataclasses.replace(settings, parts=("a",), repeat=2), tmp_path / "twice")
+    assert calls == [("simulate", "simulate", False, 1), ("plain",), ("plain",), ("simulate", "simulate", False, 1)]
+    assert lines[2].startswith("(a) whole wall time, run by run") and len(results["simulations"]) == 2
+    assert list(results["stage_s"])[:2] == ["(a) fedft simulate, 1 client, 3 rounds x 3 steps (run 1 of 2)",
+                                            "(a) plain transformers + peft + bitsandbytes loop, same steps and "
+                                            "batches (run 1 of 2)"]
 
 
 def _alive(pid: int) -> bool:
