@@ -123,3 +123,33 @@ def test_epsilons_run_the_config_with_dp_sgd_calibrated_to_the_target_and_draw_t
     assert private["sigma"] > 0 and (out / "epsilon-8" / "privacy_ledger.jsonl").is_file()
     assert (out / "privacy_utility.png").is_file()
     assert "| 8 / 8.00 |" in capsys.readouterr().out
+
+
+LEAVE = """
+import atexit, sys, tempfile, threading, time
+from pathlib import Path
+from simulations import cli
+
+scratch = tempfile.TemporaryDirectory()  # removed by an exit handler, as the interpreter's exit would
+Path(sys.argv[1]).write_text(scratch.name)
+atexit.register(lambda: print("exit handler ran", flush=True))
+if sys.argv[2] == "thread":
+    threading.Thread(target=lambda: (time.sleep(1), print("thread finished", flush=True))).start()
+cli.main = lambda: 3
+cli.console_main()
+"""
+
+
+@pytest.mark.parametrize("other_thread", [False, True])
+def test_the_command_leaves_with_its_code_after_its_exit_handlers_and_threads(tmp_path, other_thread):
+    from pathlib import Path
+
+    from simulations.bench_runs import REPO_ROOT
+
+    named = tmp_path / "scratch-name"
+    done = subprocess.run([sys.executable, "-c", LEAVE, str(named), "thread" if other_thread else "alone"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert "exit handler ran" in done.stdout
+    assert ("thread finished" in done.stdout) == other_thread  # a running thread: the usual exit, which waits
+    assert not Path(named.read_text()).exists()  # temporary directories removed as at a usual exit
