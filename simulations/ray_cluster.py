@@ -20,10 +20,10 @@ fedft starts it first, with the same settings Flower would use (no dashboard, th
   reaches the workers as Ray's own processes inherit it, not as a ``runtime_env`` (Ray
   would start a fresh worker for an actor whose runtime environment differs from the
   prestarted ones'). Only as many workers warm up as Flower will make actors
-  (``client_actors``), and only when the clients run on the CPU: the GPU an actor gets is
-  known only once Ray assigns it, after its worker started, so GPU clients load in their
-  first round. A warm-up that fails leaves nothing half-done: the first round loads what it
-  needs, as before, and reports any error itself.
+  (``client_actors``), and only where the device a client will use is known before Ray
+  assigns the worker (``warms_at_start``: the CPU, or a machine's only GPU); elsewhere the
+  first round loads. A warm-up that fails leaves nothing half-done: the first round loads
+  what it needs, as before, and reports any error itself.
 """
 
 from __future__ import annotations
@@ -54,17 +54,21 @@ def client_actors(simulation: SimulationConfig, cpus: int) -> int:
     return max(1, math.floor(cpus / simulation.num_cpus))
 
 
-def warms_at_start(device: str) -> bool:
-    """Whether a worker can load the base before Ray assigns it to a client: only for clients on the
-    CPU (``model.device`` 'cpu', or 'auto' on a machine without an NVIDIA GPU)."""
-    if device == "cpu":
+def warms_at_start(device: str, gpus_per_client: float) -> bool:
+    """Whether a worker can load the base before Ray assigns it to a client, on the device the client
+    will use: Ray shows an actor its GPUs only once it assigns them (and none to an actor that asks
+    for none), after the worker started. So: clients on the CPU (``model.device`` 'cpu', or 'auto'
+    on a machine without an NVIDIA GPU), or, on a machine with one GPU, clients that ask Ray for a
+    share of it and run on it ('auto', 'cuda' or 'cuda:0'). With several GPUs the first round loads."""
+    gpus = _nvidia_gpus()
+    if device == "cpu" or (device == "auto" and gpus == 0):
         return True
-    return device == "auto" and not _has_nvidia_gpu()
+    return gpus == 1 and gpus_per_client > 0 and device in ("auto", "cuda", "cuda:0")
 
 
-def _has_nvidia_gpu() -> bool:
-    """Whether the NVIDIA driver lists a GPU (Linux), asked without initialising CUDA here."""
-    return any(Path("/proc/driver/nvidia/gpus").glob("*"))
+def _nvidia_gpus() -> int:
+    """The GPUs the NVIDIA driver lists (Linux), counted without initialising CUDA in this process."""
+    return sum(1 for _ in Path("/proc/driver/nvidia/gpus").glob("*"))
 
 
 def start_ray(cfg: FedftConfig, claims_dir: Path, *, warm: bool = True) -> None:
@@ -86,7 +90,7 @@ def start_ray(cfg: FedftConfig, claims_dir: Path, *, warm: bool = True) -> None:
     os.environ["PYTHONPATH"] = pythonpath  # as Flower's RayBackend does: workers import what the driver can
     cpus = ray_cpus(cfg.simulation, os.cpu_count() or 1)
     system_config: dict = {}
-    if warm and warms_at_start(cfg.model.device):
+    if warm and warms_at_start(cfg.model.device, cfg.simulation.num_gpus):
         os.environ[WARM_CONFIG_VAR] = wire.encode_config(cfg)
         os.environ[WARM_CLAIMS_VAR] = f"{client_actors(cfg.simulation, cpus)}:{claims_dir}"
         system_config["preload_python_modules"] = [WARM_MODULE]

@@ -87,14 +87,17 @@ def test_as_many_workers_warm_up_as_flower_makes_client_actors(tmp_path):
     assert not ray_cluster.claim_warm_up("")
 
 
-def test_only_clients_on_the_cpu_warm_up_before_ray_assigns_their_worker(monkeypatch):
-    assert ray_cluster.warms_at_start("cpu")
-    assert not ray_cluster.warms_at_start("cuda")
-    assert not ray_cluster.warms_at_start("cuda:1")
-    monkeypatch.setattr(ray_cluster, "_has_nvidia_gpu", lambda: True)
-    assert not ray_cluster.warms_at_start("auto")
-    monkeypatch.setattr(ray_cluster, "_has_nvidia_gpu", lambda: False)
-    assert ray_cluster.warms_at_start("auto")
+def test_workers_warm_up_only_where_the_client_s_device_is_known_before_ray_assigns_them(monkeypatch):
+    monkeypatch.setattr(ray_cluster, "_nvidia_gpus", lambda: 0)
+    assert ray_cluster.warms_at_start("cpu", 0) and ray_cluster.warms_at_start("auto", 0)
+    monkeypatch.setattr(ray_cluster, "_nvidia_gpus", lambda: 1)
+    assert ray_cluster.warms_at_start("cpu", 0)
+    assert ray_cluster.warms_at_start("auto", 0.5) and ray_cluster.warms_at_start("cuda:0", 1)
+    assert not ray_cluster.warms_at_start("auto", 0)  # Ray hides the GPU from an actor that asks for none
+    assert not ray_cluster.warms_at_start("cuda:1", 1)
+    monkeypatch.setattr(ray_cluster, "_nvidia_gpus", lambda: 2)
+    assert not ray_cluster.warms_at_start("auto", 1)  # which GPU an actor gets is known only once Ray assigns it
+    assert ray_cluster.warms_at_start("cpu", 0)
 
 
 @pytest.mark.slow
