@@ -22,8 +22,12 @@ fedft starts it first, with the same settings Flower would use (no dashboard, th
   prestarted ones'). Only as many workers warm up as Flower will make actors
   (``client_actors``), and only where the device a client will use is known before Ray
   assigns the worker (``warms_at_start``: the CPU, or a machine's only GPU); elsewhere the
-  first round loads. A warm-up that fails leaves nothing half-done: the first round loads
-  what it needs, as before, and reports any error itself.
+  first round loads. When a client takes more than one CPU, Flower makes fewer actors than
+  Ray starts workers, and Ray could give an actor a cold one: then the job's runtime
+  environment carries the warm-up as a worker setup hook instead, and Flower's actors get
+  workers of their own, which warm up as they start (seconds later than the prestarted ones
+  would). A warm-up that fails leaves nothing half-done: the first round loads what it needs,
+  as before, and reports any error itself.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from fedft.config import FedftConfig, SimulationConfig
 WARM_CONFIG_VAR = "FEDFT_WARM_CONFIG"  # the run's resolved config (wire JSON), for the workers' warm-up
 WARM_CLAIMS_VAR = "FEDFT_WARM_CLAIMS"  # "N:DIR": the first N workers to create a file in DIR warm up
 WARM_MODULE = "simulations.ray_warm"  # imported by every Ray worker as it starts
+WARM_HOOK = "simulations.ray_cluster.warm_worker"  # or run by the workers Ray starts for the actors
 
 log = logging.getLogger("fedft.simulation")
 
@@ -90,12 +95,18 @@ def start_ray(cfg: FedftConfig, claims_dir: Path, *, warm: bool = True) -> None:
     os.environ["PYTHONPATH"] = pythonpath  # as Flower's RayBackend does: workers import what the driver can
     cpus = ray_cpus(cfg.simulation, os.cpu_count() or 1)
     system_config: dict = {}
+    runtime_env: dict | None = None
     if warm and warms_at_start(cfg.model.device, cfg.simulation.num_gpus):
+        actors = client_actors(cfg.simulation, cpus)
         os.environ[WARM_CONFIG_VAR] = wire.encode_config(cfg)
-        os.environ[WARM_CLAIMS_VAR] = f"{client_actors(cfg.simulation, cpus)}:{claims_dir}"
-        system_config["preload_python_modules"] = [WARM_MODULE]
+        os.environ[WARM_CLAIMS_VAR] = f"{actors}:{claims_dir}"
+        if actors >= cpus:  # every worker Ray starts for its CPUs becomes a client actor: warm them as they start
+            system_config["preload_python_modules"] = [WARM_MODULE]
+        else:  # fewer actors than those workers: Ray could give an actor a cold one; warm the actors' own workers
+            runtime_env = {"worker_process_setup_hook": WARM_HOOK}
     # Ray's raylet inherits this environment and its workers inherit the raylet's
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, _system_config=system_config)
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, _system_config=system_config,
+             runtime_env=runtime_env)
 
 
 def warm_worker() -> None:

@@ -100,6 +100,29 @@ def test_workers_warm_up_only_where_the_client_s_device_is_known_before_ray_assi
     assert ray_cluster.warms_at_start("cpu", 0)
 
 
+def test_ray_preloads_the_warm_up_when_every_worker_it_starts_becomes_an_actor(tiny_config_path, monkeypatch,
+                                                                             tmp_path):
+    import ray
+
+    cfg = load_config(tiny_config_path)
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray_cluster, "warms_at_start", lambda device, gpus: True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for variable in ("PYTHONPATH", ray_cluster.WARM_CONFIG_VAR, ray_cluster.WARM_CLAIMS_VAR):
+        monkeypatch.setenv(variable, os.environ.get(variable, ""))  # restored afterwards
+    for clients, cpus_each in ((4, 1), (1, 2)):
+        simulation = dataclasses.replace(cfg.simulation, num_supernodes=clients, num_cpus=cpus_each)
+        ray_cluster.start_ray(dataclasses.replace(cfg, simulation=simulation), tmp_path)
+    one_cpu, two_cpus = calls
+    assert one_cpu["num_cpus"] == 2 and one_cpu["runtime_env"] is None  # the prestarted workers are the actors
+    assert one_cpu["_system_config"] == {"preload_python_modules": [ray_cluster.WARM_MODULE]}
+    assert two_cpus["num_cpus"] == 2 and two_cpus["_system_config"] == {}  # one actor, two prestarted workers
+    assert two_cpus["runtime_env"] == {"worker_process_setup_hook": ray_cluster.WARM_HOOK}
+    assert os.environ[ray_cluster.WARM_CLAIMS_VAR] == f"1:{tmp_path}"
+
+
 @pytest.mark.slow
 def test_the_client_actor_is_the_worker_ray_started_first_and_it_is_already_warm(tiny_config_path, tmp_path):
     """Ray's own start, then an actor asked for as Flower's engine asks: it runs in the worker Ray
