@@ -177,16 +177,21 @@ def run_benchmark(s: Settings, root: Path) -> tuple[list[str], dict]:
         one = write_config(root / "one-client.toml", bench_toml(s, data, clients=1, sampled=1, rounds=s.rounds,
                                                                  steps=s.steps))
         sims, plains = [], []
+
+        def simulate_once(i: int, of: str) -> None:
+            sims.append(staged(stages, f"(a) fedft simulate, 1 client, {s.rounds} rounds x {s.steps} steps{of}",
+                               lambda: run_simulation(procs, one, root / f"sim{i or ''}", "simulate", s.timeout_s)))
+
+        def plain_once(i: int, of: str) -> None:
+            plains.append(staged(stages, f"(a) plain transformers + peft + bitsandbytes loop, same steps and "
+                                         f"batches{of}",
+                                 lambda: run_plain(procs, one, root / f"plain{i or ''}.json", s.timeout_s)))
+
         for index in range(s.repeat):
             of = f" (run {index + 1} of {s.repeat})" if s.repeat > 1 else ""
-            steps = [lambda of=of, i=index: sims.append(staged(
-                         stages, f"(a) fedft simulate, 1 client, {s.rounds} rounds x {s.steps} steps{of}",
-                         lambda: run_simulation(procs, one, root / f"sim{i or ''}", "simulate", s.timeout_s))),
-                     lambda of=of, i=index: plains.append(staged(
-                         stages, f"(a) plain transformers + peft + bitsandbytes loop, same steps and batches{of}",
-                         lambda: run_plain(procs, one, root / f"plain{i or ''}.json", s.timeout_s)))]
-            for step in steps if index % 2 == 0 else reversed(steps):  # alternate which one runs first
-                step()
+            pair = (simulate_once, plain_once) if index % 2 == 0 else (plain_once, simulate_once)  # alternate
+            for run_once in pair:
+                run_once(index, of)
         sim = sims[0]  # (b)'s reference
         for label, worker, poll_s in DEPLOYMENTS if "b" in s.parts else ():
             deployed[label] = staged(stages, f"(b) flwr run, local SuperLink + 1 SuperNode, {label}",

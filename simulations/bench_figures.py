@@ -8,6 +8,7 @@ import dataclasses
 import re
 from collections import Counter
 from collections.abc import Iterable
+from statistics import median
 
 LOAD_BAR = re.compile(r"Loading weights:\s+0%")
 
@@ -50,14 +51,6 @@ class Settings:
 
 
 QUICK = dict(rounds=3, steps=3, clients=(2, 8), sampled=2, memory_steps=1, eval_examples=1, timeout_s=240.0)
-
-
-def median(values: Iterable[float]) -> float:
-    values = sorted(values)
-    if not values:
-        raise BenchError("no values to take the median of")
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def mean(values: Iterable[float]) -> float:
