@@ -65,8 +65,10 @@ def warms_at_start(device: str, gpus_per_client: float) -> bool:
     for none), after the worker started. So: clients on the CPU (``model.device`` 'cpu', or 'auto'
     on a machine without an NVIDIA GPU), or, on a machine with one GPU, clients that ask Ray for a
     share of it and run on it ('auto', 'cuda' or 'cuda:0'). With several GPUs the first round loads."""
+    if device == "cpu":
+        return True
     gpus = _nvidia_gpus()
-    if device == "cpu" or (device == "auto" and gpus == 0):
+    if device == "auto" and gpus == 0:
         return True
     return gpus == 1 and gpus_per_client > 0 and device in ("auto", "cuda", "cuda:0")
 
