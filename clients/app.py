@@ -105,18 +105,17 @@ def train(msg: Message, context: Context) -> Message:
     proximal_mu = float(config.get(wire.PROXIMAL_MU, 0.0))
     if WORKER in context.node_config:
         return _forward_to_worker(msg, context, round_index, config_json, proximal_mu)
-    import torch  # noqa: F401 - Flower's to_torch_state_dict needs torch imported already
-
     from clients.institution import RoundRequest, run_round
+    from clients.records import to_array_record, to_state_dict
 
-    correction = (msg.content[wire.CORRECTION].to_torch_state_dict() if wire.CORRECTION in msg.content
+    correction = (to_state_dict(msg.content[wire.CORRECTION]) if wire.CORRECTION in msg.content
                   else None)
     request = RoundRequest(context.run_id, context.node_id, round_index, config_json,
-                           msg.content[wire.ARRAYS].to_torch_state_dict(), proximal_mu, correction)
+                           to_state_dict(msg.content[wire.ARRAYS]), proximal_mu, correction)
     outcome = run_round(request, context.node_config, FlowerNodeState(context.state))
     if not outcome.ok:
         return Message(error=Error(code=outcome.error_code, reason=outcome.reason), reply_to=msg)
-    reply = RecordDict({wire.ARRAYS: ArrayRecord(torch_state_dict=outcome.arrays),
+    reply = RecordDict({wire.ARRAYS: to_array_record(outcome.arrays),
                         wire.METRICS: MetricRecord(outcome.metrics)})
     guard_reply(reply)
     return Message(content=reply, reply_to=msg)
