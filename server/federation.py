@@ -1,8 +1,9 @@
 """A federated round over Flower's Grid: configure, send, receive, aggregate.
 
 ``FlowerRounds`` is the federated kind of ``fedft.run.loop.Rounds``: it drives a Flower
-strategy's hooks (``configure_train``, then fedft's ``collect_replies`` and Flower's
-``aggregate_train``) over a ``Grid`` itself instead of calling ``Strategy.start``, because
+strategy's hooks (``configure_train`` and ``aggregate_train`` in the forms that take and give
+the adapter as tensors, ``configure_state`` and ``aggregate_state``, with fedft's
+``collect_replies`` between) over a ``Grid`` itself instead of calling ``Strategy.start``, because
 fedft records more per round than ``start`` exposes (bytes each way, failures and rejected
 updates, what each client spent on privacy). Everything else a run does (evaluation,
 checkpoints, ledger, summary, final stages, report) is fedft's run loop. The same code
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedft.config import FedftConfig
@@ -100,14 +101,12 @@ class FlowerRounds:
         return num_nodes, planned_sample_size(self.cfg, num_nodes)
 
     def train(self, round_index: int, state) -> RoundResult:
-        messages = list(self.strategy.configure_train(
-            round_index, ArrayRecord(torch_state_dict=state), self.train_config, self.grid))
+        messages = self.strategy.configure_state(round_index, state, self.train_config, self.grid)
         replies = send_and_receive(self.grid, messages, self.cfg.strategy.round_timeout_s, reply_poll_s(self.grid))
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         collected = self.strategy.collect_replies(round_index, replies, sent_to)
-        arrays, metrics = self.strategy.aggregate_train(round_index, collected)
-        self._check_enough(round_index, arrays, collected, len(messages))
-        new_state = arrays.to_torch_state_dict()
+        new_state, metrics = self.strategy.aggregate_state(round_index, collected)
+        self._check_enough(round_index, new_state, collected, len(messages))
         row = self._row(collected, messages, new_state, metrics)
         privacy = RoundPrivacy(sampled=list(self.strategy.sampled), replied=collected.node_ids,
                                clipped_fraction=collected.clipped_fraction if self.cfg.privacy.user_level else None,
@@ -116,11 +115,11 @@ class FlowerRounds:
                  *(f"  {failure}" for failure in collected.failures))
         return RoundResult(new_state, row, privacy, notes)
 
-    def _check_enough(self, round_index: int, arrays, collected: CollectedReplies, sent: int) -> None:
+    def _check_enough(self, round_index: int, new_state, collected: CollectedReplies, sent: int) -> None:
         """Too few valid replies end the run: quietly when they declined at a privacy limit."""
         cfg = self.cfg
         accepted = len(collected.accepted)
-        if not (arrays is None or (accepted < cfg.strategy.min_train_nodes and not cfg.privacy.poisson_clients)):
+        if not (new_state is None or (accepted < cfg.strategy.min_train_nodes and not cfg.privacy.poisson_clients)):
             return
         if collected.refusals and len(collected.refusals) == len(collected.failures):
             raise StopRun(f"round {round_index}: {len(collected.refusals)} of {sent} clients declined and too few "

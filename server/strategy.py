@@ -31,6 +31,7 @@ from fedft.federated.exchange import (
 )
 from fedft.federated.validate import reply_problem
 from fedft.privacy.dpfedavg import secure_generator
+from server.records import to_array_record, to_state_dict
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -122,9 +123,29 @@ class AdapterAggregation:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Flower's sampling and messages, each payload cut to what its client needs."""
-        self.global_state = arrays.to_torch_state_dict()
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        """Flower's hook: ``configure_adapter`` with the global adapter as tensors."""
+        return self.configure_adapter(server_round, to_state_dict(arrays), config, grid)
+
+    def configure_state(
+        self, server_round: int, state: dict[str, torch.Tensor], config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """The round's messages from the global adapter as tensors (what fedft's round loop calls).
+
+        Without a server optimizer this is ``configure_adapter`` itself: the adapter is not turned
+        into an ArrayRecord only to be turned back.
+        """
+        return self.configure_adapter(server_round, state, config, grid)
+
+    def configure_adapter(
+        self, server_round: int, state: dict[str, torch.Tensor], config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Flower's sampling and messages, each payload cut to what its client needs.
+
+        Clients that train the same rank share one payload record, as Flower's FedAvg shares one
+        among all its messages.
+        """
+        self.global_state = state
+        messages = list(super().configure_train(server_round, ArrayRecord(), config, grid))  # sampling + config
         self.num_nodes = len(messages)
         privacy = self.fedft_cfg.privacy
         if privacy.poisson_clients:  # each client independently with probability q
@@ -132,13 +153,14 @@ class AdapterAggregation:
                     else random.Random(privacy.noise_seed * 7_919 + server_round))
             messages = [m for m in messages if coin.random() < privacy.client_sampling_rate]
         self.sampled = [m.metadata.dst_node_id for m in messages]
-        ranks = self.node_ranks
+        payloads: dict[int | None, ArrayRecord] = {}  # rank -> the record every client of that rank gets
         shaped = []
         for message in messages:
             node = message.metadata.dst_node_id
-            state = downlink_state(self.fedft_cfg.strategy, self.global_state, ranks.get(node))
-            content = RecordDict({wire.ARRAYS: ArrayRecord(torch_state_dict=state),
-                                  wire.CONFIG: message.content[wire.CONFIG]})
+            rank = self.node_ranks.get(node)
+            if rank not in payloads:
+                payloads[rank] = to_array_record(downlink_state(self.fedft_cfg.strategy, self.global_state, rank))
+            content = RecordDict({wire.ARRAYS: payloads[rank], wire.CONFIG: message.content[wire.CONFIG]})
             shaped.append(Message(content=content, message_type=message.metadata.message_type,
                                   dst_node_id=node))
         return shaped
@@ -167,7 +189,7 @@ class AdapterAggregation:
             refusals=[node_of(m) for m in errors if str(m.error.reason or "").startswith(wire.DECLINED)],
         )
         for m in valid:
-            state = m.content[wire.ARRAYS].to_torch_state_dict()
+            state = to_state_dict(m.content[wire.ARRAYS])
             problem = reply_problem(self.fedft_cfg.strategy, self.fedft_cfg.privacy, self.global_state, state)
             if problem is None:
                 collected.accepted.append(m)
@@ -183,13 +205,29 @@ class AdapterAggregation:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message] | CollectedReplies
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Combine the accepted replies with ``strategy.aggregation`` (Flower's hook).
+        """Flower's hook: ``combine`` as an ArrayRecord.
 
         Takes the round's messages, or what ``collect_replies`` made of them (fedft's round
         loop collects first, to record failures and rejections).
         """
         collected = (replies if isinstance(replies, CollectedReplies)
                      else self.collect_replies(server_round, replies))
+        state, metrics = self.combine(server_round, collected)
+        return (None if state is None else to_array_record(state)), metrics
+
+    def aggregate_state(
+        self, server_round: int, collected: CollectedReplies
+    ) -> tuple[dict[str, torch.Tensor] | None, MetricRecord | None]:
+        """The round's new global adapter as tensors, and its metrics (what fedft's round loop calls).
+
+        Without a server optimizer this is ``combine`` itself, with no ArrayRecord in between.
+        """
+        return self.combine(server_round, collected)
+
+    def combine(
+        self, server_round: int, collected: CollectedReplies
+    ) -> tuple[dict[str, torch.Tensor] | None, MetricRecord | None]:
+        """Combine the accepted replies with ``strategy.aggregation`` (DP-FedAvg's noise under user-level DP)."""
         cfg = self.fedft_cfg
         poisson = cfg.privacy.poisson_clients
         if not collected.accepted and not poisson:  # (a Poisson round may be empty: its update is noise alone)
@@ -209,7 +247,9 @@ class AdapterAggregation:
             metrics[NAIVE_ERROR] = result.naive_error
         if result.discarded_energy is not None:
             metrics[DISCARDED_ENERGY] = result.discarded_energy
-        return ArrayRecord(torch_state_dict=result.state), MetricRecord(metrics)
+        # in the global adapter's order (FFA rebuilt A after B): Flower's server optimizers pair tensors by position
+        ordered = {**{k: result.state[k] for k in self.global_state if k in result.state}, **result.state}
+        return ordered, MetricRecord(metrics)
 
     def server_optimizer_state(self) -> dict[str, torch.Tensor]:
         """The server optimizer's moments (empty without one), for checkpoints."""
@@ -266,11 +306,11 @@ class AdapterScaffold(AdapterFedAvg):
         self.variates = None  # ControlVariates, made from the first round's adapter
         self.population = 0  # clients the SuperLink knows (SCAFFOLD's N)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-                        ) -> Iterable[Message]:
+    def configure_adapter(self, server_round: int, state: dict[str, torch.Tensor], config: ConfigRecord, grid: Grid
+                          ) -> list[Message]:
         from fedft.federated.scaffold import ControlVariates
 
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = super().configure_adapter(server_round, state, config, grid)
         nodes = set(grid.get_node_ids())
         self.population = max(len(nodes), len(messages))
         if self.variates is not None and self.variates.clients and not nodes & set(self.variates.clients):
@@ -282,18 +322,15 @@ class AdapterScaffold(AdapterFedAvg):
             node = message.metadata.dst_node_id
             correction = downlink_state(self.fedft_cfg.strategy, self.variates.correction_for(node),
                                         self.node_ranks.get(node))
-            message.content[wire.CORRECTION] = ArrayRecord(torch_state_dict=correction)
+            message.content[wire.CORRECTION] = to_array_record(correction)
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message] | CollectedReplies
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        collected = (replies if isinstance(replies, CollectedReplies)
-                     else self.collect_replies(server_round, replies))
-        arrays, metrics = super().aggregate_train(server_round, collected)
-        if arrays is None:
-            return arrays, metrics
+    def combine(self, server_round: int, collected: CollectedReplies
+                ) -> tuple[dict[str, torch.Tensor] | None, MetricRecord | None]:
+        averaged, metrics = super().combine(server_round, collected)
+        if averaged is None:
+            return averaged, metrics
         x = self.global_state
-        averaged = arrays.to_torch_state_dict()
         lr = self.fedft_cfg.strategy.server_lr
         new = {k: x[k] + lr * (averaged[k] - x[k]) for k in x}
         answers = {}
@@ -306,7 +343,7 @@ class AdapterScaffold(AdapterFedAvg):
                 full = {k: state[k].to(torch.float32) if k in state else x[k] for k in x}
                 answers[message.metadata.src_node_id] = (full, lr_sum)
         self.variates.update(x, answers, self.population)
-        return ArrayRecord(torch_state_dict=new), metrics
+        return new, metrics
 
     def server_optimizer_state(self) -> dict[str, torch.Tensor]:
         out = super().server_optimizer_state()
@@ -331,6 +368,17 @@ class _ServerOptimizer:
     def __init__(self, cfg: FedftConfig, **kwargs) -> None:
         super().__init__(**kwargs)
         self._bind(cfg)
+
+    def configure_state(self, server_round: int, state: dict[str, torch.Tensor], config: ConfigRecord, grid: Grid
+                        ) -> list[Message]:
+        """Flower's optimizer keeps the round's arrays in its ``configure_train``: through it."""
+        return list(self.configure_train(server_round, to_array_record(state), config, grid))
+
+    def aggregate_state(self, server_round: int, collected: CollectedReplies
+                        ) -> tuple[dict[str, torch.Tensor] | None, MetricRecord | None]:
+        """Flower's optimizer step works on ArrayRecords: through its ``aggregate_train``."""
+        arrays, metrics = self.aggregate_train(server_round, collected)
+        return (None if arrays is None else to_state_dict(arrays)), metrics
 
 
 class AdapterFedAdam(_ServerOptimizer, FedAdam, AdapterFedAvg):
