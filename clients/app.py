@@ -105,17 +105,19 @@ def train(msg: Message, context: Context) -> Message:
     proximal_mu = float(config.get(wire.PROXIMAL_MU, 0.0))
     if WORKER in context.node_config:
         return _forward_to_worker(msg, context, round_index, config_json, proximal_mu)
-    from clients.institution import RoundRequest, run_round
-    from clients.records import to_array_record, to_state_dict
+    from flwr.app import Array
 
-    correction = (to_state_dict(msg.content[wire.CORRECTION]) if wire.CORRECTION in msg.content
+    from clients.institution import RoundRequest, run_round
+    from fedft.federated.tensor_bytes import fill_array_record, state_from_record
+
+    correction = (state_from_record(msg.content[wire.CORRECTION]) if wire.CORRECTION in msg.content
                   else None)
     request = RoundRequest(context.run_id, context.node_id, round_index, config_json,
-                           to_state_dict(msg.content[wire.ARRAYS]), proximal_mu, correction)
+                           state_from_record(msg.content[wire.ARRAYS]), proximal_mu, correction)
     outcome = run_round(request, context.node_config, FlowerNodeState(context.state))
     if not outcome.ok:
         return Message(error=Error(code=outcome.error_code, reason=outcome.reason), reply_to=msg)
-    reply = RecordDict({wire.ARRAYS: to_array_record(outcome.arrays),
+    reply = RecordDict({wire.ARRAYS: fill_array_record(ArrayRecord(), outcome.arrays, Array),
                         wire.METRICS: MetricRecord(outcome.metrics)})
     guard_reply(reply)
     return Message(content=reply, reply_to=msg)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
@@ -29,9 +29,14 @@ from fedft.federated.exchange import (
     downlink_state,
     private_aggregate,
 )
+from fedft.federated.tensor_bytes import fill_array_record, state_from_record
 from fedft.federated.validate import reply_problem
 from fedft.privacy.dpfedavg import secure_generator
-from server.records import to_array_record, to_state_dict
+
+
+def to_array_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """``state`` as Flower's ArrayRecord, its .npy headers cached (fedft.federated.tensor_bytes)."""
+    return fill_array_record(ArrayRecord(), state, Array)
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -124,7 +129,7 @@ class AdapterAggregation:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's hook: ``configure_adapter`` with the global adapter as tensors."""
-        return self.configure_adapter(server_round, to_state_dict(arrays), config, grid)
+        return self.configure_adapter(server_round, state_from_record(arrays), config, grid)
 
     def configure_state(
         self, server_round: int, state: dict[str, torch.Tensor], config: ConfigRecord, grid: Grid
@@ -189,7 +194,7 @@ class AdapterAggregation:
             refusals=[node_of(m) for m in errors if str(m.error.reason or "").startswith(wire.DECLINED)],
         )
         for m in valid:
-            state = to_state_dict(m.content[wire.ARRAYS])
+            state = state_from_record(m.content[wire.ARRAYS])
             problem = reply_problem(self.fedft_cfg.strategy, self.fedft_cfg.privacy, self.global_state, state)
             if problem is None:
                 collected.accepted.append(m)
@@ -378,7 +383,7 @@ class _ServerOptimizer:
                         ) -> tuple[dict[str, torch.Tensor] | None, MetricRecord | None]:
         """Flower's optimizer step works on ArrayRecords: through its ``aggregate_train``."""
         arrays, metrics = self.aggregate_train(server_round, collected)
-        return (None if arrays is None else to_state_dict(arrays)), metrics
+        return (None if arrays is None else state_from_record(arrays)), metrics
 
 
 class AdapterFedAdam(_ServerOptimizer, FedAdam, AdapterFedAvg):

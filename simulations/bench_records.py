@@ -2,7 +2,7 @@
 
 A round moves the global adapter and each reply through Flower's ``ArrayRecord`` (each tensor a
 ``.npy`` file). Times, in this process, Flower's own conversion (``ArrayRecord(torch_state_dict=...)``
-and ``to_torch_state_dict()``) against fedft's (``server/records.py``: the same bytes with cached
+and ``to_torch_state_dict()``) against fedft's (``fedft.federated.tensor_bytes``: the same bytes with cached
 headers) for the adapter of the config's model (the demo's by default), as the median of
 ``--repeats`` calls; and what a round spends on them: eight conversions with Flower's (the round
 loop's own round trip through a record on each side of the aggregation, the downlink, the
@@ -35,9 +35,10 @@ def measure(config: Path, repeats: int = 200) -> dict:
     from flwr.app import ArrayRecord
 
     from fedft.config import load_config
+    from fedft.federated.tensor_bytes import state_from_record
     from fedft.model.adapter import adapter_nbytes
     from fedft.model.load import initial_adapter_state, model_spec
-    from server.records import to_array_record, to_state_dict
+    from server.strategy import to_array_record
 
     cfg = load_config(config)
     state = initial_adapter_state(model_spec(cfg))
@@ -47,7 +48,7 @@ def measure(config: Path, repeats: int = 200) -> dict:
         "flower_to_record_ms": _median_ms(lambda: ArrayRecord(torch_state_dict=state), repeats),
         "flower_from_record_ms": _median_ms(record.to_torch_state_dict, repeats),
         "fedft_to_record_ms": _median_ms(lambda: to_array_record(state), repeats),
-        "fedft_from_record_ms": _median_ms(lambda: to_state_dict(record), repeats),
+        "fedft_from_record_ms": _median_ms(lambda: state_from_record(record), repeats),
     }
 
 

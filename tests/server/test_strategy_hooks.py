@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord,
 
 from fedft.config import load_config
 from fedft.federated import wire
-from server.records import to_state_dict
+from fedft.federated.tensor_bytes import state_from_record
 from server.strategy import make_strategy
 from tests.federated.test_lora_aggregate import adapter
 
@@ -68,7 +68,7 @@ def two_rounds(cfg, tensors: bool) -> tuple[list[list[dict]], dict]:
             messages = strategy.configure_state(round_index, state, config, grid)
         else:
             messages = list(strategy.configure_train(round_index, ArrayRecord(torch_state_dict=state), config, grid))
-        sent.append([{key: to_state_dict(record) for key, record in m.content.items()
+        sent.append([{key: state_from_record(record) for key, record in m.content.items()
                       if isinstance(record, ArrayRecord)} for m in messages])
         replies = [reply_to(m, {k: v + 0.01 * m.metadata.dst_node_id for k, v in payload[wire.ARRAYS].items()},
                             expected_lr_sum(cfg, round_index)) for m, payload in zip(messages, sent[-1])]
